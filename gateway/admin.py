@@ -1,0 +1,118 @@
+"""The admin listener's routes: /metrics and /admin/* (CONTRACT section 8)."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+
+import orjson
+from aiohttp import web
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from gateway import config
+from gateway.errors import GatewayError
+from gateway.ledger.report import parse_by, parse_when, row_to_dict
+from gateway.proxy import GATEWAY
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+CONFIG_PATH: web.AppKey[str] = web.AppKey("config_path", str)
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def _guard(handler: Handler) -> Handler:
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        key = request.app[GATEWAY].settings.admin.key
+        if key is None:
+            return GatewayError(403, "permission_error", "admin_disabled",
+                                "The admin API is off: set admin.key to use it.").response()
+        sent = request.headers.get("authorization", "")
+        if not hmac.compare_digest(sent.encode(), f"Bearer {key.get()}".encode()):
+            return GatewayError(401, "invalid_request_error", "invalid_api_key",
+                                "Send the admin key as 'Authorization: Bearer <key>'.").response()
+        try:
+            return await handler(request)
+        except ValueError as e:
+            return GatewayError(400, "invalid_request_error", "invalid_parameter",
+                                str(e)).response()
+
+    return guarded
+
+
+async def teams(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    now = gw.clock()
+    out = []
+    for team in gw.policy.teams.values():
+        windows = await gw.budget.windows(team, now)
+        out.append({
+            "team": team.name, "models": list(team.models),
+            "budgets": [{
+                "per": w.per, "unit": w.unit, "limit": w.limit, "used": w.used,
+                "reserved": w.reserved, "remaining": w.remaining,
+                "resets_at": None if w.per == "total" else w.end,
+            } for w in windows],
+        })
+    return _json({"teams": out})
+
+
+async def usage(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    q = request.query
+    since = parse_when(q["since"]) if q.get("since") else None
+    until = parse_when(q["until"]) if q.get("until") else None
+    by = parse_by(q.get("by", "team,model"))
+    rows = await gw.ledger.report(since, until, by)
+    return _json({"by": list(by), "rows": [row_to_dict(r, by) for r in rows]})
+
+
+async def cache_stats(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    stats = await gw.cache.stats()
+    c = gw.cache_counts
+    return _json({"enabled": gw.settings.cache.enabled, "entries": stats.entries,
+                  "bytes": stats.bytes, "hits": c.hits, "misses": c.misses,
+                  "coalesced": c.coalesced, "bypass": c.bypass, "in_flight": len(gw.flights)})
+
+
+async def cache_purge(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    team = request.query.get("team") or None
+    removed = await gw.cache.purge(team)
+    return _json({"purged": removed, "team": team})
+
+
+async def reload(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    path = request.app.get(CONFIG_PATH)
+    if not path:
+        return GatewayError(409, "invalid_request_error", "no_config_file",
+                            "This gateway was not started from a config file.").response()
+    try:
+        settings = config.load(path)
+    except config.ConfigError as e:
+        return _json({"reloaded": False, "problems": e.problems}, status=400)
+    await gw.reload(settings)
+    return _json({"reloaded": True})
+
+
+def _metrics_handler() -> Handler:
+    async def metrics(request: web.Request) -> web.StreamResponse:
+        gw = request.app[GATEWAY]
+        stats = await gw.cache.stats()
+        gw.metrics.cache_entries.set(stats.entries)
+        gw.metrics.cache_bytes.set(stats.bytes)
+        return await make_aiohttp_handler(gw.metrics.registry)(request)
+
+    return metrics
+
+
+def add_admin_routes(app: web.Application) -> None:
+    app.router.add_get("/metrics", _metrics_handler())
+    app.router.add_get("/admin/teams", _guard(teams))
+    app.router.add_get("/admin/usage", _guard(usage))
+    app.router.add_get("/admin/cache", _guard(cache_stats))
+    app.router.add_delete("/admin/cache", _guard(cache_purge))
+    app.router.add_post("/admin/reload", _guard(reload))

@@ -1,0 +1,54 @@
+"""Application factories: the client-facing app and the admin app. Wiring only, no logic."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from gateway import errors
+from gateway.admin import add_admin_routes
+from gateway.proxy import GATEWAY, handle
+from gateway.runtime import Gateway
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    if gw.ready and not gw.draining:
+        return web.json_response({"status": "ready"})
+    return web.json_response({"status": "draining" if gw.draining else "starting"}, status=503)
+
+
+async def _no_route(request: web.Request) -> web.Response:
+    return errors.not_found(request.path).response()
+
+
+def create_app(gw: Gateway, *, manage_lifecycle: bool = True) -> web.Application:
+    """The client-facing app. With manage_lifecycle the app starts and closes the Gateway."""
+    app = web.Application(client_max_size=gw.settings.limits.max_body_bytes)
+    app[GATEWAY] = gw
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_route("*", "/v1/{tail:.*}", handle)
+    app.router.add_route("*", "/{tail:.*}", _no_route)
+    if manage_lifecycle:
+        async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+            await gw.start()
+            yield
+            await gw.close()
+
+        app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+def create_admin_app(gw: Gateway) -> web.Application:
+    app = web.Application()
+    app[GATEWAY] = gw
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    add_admin_routes(app)
+    return app

@@ -1,0 +1,1 @@
+"""Response cache: canonical keys, entries, stores and single-flight coalescing."""

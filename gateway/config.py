@@ -1,0 +1,587 @@
+"""YAML configuration -> one frozen, validated `Settings`; `${VAR}` substitution.
+
+This is the only module that reads `os.environ` for configuration. Every problem found is
+reported as ``PATH: key.path: what is wrong``; secrets never appear in a repr or an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+WINDOWS = ("minute", "hour", "day", "week", "month", "total")
+ALL_MODELS: tuple[str, ...] = ("*",)
+AUTH_HEADERS = ("x-api-key", "authorization")
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# references are swapped for plain-scalar placeholders before YAML parsing, so that
+# `{key: ${VAR:-}}` in a flow mapping parses; values are resolved per key afterwards
+_REF = re.compile(r"__GATEWAY_ENV_(\d+)__")
+_WHOLE_VAR = re.compile(r"^__GATEWAY_ENV_\d+__$")
+_SHA256 = re.compile(r"^sha256:([0-9a-f]{64})$")
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """Raised with every problem found; `problems` holds ``key.path: what is wrong`` lines."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+class Secret:
+    """A string that never shows itself in a repr, str or log line."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('****')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True, slots=True)
+class Admin:
+    host: str = "127.0.0.1"
+    port: int = 9464
+    key: Secret | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_body_bytes: int = 10 * 1024 * 1024
+    default_max_output_tokens: int = 4096
+    drain_timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float = 5.0
+    first_byte: float = 120.0
+    idle: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    name: str
+    base_url: str
+    api_keys: tuple[Secret, ...]
+    auth_header: str = "authorization"
+    models: tuple[str, ...] = ("*",)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetRule:
+    per: str
+    tokens: int | None = None
+    usd: float | None = None
+
+    @property
+    def unit(self) -> str:
+        return "tokens" if self.tokens is not None else "usd"
+
+    @property
+    def limit(self) -> float:
+        return float(self.tokens) if self.tokens is not None else float(self.usd or 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Team:
+    name: str
+    key_digests: tuple[bytes, ...]  # SHA-256 digests of the team's client keys
+    models: tuple[str, ...] = ("*",)
+    budgets: tuple[BudgetRule, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    input: float
+    output: float
+    cached_input: float | None = None  # None: cached input is priced as input
+
+
+@dataclass(frozen=True, slots=True)
+class Cache:
+    enabled: bool = True
+    ttl: float = 3600.0
+    max_bytes: int = 256 * 1024 * 1024
+    scope: str = "team"
+    max_entry_bytes: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    store: str = "local"
+    path: str = "./gateway-state"
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerSettings:
+    url: str = ""
+    flush_interval: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Traces:
+    endpoint: str = ""
+    sample_ratio: float = 1.0
+    capture_content: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Logs:
+    level: str = "info"
+    format: str = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class Telemetry:
+    service_name: str = "llm-gateway"
+    traces: Traces = field(default_factory=Traces)
+    logs: Logs = field(default_factory=Logs)
+    max_model_labels: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    upstreams: tuple[Upstream, ...]
+    teams: tuple[Team, ...]
+    listen: Listen = field(default_factory=Listen)
+    admin: Admin = field(default_factory=Admin)
+    limits: Limits = field(default_factory=Limits)
+    prices: Mapping[str, Price] = field(default_factory=dict)
+    cache: Cache = field(default_factory=Cache)
+    state: State = field(default_factory=State)
+    ledger: LedgerSettings = field(default_factory=LedgerSettings)
+    telemetry: Telemetry = field(default_factory=Telemetry)
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every upstream key (and the admin key): what must be masked wherever it could echo."""
+        out = [k.get() for u in self.upstreams for k in u.api_keys if k.get()]
+        if self.admin.key is not None and self.admin.key.get():
+            out.append(self.admin.key.get())
+        return tuple(out)
+
+
+def hash_key(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+# --- parsing -------------------------------------------------------------------------------
+
+
+class _Reader:
+    """Walks the raw YAML tree, substituting variables and collecting problems by key path."""
+
+    def __init__(self, env: Mapping[str, str], refs: list[tuple[str, str | None]]) -> None:
+        self.env = env
+        self.refs = refs
+        self.problems: list[str] = []
+
+    def problem(self, path: str, what: str) -> None:
+        self.problems.append(f"{path}: {what}")
+
+    def substitute(self, value: Any, path: str) -> Any:
+        if not isinstance(value, str) or "__GATEWAY_ENV_" not in value:
+            return value
+        whole = bool(_WHOLE_VAR.match(value))
+
+        def repl(m: re.Match[str]) -> str:
+            name, default = self.refs[int(m.group(1))]
+            found = self.env.get(name)
+            if found is None or (found == "" and default is not None):
+                if default is None:
+                    self.problem(path, f"environment variable {name} is not set")
+                    return ""
+                return default
+            return found
+
+        out = _REF.sub(repl, value)
+        if whole and out != "":
+            # a value that is only a reference takes the YAML type of what it expands to
+            try:
+                return yaml.safe_load(out) if not out.startswith(("{", "[")) else out
+            except yaml.YAMLError:
+                return out
+        return out
+
+    def section(
+        self, raw: Any, path: str, allowed: tuple[str, ...]
+    ) -> dict[str, Any]:
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            self.problem(path, "must be a mapping")
+            return {}
+        out: dict[str, Any] = {}
+        for key, value in raw.items():
+            sub = f"{path}.{key}" if path else str(key)
+            if key not in allowed:
+                self.problem(sub, f"unknown key (expected one of: {', '.join(allowed)})")
+                continue
+            out[str(key)] = value
+        return out
+
+    def get(
+        self,
+        data: dict[str, Any],
+        path: str,
+        key: str,
+        kind: Callable[[Any], T | None],
+        default: T,
+        what: str,
+    ) -> T:
+        if key not in data:
+            return default
+        sub = f"{path}.{key}" if path else key
+        value = self.substitute(data[key], sub)
+        result = kind(value)
+        if result is None:
+            self.problem(sub, f"must be {what} (got {_describe(value)})")
+            return default
+        return result
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str):
+        return "a string" if len(value) > 40 else repr(value)
+    return type(value).__name__
+
+
+def _int(lo: int = 0) -> Callable[[Any], int | None]:
+    def conv(v: Any) -> int | None:
+        return v if isinstance(v, int) and not isinstance(v, bool) and v >= lo else None
+
+    return conv
+
+
+def _num(lo: float = 0.0, hi: float | None = None) -> Callable[[Any], float | None]:
+    def conv(v: Any) -> float | None:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            return None
+        f = float(v)
+        return f if f >= lo and (hi is None or f <= hi) else None
+
+    return conv
+
+
+def _str(v: Any) -> str | None:
+    return v if isinstance(v, str) else None
+
+
+def _bool(v: Any) -> bool | None:
+    return v if isinstance(v, bool) else None
+
+
+def _choice(*options: str) -> Callable[[Any], str | None]:
+    def conv(v: Any) -> str | None:
+        return v if isinstance(v, str) and v in options else None
+
+    return conv
+
+
+def _globs(v: Any) -> tuple[str, ...] | None:
+    if isinstance(v, list) and v and all(isinstance(x, str) and x for x in v):
+        return tuple(v)
+    return None
+
+
+def _read_upstream(r: _Reader, name: str, raw: Any) -> Upstream | None:
+    path = f"upstreams.{name}"
+    d = r.section(
+        raw, path, ("base_url", "api_key", "api_keys", "auth_header", "models", "timeouts")
+    )
+    if not d and raw is not None and not isinstance(raw, dict):
+        return None
+    base_url = r.get(d, path, "base_url", _str, "", "a URL string")
+    if not base_url:
+        r.problem(f"{path}.base_url", "is required")
+    elif not base_url.startswith(("http://", "https://")):
+        r.problem(f"{path}.base_url", "must start with http:// or https://")
+    keys: list[Secret] = []
+    if "api_key" in d and "api_keys" in d:
+        r.problem(path, "set api_key or api_keys, not both")
+    if "api_key" in d:
+        value = r.substitute(d["api_key"], f"{path}.api_key")
+        if not isinstance(value, str):
+            r.problem(f"{path}.api_key", "must be a string")
+        elif value:
+            keys.append(Secret(value))
+    if "api_keys" in d:
+        raw_keys = d["api_keys"]
+        if not isinstance(raw_keys, list) or not raw_keys:
+            r.problem(f"{path}.api_keys", "must be a non-empty list of strings")
+        else:
+            for i, item in enumerate(raw_keys):
+                value = r.substitute(item, f"{path}.api_keys[{i}]")
+                if not isinstance(value, str) or not value:
+                    r.problem(f"{path}.api_keys[{i}]", "must be a non-empty string")
+                else:
+                    keys.append(Secret(value))
+    auth_header = r.get(d, path, "auth_header", _choice(*AUTH_HEADERS), "authorization",
+                        "x-api-key or authorization")
+    models = r.get(d, path, "models", _globs, ALL_MODELS, "a non-empty list of glob patterns")
+    tpath = f"{path}.timeouts"
+    t = r.section(d.get("timeouts"), tpath, ("connect", "first_byte", "idle"))
+    timeouts = Timeouts(
+        connect=r.get(t, tpath, "connect", _num(0.001), 5.0, "a positive number of seconds"),
+        first_byte=r.get(t, tpath, "first_byte", _num(0.001), 120.0,
+                         "a positive number of seconds"),
+        idle=r.get(t, tpath, "idle", _num(0.001), 60.0, "a positive number of seconds"),
+    )
+    return Upstream(name=name, base_url=base_url.rstrip("/"), api_keys=tuple(keys),
+                    auth_header=auth_header, models=models, timeouts=timeouts)
+
+
+def _read_team(r: _Reader, name: str, raw: Any) -> Team:
+    path = f"teams.{name}"
+    d = r.section(raw, path, ("keys", "models", "budgets"))
+    digests: list[bytes] = []
+    raw_keys = d.get("keys")
+    if not isinstance(raw_keys, list) or not raw_keys:
+        r.problem(f"{path}.keys", "is required: a non-empty list of client keys")
+    else:
+        for i, item in enumerate(raw_keys):
+            kp = f"{path}.keys[{i}]"
+            if isinstance(item, str) and _WHOLE_VAR.match(item):
+                value = r.substitute(item, kp)
+                if isinstance(value, str | int) and str(value):
+                    digests.append(hash_key(str(value)))
+                elif not r.problems or not r.problems[-1].startswith(kp):
+                    r.problem(kp, "the referenced variable is empty")
+            elif isinstance(item, str) and (m := _SHA256.match(item)):
+                digests.append(bytes.fromhex(m.group(1)))
+            else:
+                r.problem(kp, "must be 'sha256:<64 lowercase hex>' or an env reference "
+                              "like ${TEAM_KEY} (plain keys are not allowed in the file)")
+    models = r.get(d, path, "models", _globs, ALL_MODELS, "a non-empty list of glob patterns")
+    budgets: list[BudgetRule] = []
+    raw_budgets = d.get("budgets", [])
+    if not isinstance(raw_budgets, list):
+        r.problem(f"{path}.budgets", "must be a list")
+        raw_budgets = []
+    for i, item in enumerate(raw_budgets):
+        bp = f"{path}.budgets[{i}]"
+        b = r.section(item, bp, ("tokens", "usd", "per"))
+        per = r.get(b, bp, "per", _choice(*WINDOWS), "", " | ".join(WINDOWS))
+        if "per" not in b:
+            r.problem(f"{bp}.per", f"is required ({' | '.join(WINDOWS)})")
+        tokens = r.get(b, bp, "tokens", _int(1), 0, "a positive integer")
+        usd = r.get(b, bp, "usd", _num(0.0), -1.0, "a non-negative number")
+        if ("tokens" in b) == ("usd" in b):
+            r.problem(bp, "set exactly one of tokens or usd")
+        elif per:
+            budgets.append(BudgetRule(per=per, tokens=tokens if "tokens" in b else None,
+                                      usd=usd if "usd" in b else None))
+    return Team(name=name, key_digests=tuple(digests), models=models, budgets=tuple(budgets))
+
+
+def _read_price(r: _Reader, model: str, raw: Any) -> Price | None:
+    path = f"prices.{model}"
+    d = r.section(raw, path, ("input", "cached_input", "output"))
+    for req in ("input", "output"):
+        if req not in d:
+            r.problem(f"{path}.{req}", "is required (USD per million tokens)")
+    money = "a non-negative number (USD per million tokens)"
+    inp = r.get(d, path, "input", _num(0.0), 0.0, money)
+    out = r.get(d, path, "output", _num(0.0), 0.0, money)
+    cached = r.get(d, path, "cached_input", _num(0.0), -1.0, money)
+    return Price(input=inp, output=out, cached_input=None if cached < 0 else cached)
+
+
+def _placeholders(text: str, refs: list[tuple[str, str | None]]) -> str:
+    def sub(m: re.Match[str]) -> str:
+        refs.append((m.group(1), m.group(2)))
+        return f"__GATEWAY_ENV_{len(refs) - 1}__"
+
+    return _VAR.sub(sub, text)
+
+
+def _tree_placeholders(raw: Any, refs: list[tuple[str, str | None]]) -> Any:
+    if isinstance(raw, str):
+        return _placeholders(raw, refs)
+    if isinstance(raw, dict):
+        return {k: _tree_placeholders(v, refs) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [_tree_placeholders(v, refs) for v in raw]
+    return raw
+
+
+def parse(raw: Any, env: Mapping[str, str], source: str = "<config>",
+          refs: list[tuple[str, str | None]] | None = None) -> Settings:
+    """Validate a raw YAML tree into Settings, or raise ConfigError listing every problem."""
+    if refs is None:
+        refs = []
+        raw = _tree_placeholders(raw, refs)
+    r = _Reader(env, refs)
+    top = r.section(raw, "", ("listen", "admin", "limits", "upstreams", "teams", "prices",
+                              "cache", "state", "ledger", "telemetry"))
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(source, r.problems)
+
+    ld = r.section(top.get("listen"), "listen", ("host", "port"))
+    listen = Listen(host=r.get(ld, "listen", "host", _str, "127.0.0.1", "a host string"),
+                    port=r.get(ld, "listen", "port", _int(0), 8080, "a port number"))
+    ad = r.section(top.get("admin"), "admin", ("host", "port", "key"))
+    admin_key = r.get(ad, "admin", "key", lambda v: "" if v is None else _str(v), "",
+                      "a string")
+    admin = Admin(host=r.get(ad, "admin", "host", _str, "127.0.0.1", "a host string"),
+                  port=r.get(ad, "admin", "port", _int(0), 9464, "a port number"),
+                  key=Secret(admin_key) if admin_key else None)
+    lm = r.section(top.get("limits"), "limits",
+                   ("max_body_bytes", "default_max_output_tokens", "drain_timeout"))
+    limits = Limits(
+        max_body_bytes=r.get(lm, "limits", "max_body_bytes", _int(1), 10 * 1024 * 1024,
+                             "a positive integer"),
+        default_max_output_tokens=r.get(lm, "limits", "default_max_output_tokens", _int(1),
+                                        4096, "a positive integer"),
+        drain_timeout=r.get(lm, "limits", "drain_timeout", _num(0.0), 30.0,
+                            "a number of seconds"),
+    )
+
+    upstreams: list[Upstream] = []
+    raw_up = top.get("upstreams")
+    if not isinstance(raw_up, dict) or not raw_up:
+        r.problem("upstreams", "at least one upstream is required")
+    else:
+        for name, item in raw_up.items():
+            up = _read_upstream(r, str(name), item)
+            if up is not None:
+                upstreams.append(up)
+
+    teams: list[Team] = []
+    raw_teams = top.get("teams")
+    if not isinstance(raw_teams, dict) or not raw_teams:
+        r.problem("teams", "at least one team is required")
+    else:
+        teams = [_read_team(r, str(name), item) for name, item in raw_teams.items()]
+        seen: dict[bytes, str] = {}
+        for team in teams:
+            for digest in team.key_digests:
+                if digest in seen and seen[digest] != team.name:
+                    r.problem(f"teams.{team.name}.keys",
+                              f"a key is also listed for team {seen[digest]}")
+                seen[digest] = team.name
+
+    prices: dict[str, Price] = {}
+    raw_prices = top.get("prices")
+    if raw_prices is not None and not isinstance(raw_prices, dict):
+        r.problem("prices", "must be a mapping of model -> {input, cached_input, output}")
+    elif raw_prices:
+        for model, item in raw_prices.items():
+            price = _read_price(r, str(model), item)
+            if price is not None:
+                prices[str(model)] = price
+    for team in teams:
+        if any(b.usd is not None for b in team.budgets) and not prices:
+            r.problem(f"teams.{team.name}.budgets", "a usd budget needs a prices table")
+
+    cd = r.section(top.get("cache"), "cache",
+                   ("enabled", "ttl", "max_bytes", "scope", "max_entry_bytes"))
+    cache = Cache(
+        enabled=r.get(cd, "cache", "enabled", _bool, True, "true or false"),
+        ttl=r.get(cd, "cache", "ttl", _num(0.001), 3600.0, "a positive number of seconds"),
+        max_bytes=r.get(cd, "cache", "max_bytes", _int(1), 256 * 1024 * 1024,
+                        "a positive integer"),
+        scope=r.get(cd, "cache", "scope", _choice("team", "shared"), "team", "team or shared"),
+        max_entry_bytes=r.get(cd, "cache", "max_entry_bytes", _int(1), 8 * 1024 * 1024,
+                              "a positive integer"),
+    )
+    sd = r.section(top.get("state"), "state", ("store", "path"))
+    store = r.get(sd, "state", "store", _str, "local", "local or redis://host:port/db")
+    if store != "local" and not store.startswith(("redis://", "rediss://")):
+        r.problem("state.store", "must be local or a redis:// URL")
+    state = State(store=store, path=r.get(sd, "state", "path", _str, "./gateway-state",
+                                          "a directory path"))
+    ledd = r.section(top.get("ledger"), "ledger", ("url", "flush_interval"))
+    ledger = LedgerSettings(
+        url=r.get(ledd, "ledger", "url", lambda v: "" if v is None else _str(v), "",
+                  "a string"),
+        flush_interval=r.get(ledd, "ledger", "flush_interval", _num(0.01), 0.5,
+                             "a positive number of seconds"),
+    )
+    td = r.section(top.get("telemetry"), "telemetry",
+                   ("service_name", "traces", "logs", "max_model_labels"))
+    trd = r.section(td.get("traces"), "telemetry.traces",
+                    ("endpoint", "sample_ratio", "capture_content"))
+    lgd = r.section(td.get("logs"), "telemetry.logs", ("level", "format"))
+    telemetry = Telemetry(
+        service_name=r.get(td, "telemetry", "service_name", _str, "llm-gateway", "a string"),
+        traces=Traces(
+            endpoint=r.get(trd, "telemetry.traces", "endpoint",
+                           lambda v: "" if v is None else _str(v), "", "a URL string"),
+            sample_ratio=r.get(trd, "telemetry.traces", "sample_ratio", _num(0.0, 1.0), 1.0,
+                               "a number between 0 and 1"),
+            capture_content=r.get(trd, "telemetry.traces", "capture_content", _bool, False,
+                                  "true or false"),
+        ),
+        logs=Logs(
+            level=r.get(lgd, "telemetry.logs", "level",
+                        _choice("debug", "info", "warning", "error"), "info",
+                        "debug | info | warning | error"),
+            format=r.get(lgd, "telemetry.logs", "format", _choice("json", "console"), "json",
+                         "json or console"),
+        ),
+        max_model_labels=r.get(td, "telemetry", "max_model_labels", _int(1), 100,
+                               "a positive integer"),
+    )
+    if r.problems:
+        raise ConfigError(source, r.problems)
+    return Settings(upstreams=tuple(upstreams), teams=tuple(teams), listen=listen, admin=admin,
+                    limits=limits, prices=prices, cache=cache, state=state, ledger=ledger,
+                    telemetry=telemetry)
+
+
+def load(path: str | Path, env: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate a config file; ConfigError lists every problem found."""
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(source, [f"(file): cannot read: {e.strerror}"]) from None
+    return loads(text, env, source)
+
+
+def loads(text: str, env: Mapping[str, str] | None = None, source: str = "<config>") -> Settings:
+    refs: list[tuple[str, str | None]] = []
+    try:
+        raw = yaml.safe_load(_placeholders(text, refs))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "(file)"
+        raise ConfigError(source, [f"{where}: not valid YAML: {getattr(e, 'problem', e)}"]) \
+            from None
+    return parse(raw, os.environ if env is None else env, source, refs)
+
+
+def default_config_path(env: Mapping[str, str] | None = None) -> str:
+    e = os.environ if env is None else env
+    return e.get("GATEWAY_CONFIG") or "./gateway.yaml"

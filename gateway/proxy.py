@@ -1,0 +1,371 @@
+"""The request pipeline for /v1/*: authenticate, parse, route, reserve, cache, relay, finish.
+
+Orchestration only: each step's work lives in its own module. Every request ends in
+`exchange.finish`, whatever path it took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from opentelemetry.trace import Span
+
+from gateway import errors
+from gateway.budget.store import Rejection
+from gateway.budget.windows import seconds_until
+from gateway.cache.entry import CacheEntry
+from gateway.cache.key import cache_key
+from gateway.errors import GatewayError
+from gateway.exchange import Exchange, finish, request_id, route_of
+from gateway.relay import relay_body, relay_stream, replay
+from gateway.runtime import Gateway
+from gateway.telemetry.tracing import trace_id_hex
+from gateway.upstream import UpstreamClient, request_headers
+
+GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
+
+MODEL_ROUTES = frozenset({"/v1/responses", "/v1/responses/input_tokens", "/v1/chat/completions",
+                          "/v1/completions", "/v1/embeddings"})
+ID_ROUTES = frozenset({"/v1/responses/{id}", "/v1/responses/{id}/cancel",
+                       "/v1/responses/{id}/input_items"})
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    ex = Exchange(request_id(request.headers.get("x-request-id")), request.method,
+                  route_of(request.path))
+    ex.span = gw.tracing.server_span(f"{request.method} {ex.route}", request.headers, {
+        "http.request.method": request.method, "http.route": ex.route,
+        "url.path": request.path, "url.scheme": request.scheme,
+        "server.port": request.url.port or 0,
+        "user_agent.original": request.headers.get("user-agent", ""),
+    })
+    ex.trace_id = trace_id_hex(ex.span)
+    gw.metrics.inflight.inc()
+    try:
+        return await _pipeline(gw, request, ex)
+    except GatewayError as e:
+        ex.status, ex.error = e.status, ex.error or e.code
+        return await _send(request, e.response(_gateway_headers(ex)))
+    except Exception:
+        gw.log.exception("unhandled error", request_id=ex.request_id)
+        ex.status, ex.error = 500, "internal_error"
+        err = GatewayError(500, "server_error", "internal_error",
+                           "The gateway failed to handle this request.")
+        return await _send(request, err.response(_gateway_headers(ex)))
+    finally:
+        gw.metrics.inflight.dec()
+        try:
+            await finish(gw, ex)
+        except Exception:
+            gw.log.exception("finishing a request failed", request_id=ex.request_id)
+
+
+async def _send(request: web.Request, resp: web.Response) -> web.StreamResponse:
+    """Write a whole response now, so the request's end is known when `finish` runs."""
+    try:
+        await resp.prepare(request)
+        await resp.write_eof()
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        pass
+    return resp
+
+
+def _gateway_headers(ex: Exchange) -> dict[str, str]:
+    h = {"x-request-id": ex.request_id}
+    if ex.trace_id:
+        h["x-gateway-trace-id"] = ex.trace_id
+    return h
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise errors.request_too_large(limit)
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise errors.request_too_large(limit) from None
+
+
+async def _pipeline(gw: Gateway, request: web.Request, ex: Exchange) -> web.StreamResponse:
+    if gw.draining:
+        raise errors.shutting_down()
+    policy = gw.policy
+    principal = policy.auth.authenticate(request.headers)
+    team = principal.team
+    ex.team, ex.key_id = team.name, principal.key_id
+    settings = policy.settings
+    body = await _read_body(request, settings.limits.max_body_bytes)
+
+    method = request.method
+    needs_model = method == "POST" and ex.route in MODEL_ROUTES
+    parsed: Any = None
+    if method == "POST" and body and (needs_model or "json" in request.content_type):
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError as e:
+            if needs_model:
+                raise errors.invalid_json(str(e)) from None
+    model = parsed.get("model") if isinstance(parsed, dict) else None
+    if needs_model and (not isinstance(model, str) or not model):
+        raise errors.missing_model()
+    if method == "GET" and ex.route == "/v1/models":
+        return await _list_models(gw, request, ex)
+
+    if isinstance(model, str) and model:
+        ex.model = model
+        if not policy.team_models[team.name](model):
+            raise errors.model_not_allowed(model, team.name)
+        upstream_name = policy.router.route(model)
+        if upstream_name is None:
+            raise errors.model_not_found(model)
+        ex.metered = method == "POST" and ex.route != "/v1/responses/input_tokens"
+    else:
+        upstream_name = _route_without_model(gw, request, ex)
+    ex.upstream = upstream_name
+    if isinstance(parsed, dict):
+        ex.stream = parsed.get("stream") is True
+        ex.request_body = parsed
+    client = gw.upstreams[upstream_name]
+
+    # cache: only POST /v1/responses, and never background requests
+    key: str | None = None
+    store = False
+    if method == "POST" and ex.route == "/v1/responses":
+        cc = request.headers.get("cache-control", "").lower()
+        if not settings.cache.enabled or parsed.get("background") is True or "no-store" in cc:
+            ex.cache = "bypass"
+        else:
+            scope = "shared" if settings.cache.scope == "shared" else f"team:{team.name}"
+            key = cache_key(scope, upstream_name, parsed)
+            store = True
+            if "no-cache" in cc:
+                ex.cache = "bypass"
+            else:
+                answered, lead = await _from_cache(gw, request, ex, key)
+                if answered is not None:
+                    return answered
+                if lead:
+                    return await _lead(gw, request, ex, client, body, key)
+        if ex.cache == "bypass":
+            _count_lookup(gw, "bypass")
+    return await _call(gw, request, ex, client, body, key if store else None, None)
+
+
+def _route_without_model(gw: Gateway, request: web.Request, ex: Exchange) -> str:
+    """Requests about a stored response go where it was created; others to the first upstream."""
+    if ex.route in ID_ROUTES:
+        rid = request.path.split("/")[3]
+        owner = gw.owners.get(rid)
+        if owner is not None:
+            upstream, team = owner
+            if team != ex.team:
+                # a response another team created does not exist for this one
+                raise GatewayError(404, "invalid_request_error", "not_found",
+                                   f"No response found with id '{rid}'.")
+            if upstream in gw.upstreams:
+                return upstream
+    return next(iter(gw.upstreams))
+
+
+def _count_lookup(gw: Gateway, result: str) -> None:
+    c = gw.cache_counts
+    if result == "hit":
+        c.hits += 1
+    elif result == "miss":
+        c.misses += 1
+    elif result == "coalesced":
+        c.coalesced += 1
+    elif result == "bypass":
+        c.bypass += 1
+    else:
+        return
+    gw.metrics.cache_lookups.labels(result).inc()
+
+
+async def _from_cache(gw: Gateway, request: web.Request, ex: Exchange, key: str
+                      ) -> tuple[web.StreamResponse | None, bool]:
+    """Serve a stored answer or join an identical request in flight; sets ex.cache.
+
+    Returns (response, lead): no response and lead=True means this request leads a new
+    flight; lead=False means the flight's answer could not be shared and it calls alone.
+    """
+    entry = await gw.cache.get(key)
+    if entry is not None and entry.stream == ex.stream:
+        ex.cache = "hit"
+        _count_lookup(gw, "hit")
+        return await _serve_entry(gw, request, ex, entry, "hit"), False
+    flight = gw.flights.peek(key)
+    if flight is None:
+        ex.cache = "miss"
+        return None, True
+    flight.followers += 1
+    try:
+        if flight.stream:
+            if await flight.wait_head():
+                ex.cache = "coalesced"
+                _count_lookup(gw, "coalesced")
+                return await replay(gw, request, ex, flight,
+                                    await _budget_headers(gw, ex)), False
+        else:
+            shared = await flight.wait_done()
+            if shared is not None:
+                ex.cache = "coalesced"
+                _count_lookup(gw, "coalesced")
+                return await _serve_entry(gw, request, ex, shared, "coalesced"), False
+    finally:
+        flight.followers -= 1
+    ex.cache = "miss"  # the leader's answer cannot be shared: make our own call
+    _count_lookup(gw, "miss")
+    return None, False
+
+
+async def _serve_entry(gw: Gateway, request: web.Request, ex: Exchange, entry: CacheEntry,
+                       result: str) -> web.StreamResponse:
+    ex.status, ex.saved = entry.status, entry.usage
+    headers = {**dict(entry.headers), **_gateway_headers(ex), "x-gateway-cache": result,
+               **await _budget_headers(gw, ex)}
+    if result == "hit":
+        headers["age"] = str(max(0, int(gw.clock() - entry.created_at)))
+    return await _send(request, web.Response(status=entry.status, body=entry.body,
+                                             headers=headers))
+
+
+async def _lead(gw: Gateway, request: web.Request, ex: Exchange, client: UpstreamClient,
+                body: bytes, key: str) -> web.StreamResponse:
+    flight = gw.flights.open(key, ex.stream)
+    _count_lookup(gw, "miss")
+    try:
+        return await _call(gw, request, ex, client, body, key, flight)
+    finally:
+        if not flight.done:
+            flight.finish(None, None)
+        gw.flights.land(key, flight)
+
+
+async def _budget_headers(gw: Gateway, ex: Exchange) -> dict[str, str]:
+    team = gw.policy.teams.get(ex.team)
+    if team is None or not any(b.tokens is not None for b in team.budgets):
+        return {}
+    now = gw.clock()
+    windows = [w for w in await gw.budget.windows(team, now) if w.unit == "tokens"]
+    tightest = min(windows, key=lambda w: w.remaining)
+    return {"x-gateway-budget-remaining-tokens": str(int(tightest.remaining)),
+            "x-gateway-budget-reset": str(seconds_until(tightest.end, now))}
+
+
+async def _reserve(gw: Gateway, ex: Exchange, body_len: int) -> None:
+    team = gw.policy.teams[ex.team]
+    parsed = ex.request_body if isinstance(ex.request_body, dict) else {}
+    out = parsed.get("max_output_tokens") or parsed.get("max_completion_tokens") \
+        or parsed.get("max_tokens")
+    if not isinstance(out, int) or isinstance(out, bool) or out <= 0:
+        out = gw.settings.limits.default_max_output_tokens
+    input_est = -(-body_len // 4)
+    tokens = input_est + out
+    usd = gw.policy.prices.estimate(ex.model, input_est, out)
+    got = await gw.budget.reserve(team, tokens, usd, gw.clock())
+    if isinstance(got, Rejection):
+        gw.metrics.budget_rejections.labels(team.name).inc()
+        raise errors.budget_exceeded(team.name, got.window, got.retry_after)
+    ex.reservation = got
+
+
+async def _call(gw: Gateway, request: web.Request, ex: Exchange, client: UpstreamClient,
+                body: bytes, store_key: str | None, flight: Any) -> web.StreamResponse:
+    if ex.metered and gw.policy.teams[ex.team].budgets:
+        await _reserve(gw, ex, len(body))
+    extra = {"x-request-id": ex.request_id, **client.auth_header()}
+    ex.client_span = _client_span(gw, ex, client)
+    headers = request_headers(request.headers.items(), extra)
+    carrier: dict[str, str] = {}
+    gw.tracing.inject(ex.client_span, carrier)
+    headers.update(carrier)
+    ex.upstream_started = t0 = time.perf_counter()
+    try:
+        up = await client.send(request.method, request.path_qs, headers, body)
+    except GatewayError as e:
+        ex.upstream_status = 0
+        gw.metrics.upstream_errors.labels(client.name, e.code).inc()
+        raise
+    finally:
+        ex.upstream_wait += time.perf_counter() - t0
+    ex.upstream_status = up.status
+    if up.status >= 500:
+        gw.metrics.upstream_errors.labels(client.name, f"http_{up.status}").inc()
+    budget = await _budget_headers(gw, ex) if ex.reservation is not None else {}
+    extra_out = {**_gateway_headers(ex), **budget}
+    if ex.cache:
+        extra_out["x-gateway-cache"] = ex.cache
+    try:
+        if up.content_type == "text/event-stream":
+            return await relay_stream(gw, request, ex, up, extra_out, store_key, flight)
+        return await relay_body(gw, request, ex, up, extra_out, store_key, flight)
+    finally:
+        up.release()
+
+
+def _client_span(gw: Gateway, ex: Exchange, client: UpstreamClient) -> Span:
+    body = ex.request_body if isinstance(ex.request_body, dict) else {}
+    url = client.cfg.base_url
+    host = url.split("://", 1)[-1].split("/", 1)[0]
+    attrs: dict[str, Any] = {
+        "gen_ai.operation.name": "chat" if ex.model else "http",
+        "gen_ai.provider.name": client.name,
+        "server.address": host.rsplit(":", 1)[0],
+        "http.request.method": ex.method,
+    }
+    if ":" in host and host.rsplit(":", 1)[1].isdigit():
+        attrs["server.port"] = int(host.rsplit(":", 1)[1])
+    if ex.model:
+        attrs["gen_ai.request.model"] = ex.model
+        attrs["gen_ai.request.stream"] = ex.stream
+        for src, dst in (("max_output_tokens", "gen_ai.request.max_tokens"),
+                         ("max_tokens", "gen_ai.request.max_tokens"),
+                         ("temperature", "gen_ai.request.temperature"),
+                         ("top_p", "gen_ai.request.top_p")):
+            v = body.get(src)
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                attrs[dst] = v
+        if gw.tracing.capture_content:
+            attrs.update(gw.tracing.content_attributes(body, gw.secrets))
+    name = f"chat {ex.model}" if ex.model else f"{ex.method} {ex.route}"
+    assert ex.span is not None
+    return gw.tracing.client_span(ex.span, name, attrs)
+
+
+async def _list_models(gw: Gateway, request: web.Request, ex: Exchange) -> web.StreamResponse:
+    """The union of the upstreams' models that this team may use and that route to them."""
+    policy = gw.policy
+    allowed = policy.team_models[ex.team]
+
+    async def fetch(client: UpstreamClient) -> list[dict[str, Any]]:
+        headers = request_headers([], {"x-request-id": ex.request_id, **client.auth_header()})
+        up = await client.send("GET", "/v1/models", headers, b"")
+        try:
+            data = orjson.loads(await up.read()) if up.status == 200 else {}
+        finally:
+            up.release()
+        items = data.get("data") if isinstance(data, dict) else None
+        return [m for m in items or [] if isinstance(m, dict) and isinstance(m.get("id"), str)
+                and policy.router.route(m["id"]) == client.name and allowed(m["id"])]
+
+    ex.upstream = ",".join(gw.upstreams)
+    results = await asyncio.gather(*(fetch(c) for c in gw.upstreams.values()),
+                                   return_exceptions=True)
+    if all(isinstance(r, BaseException) for r in results):
+        raise errors.upstream_unavailable(ex.upstream)
+    seen: dict[str, dict[str, Any]] = {}
+    for r in results:
+        if not isinstance(r, BaseException):
+            for m in r:
+                seen.setdefault(m["id"], m)
+    ex.status = 200
+    return await _send(request, web.Response(
+        body=orjson.dumps({"object": "list", "data": list(seen.values())}),
+        content_type="application/json", headers=_gateway_headers(ex)))

@@ -1,0 +1,63 @@
+"""Incremental Server-Sent Events decoder: bytes in, events out. Pure, no I/O.
+
+Follows the WHATWG parsing rules the OpenAI SDK uses: LF, CR and CRLF line ends (also split
+across chunks), `:` comments, one optional space after the colon, multi-line `data` joined
+with LF, a blank line dispatches, an event without data is not dispatched, and an
+unterminated event at end of stream is discarded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class SSEEvent:
+    event: str | None
+    data: bytes
+    id: str | None = None
+
+
+class SSEDecoder:
+    __slots__ = ("_buf", "_data", "_event", "_id", "_pending_cr")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._pending_cr = False
+        self._event: str | None = None
+        self._data: list[bytes] = []
+        self._id: str | None = None
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        if self._pending_cr:
+            self._pending_cr = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        buf = self._buf + chunk if self._buf else chunk
+        if b"\r" in buf:
+            # a CR at the very end may be the first half of a CRLF split across chunks
+            self._pending_cr = buf[-1:] == b"\r"
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        lines = buf.split(b"\n")
+        self._buf = lines.pop()
+        events: list[SSEEvent] = []
+        for line in lines:
+            if not line:
+                if self._data:
+                    events.append(SSEEvent(self._event, b"\n".join(self._data), self._id))
+                self._event = None
+                self._data = []
+                continue
+            if line[0] == 58:  # ':' comment
+                continue
+            name, sep, value = line.partition(b":")
+            if sep and value[:1] == b" ":
+                value = value[1:]
+            if name == b"data":
+                self._data.append(value)
+            elif name == b"event":
+                self._event = value.decode("utf-8", "replace")
+            elif name == b"id" and b"\0" not in value:
+                self._id = value.decode("utf-8", "replace")
+            # `retry` and unknown fields carry nothing the gateway needs
+        return events
