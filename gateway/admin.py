@@ -26,17 +26,26 @@ def _guard(handler: Handler) -> Handler:
     async def guarded(request: web.Request) -> web.StreamResponse:
         key = request.app[GATEWAY].settings.admin.key
         if key is None:
-            return GatewayError(403, "permission_error", "admin_disabled",
-                                "The admin API is off: set admin.key to use it.").response()
+            return GatewayError(
+                403,
+                "permission_error",
+                "admin_disabled",
+                "The admin API is off: set admin.key to use it.",
+            ).response()
         sent = request.headers.get("authorization", "")
         if not hmac.compare_digest(sent.encode(), f"Bearer {key.get()}".encode()):
-            return GatewayError(401, "invalid_request_error", "invalid_api_key",
-                                "Send the admin key as 'Authorization: Bearer <key>'.").response()
+            return GatewayError(
+                401,
+                "invalid_request_error",
+                "invalid_api_key",
+                "Send the admin key as 'Authorization: Bearer <key>'.",
+            ).response()
         try:
             return await handler(request)
         except ValueError as e:
-            return GatewayError(400, "invalid_request_error", "invalid_parameter",
-                                str(e)).response()
+            return GatewayError(
+                400, "invalid_request_error", "invalid_parameter", str(e)
+            ).response()
 
     return guarded
 
@@ -47,14 +56,24 @@ async def teams(request: web.Request) -> web.Response:
     out = []
     for team in gw.policy.teams.values():
         windows = await gw.budget.windows(team, now)
-        out.append({
-            "team": team.name, "models": list(team.models),
-            "budgets": [{
-                "per": w.per, "unit": w.unit, "limit": w.limit, "used": w.used,
-                "reserved": w.reserved, "remaining": w.remaining,
-                "resets_at": None if w.per == "total" else w.end,
-            } for w in windows],
-        })
+        out.append(
+            {
+                "team": team.name,
+                "models": list(team.models),
+                "budgets": [
+                    {
+                        "per": w.per,
+                        "unit": w.unit,
+                        "limit": w.limit,
+                        "used": w.used,
+                        "reserved": w.reserved,
+                        "remaining": w.remaining,
+                        "resets_at": None if w.per == "total" else w.end,
+                    }
+                    for w in windows
+                ],
+            }
+        )
     return _json({"teams": out})
 
 
@@ -72,9 +91,18 @@ async def cache_stats(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     stats = await gw.cache.stats()
     c = gw.cache_counts
-    return _json({"enabled": gw.settings.cache.enabled, "entries": stats.entries,
-                  "bytes": stats.bytes, "hits": c.hits, "misses": c.misses,
-                  "coalesced": c.coalesced, "bypass": c.bypass, "in_flight": len(gw.flights)})
+    return _json(
+        {
+            "enabled": gw.settings.cache.enabled,
+            "entries": stats.entries,
+            "bytes": stats.bytes,
+            "hits": c.hits,
+            "misses": c.misses,
+            "coalesced": c.coalesced,
+            "bypass": c.bypass,
+            "in_flight": len(gw.flights),
+        }
+    )
 
 
 async def cache_purge(request: web.Request) -> web.Response:
@@ -88,8 +116,12 @@ async def reload(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     path = request.app.get(CONFIG_PATH)
     if not path:
-        return GatewayError(409, "invalid_request_error", "no_config_file",
-                            "This gateway was not started from a config file.").response()
+        return GatewayError(
+            409,
+            "invalid_request_error",
+            "no_config_file",
+            "This gateway was not started from a config file.",
+        ).response()
     try:
         settings = config.load(path)
     except config.ConfigError as e:

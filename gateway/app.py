@@ -36,6 +36,7 @@ def create_app(gw: Gateway, *, manage_lifecycle: bool = True) -> web.Application
     app.router.add_route("*", "/v1/{tail:.*}", handle)
     app.router.add_route("*", "/{tail:.*}", _no_route)
     if manage_lifecycle:
+
         async def lifecycle(app: web.Application) -> AsyncIterator[None]:
             await gw.start()
             yield

@@ -30,24 +30,31 @@ def _use_uvloop() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def run_gateway(settings: config.Settings, host: str, port: int,
-                      config_path: str | None = None, reuse_port: bool = False,
-                      announce: bool = True) -> None:
+async def run_gateway(
+    settings: config.Settings,
+    host: str,
+    port: int,
+    config_path: str | None = None,
+    reuse_port: bool = False,
+    announce: bool = True,
+) -> None:
     """Serve until SIGTERM/SIGINT; SIGHUP reloads the config. A stop drains and flushes."""
     gw = Gateway(settings)
     app = create_app(gw)
     admin = create_admin_app(gw)
     if config_path:
         admin[CONFIG_PATH] = config_path
-    runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                           shutdown_timeout=settings.limits.drain_timeout)
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=settings.limits.drain_timeout
+    )
     admin_runner = web.AppRunner(admin, access_log=None, handle_signals=False)
     await runner.setup()  # starts the Gateway (cleanup_ctx)
     await admin_runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=2048)
     await site.start()
-    admin_site = web.TCPSite(admin_runner, settings.admin.host, settings.admin.port,
-                             reuse_port=reuse_port or None)
+    admin_site = web.TCPSite(
+        admin_runner, settings.admin.host, settings.admin.port, reuse_port=reuse_port or None
+    )
     await admin_site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -60,8 +67,11 @@ async def run_gateway(settings: config.Settings, host: str, port: int,
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     if announce:
-        gw.log.info("listening", url=f"http://{host}:{port}",
-                    admin=f"http://{settings.admin.host}:{settings.admin.port}")
+        gw.log.info(
+            "listening",
+            url=f"http://{host}:{port}",
+            admin=f"http://{settings.admin.host}:{settings.admin.port}",
+        )
     await stop.wait()
     gw.draining = True  # /readyz turns 503 so a load balancer stops sending
     await admin_runner.cleanup()
@@ -86,13 +96,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(e, file=sys.stderr)
         return 1
     if args.workers > 1 and settings.state.store == "local":
-        print(f"{path}: state.store: --workers {args.workers} needs a shared store "
-              "(redis://...); with store: local each worker would keep its own budgets",
-              file=sys.stderr)
+        print(
+            f"{path}: state.store: --workers {args.workers} needs a shared store "
+            "(redis://...); with store: local each worker would keep its own budgets",
+            file=sys.stderr,
+        )
         return 1
     if settings.state.store != "local" or settings.ledger.url:
-        print(f"{path}: state.store/ledger.url: only the local store is available in this "
-              "version", file=sys.stderr)
+        print(
+            f"{path}: state.store/ledger.url: only the local store is available in this version",
+            file=sys.stderr,
+        )
         return 1
     configure_logging(settings.telemetry.logs.level, settings.telemetry.logs.format)
     host = args.host or settings.listen.host
@@ -185,8 +199,9 @@ def cmd_usage(args: argparse.Namespace) -> int:
 def cmd_mock(args: argparse.Namespace) -> int:
     from gateway.mock_upstream import MockOptions, run_mock
 
-    run_mock(args.host, args.port, MockOptions(ttft_ms=args.ttft_ms,
-                                               tokens_per_s=args.tokens_per_s))
+    run_mock(
+        args.host, args.port, MockOptions(ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s)
+    )
     return 0
 
 
@@ -197,11 +212,23 @@ def _free_port() -> int:
         return port
 
 
-def demo_settings(mock_url: str, state_dir: str, keys: Mapping[str, str],
-                  admin_key: str, port: int, admin_port: int) -> config.Settings:
+def demo_settings(
+    mock_url: str,
+    state_dir: str,
+    keys: Mapping[str, str],
+    admin_key: str,
+    port: int,
+    admin_port: int,
+) -> config.Settings:
     text = (Path(__file__).parent / "demo.yaml").read_text()
-    env = {"MOCK_URL": mock_url, "STATE_DIR": state_dir, "ADMIN_KEY": admin_key,
-           "PORT": str(port), "ADMIN_PORT": str(admin_port), **keys}
+    env = {
+        "MOCK_URL": mock_url,
+        "STATE_DIR": state_dir,
+        "ADMIN_KEY": admin_key,
+        "PORT": str(port),
+        "ADMIN_PORT": str(admin_port),
+        **keys,
+    }
     return config.loads(text, env, "demo.yaml")
 
 
@@ -210,21 +237,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     configure_logging("info", "console" if sys.stdout.isatty() else "json")
     _use_uvloop()
-    keys = {"DEMO_SEARCH_KEY": "demo-search-" + secrets.token_hex(8),
-            "DEMO_SUPPORT_KEY": "demo-support-" + secrets.token_hex(8)}
+    keys = {
+        "DEMO_SEARCH_KEY": "demo-search-" + secrets.token_hex(8),
+        "DEMO_SUPPORT_KEY": "demo-support-" + secrets.token_hex(8),
+    }
     admin_key = "demo-admin-" + secrets.token_hex(8)
     port = args.port or 8080
     admin_port = args.admin_port or 9464
     state_dir = args.state or str(Path.cwd() / "gateway-demo-state")
 
     async def main() -> None:
-        runner, mock_port = await start_mock("127.0.0.1", 0, MockOptions(ttft_ms=80,
-                                                                           tokens_per_s=60))
-        settings = demo_settings(f"http://127.0.0.1:{mock_port}", state_dir, keys, admin_key,
-                                 port, admin_port)
+        runner, mock_port = await start_mock(
+            "127.0.0.1", 0, MockOptions(ttft_ms=80, tokens_per_s=60)
+        )
+        settings = demo_settings(
+            f"http://127.0.0.1:{mock_port}", state_dir, keys, admin_key, port, admin_port
+        )
         base = f"http://127.0.0.1:{port}"
-        print(_demo_banner(base, f"http://127.0.0.1:{admin_port}", keys, admin_key,
-                           f"http://127.0.0.1:{mock_port}"), flush=True)
+        print(
+            _demo_banner(
+                base,
+                f"http://127.0.0.1:{admin_port}",
+                keys,
+                admin_key,
+                f"http://127.0.0.1:{mock_port}",
+            ),
+            flush=True,
+        )
         try:
             await run_gateway(settings, "127.0.0.1", port, announce=False)
         finally:
@@ -234,8 +273,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_banner(base: str, admin: str, keys: Mapping[str, str], admin_key: str,
-                 mock: str) -> str:
+def _demo_banner(base: str, admin: str, keys: Mapping[str, str], admin_key: str, mock: str) -> str:
     search, support = keys["DEMO_SEARCH_KEY"], keys["DEMO_SUPPORT_KEY"]
     return f"""
 LLM gateway demo is running (Ctrl-C to stop)

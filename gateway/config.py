@@ -233,9 +233,7 @@ class _Reader:
                 return out
         return out
 
-    def section(
-        self, raw: Any, path: str, allowed: tuple[str, ...]
-    ) -> dict[str, Any]:
+    def section(self, raw: Any, path: str, allowed: tuple[str, ...]) -> dict[str, Any]:
         if raw is None:
             return {}
         if not isinstance(raw, dict):
@@ -346,19 +344,32 @@ def _read_upstream(r: _Reader, name: str, raw: Any) -> Upstream | None:
                     r.problem(f"{path}.api_keys[{i}]", "must be a non-empty string")
                 else:
                     keys.append(Secret(value))
-    auth_header = r.get(d, path, "auth_header", _choice(*AUTH_HEADERS), "authorization",
-                        "x-api-key or authorization")
+    auth_header = r.get(
+        d,
+        path,
+        "auth_header",
+        _choice(*AUTH_HEADERS),
+        "authorization",
+        "x-api-key or authorization",
+    )
     models = r.get(d, path, "models", _globs, ALL_MODELS, "a non-empty list of glob patterns")
     tpath = f"{path}.timeouts"
     t = r.section(d.get("timeouts"), tpath, ("connect", "first_byte", "idle"))
     timeouts = Timeouts(
         connect=r.get(t, tpath, "connect", _num(0.001), 5.0, "a positive number of seconds"),
-        first_byte=r.get(t, tpath, "first_byte", _num(0.001), 120.0,
-                         "a positive number of seconds"),
+        first_byte=r.get(
+            t, tpath, "first_byte", _num(0.001), 120.0, "a positive number of seconds"
+        ),
         idle=r.get(t, tpath, "idle", _num(0.001), 60.0, "a positive number of seconds"),
     )
-    return Upstream(name=name, base_url=base_url.rstrip("/"), api_keys=tuple(keys),
-                    auth_header=auth_header, models=models, timeouts=timeouts)
+    return Upstream(
+        name=name,
+        base_url=base_url.rstrip("/"),
+        api_keys=tuple(keys),
+        auth_header=auth_header,
+        models=models,
+        timeouts=timeouts,
+    )
 
 
 def _read_team(r: _Reader, name: str, raw: Any) -> Team:
@@ -380,8 +391,11 @@ def _read_team(r: _Reader, name: str, raw: Any) -> Team:
             elif isinstance(item, str) and (m := _SHA256.match(item)):
                 digests.append(bytes.fromhex(m.group(1)))
             else:
-                r.problem(kp, "must be 'sha256:<64 lowercase hex>' or an env reference "
-                              "like ${TEAM_KEY} (plain keys are not allowed in the file)")
+                r.problem(
+                    kp,
+                    "must be 'sha256:<64 lowercase hex>' or an env reference "
+                    "like ${TEAM_KEY} (plain keys are not allowed in the file)",
+                )
     models = r.get(d, path, "models", _globs, ALL_MODELS, "a non-empty list of glob patterns")
     budgets: list[BudgetRule] = []
     raw_budgets = d.get("budgets", [])
@@ -399,8 +413,13 @@ def _read_team(r: _Reader, name: str, raw: Any) -> Team:
         if ("tokens" in b) == ("usd" in b):
             r.problem(bp, "set exactly one of tokens or usd")
         elif per:
-            budgets.append(BudgetRule(per=per, tokens=tokens if "tokens" in b else None,
-                                      usd=usd if "usd" in b else None))
+            budgets.append(
+                BudgetRule(
+                    per=per,
+                    tokens=tokens if "tokens" in b else None,
+                    usd=usd if "usd" in b else None,
+                )
+            )
     return Team(name=name, key_digests=tuple(digests), models=models, budgets=tuple(budgets))
 
 
@@ -435,36 +454,61 @@ def _tree_placeholders(raw: Any, refs: list[tuple[str, str | None]]) -> Any:
     return raw
 
 
-def parse(raw: Any, env: Mapping[str, str], source: str = "<config>",
-          refs: list[tuple[str, str | None]] | None = None) -> Settings:
+def parse(
+    raw: Any,
+    env: Mapping[str, str],
+    source: str = "<config>",
+    refs: list[tuple[str, str | None]] | None = None,
+) -> Settings:
     """Validate a raw YAML tree into Settings, or raise ConfigError listing every problem."""
     if refs is None:
         refs = []
         raw = _tree_placeholders(raw, refs)
     r = _Reader(env, refs)
-    top = r.section(raw, "", ("listen", "admin", "limits", "upstreams", "teams", "prices",
-                              "cache", "state", "ledger", "telemetry"))
+    top = r.section(
+        raw,
+        "",
+        (
+            "listen",
+            "admin",
+            "limits",
+            "upstreams",
+            "teams",
+            "prices",
+            "cache",
+            "state",
+            "ledger",
+            "telemetry",
+        ),
+    )
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(source, r.problems)
 
     ld = r.section(top.get("listen"), "listen", ("host", "port"))
-    listen = Listen(host=r.get(ld, "listen", "host", _str, "127.0.0.1", "a host string"),
-                    port=r.get(ld, "listen", "port", _int(0), 8080, "a port number"))
+    listen = Listen(
+        host=r.get(ld, "listen", "host", _str, "127.0.0.1", "a host string"),
+        port=r.get(ld, "listen", "port", _int(0), 8080, "a port number"),
+    )
     ad = r.section(top.get("admin"), "admin", ("host", "port", "key"))
-    admin_key = r.get(ad, "admin", "key", lambda v: "" if v is None else _str(v), "",
-                      "a string")
-    admin = Admin(host=r.get(ad, "admin", "host", _str, "127.0.0.1", "a host string"),
-                  port=r.get(ad, "admin", "port", _int(0), 9464, "a port number"),
-                  key=Secret(admin_key) if admin_key else None)
-    lm = r.section(top.get("limits"), "limits",
-                   ("max_body_bytes", "default_max_output_tokens", "drain_timeout"))
+    admin_key = r.get(ad, "admin", "key", lambda v: "" if v is None else _str(v), "", "a string")
+    admin = Admin(
+        host=r.get(ad, "admin", "host", _str, "127.0.0.1", "a host string"),
+        port=r.get(ad, "admin", "port", _int(0), 9464, "a port number"),
+        key=Secret(admin_key) if admin_key else None,
+    )
+    lm = r.section(
+        top.get("limits"),
+        "limits",
+        ("max_body_bytes", "default_max_output_tokens", "drain_timeout"),
+    )
     limits = Limits(
-        max_body_bytes=r.get(lm, "limits", "max_body_bytes", _int(1), 10 * 1024 * 1024,
-                             "a positive integer"),
-        default_max_output_tokens=r.get(lm, "limits", "default_max_output_tokens", _int(1),
-                                        4096, "a positive integer"),
-        drain_timeout=r.get(lm, "limits", "drain_timeout", _num(0.0), 30.0,
-                            "a number of seconds"),
+        max_body_bytes=r.get(
+            lm, "limits", "max_body_bytes", _int(1), 10 * 1024 * 1024, "a positive integer"
+        ),
+        default_max_output_tokens=r.get(
+            lm, "limits", "default_max_output_tokens", _int(1), 4096, "a positive integer"
+        ),
+        drain_timeout=r.get(lm, "limits", "drain_timeout", _num(0.0), 30.0, "a number of seconds"),
     )
 
     upstreams: list[Upstream] = []
@@ -487,8 +531,9 @@ def parse(raw: Any, env: Mapping[str, str], source: str = "<config>",
         for team in teams:
             for digest in team.key_digests:
                 if digest in seen and seen[digest] != team.name:
-                    r.problem(f"teams.{team.name}.keys",
-                              f"a key is also listed for team {seen[digest]}")
+                    r.problem(
+                        f"teams.{team.name}.keys", f"a key is also listed for team {seen[digest]}"
+                    )
                 seen[digest] = team.name
 
     prices: dict[str, Price] = {}
@@ -504,60 +549,98 @@ def parse(raw: Any, env: Mapping[str, str], source: str = "<config>",
         if any(b.usd is not None for b in team.budgets) and not prices:
             r.problem(f"teams.{team.name}.budgets", "a usd budget needs a prices table")
 
-    cd = r.section(top.get("cache"), "cache",
-                   ("enabled", "ttl", "max_bytes", "scope", "max_entry_bytes"))
+    cd = r.section(
+        top.get("cache"), "cache", ("enabled", "ttl", "max_bytes", "scope", "max_entry_bytes")
+    )
     cache = Cache(
         enabled=r.get(cd, "cache", "enabled", _bool, True, "true or false"),
         ttl=r.get(cd, "cache", "ttl", _num(0.001), 3600.0, "a positive number of seconds"),
-        max_bytes=r.get(cd, "cache", "max_bytes", _int(1), 256 * 1024 * 1024,
-                        "a positive integer"),
+        max_bytes=r.get(cd, "cache", "max_bytes", _int(1), 256 * 1024 * 1024, "a positive integer"),
         scope=r.get(cd, "cache", "scope", _choice("team", "shared"), "team", "team or shared"),
-        max_entry_bytes=r.get(cd, "cache", "max_entry_bytes", _int(1), 8 * 1024 * 1024,
-                              "a positive integer"),
+        max_entry_bytes=r.get(
+            cd, "cache", "max_entry_bytes", _int(1), 8 * 1024 * 1024, "a positive integer"
+        ),
     )
     sd = r.section(top.get("state"), "state", ("store", "path"))
     store = r.get(sd, "state", "store", _str, "local", "local or redis://host:port/db")
     if store != "local" and not store.startswith(("redis://", "rediss://")):
         r.problem("state.store", "must be local or a redis:// URL")
-    state = State(store=store, path=r.get(sd, "state", "path", _str, "./gateway-state",
-                                          "a directory path"))
+    state = State(
+        store=store, path=r.get(sd, "state", "path", _str, "./gateway-state", "a directory path")
+    )
     ledd = r.section(top.get("ledger"), "ledger", ("url", "flush_interval"))
     ledger = LedgerSettings(
-        url=r.get(ledd, "ledger", "url", lambda v: "" if v is None else _str(v), "",
-                  "a string"),
-        flush_interval=r.get(ledd, "ledger", "flush_interval", _num(0.01), 0.5,
-                             "a positive number of seconds"),
+        url=r.get(ledd, "ledger", "url", lambda v: "" if v is None else _str(v), "", "a string"),
+        flush_interval=r.get(
+            ledd, "ledger", "flush_interval", _num(0.01), 0.5, "a positive number of seconds"
+        ),
     )
-    td = r.section(top.get("telemetry"), "telemetry",
-                   ("service_name", "traces", "logs", "max_model_labels"))
-    trd = r.section(td.get("traces"), "telemetry.traces",
-                    ("endpoint", "sample_ratio", "capture_content"))
+    td = r.section(
+        top.get("telemetry"), "telemetry", ("service_name", "traces", "logs", "max_model_labels")
+    )
+    trd = r.section(
+        td.get("traces"), "telemetry.traces", ("endpoint", "sample_ratio", "capture_content")
+    )
     lgd = r.section(td.get("logs"), "telemetry.logs", ("level", "format"))
     telemetry = Telemetry(
         service_name=r.get(td, "telemetry", "service_name", _str, "llm-gateway", "a string"),
         traces=Traces(
-            endpoint=r.get(trd, "telemetry.traces", "endpoint",
-                           lambda v: "" if v is None else _str(v), "", "a URL string"),
-            sample_ratio=r.get(trd, "telemetry.traces", "sample_ratio", _num(0.0, 1.0), 1.0,
-                               "a number between 0 and 1"),
-            capture_content=r.get(trd, "telemetry.traces", "capture_content", _bool, False,
-                                  "true or false"),
+            endpoint=r.get(
+                trd,
+                "telemetry.traces",
+                "endpoint",
+                lambda v: "" if v is None else _str(v),
+                "",
+                "a URL string",
+            ),
+            sample_ratio=r.get(
+                trd,
+                "telemetry.traces",
+                "sample_ratio",
+                _num(0.0, 1.0),
+                1.0,
+                "a number between 0 and 1",
+            ),
+            capture_content=r.get(
+                trd, "telemetry.traces", "capture_content", _bool, False, "true or false"
+            ),
         ),
         logs=Logs(
-            level=r.get(lgd, "telemetry.logs", "level",
-                        _choice("debug", "info", "warning", "error"), "info",
-                        "debug | info | warning | error"),
-            format=r.get(lgd, "telemetry.logs", "format", _choice("json", "console"), "json",
-                         "json or console"),
+            level=r.get(
+                lgd,
+                "telemetry.logs",
+                "level",
+                _choice("debug", "info", "warning", "error"),
+                "info",
+                "debug | info | warning | error",
+            ),
+            format=r.get(
+                lgd,
+                "telemetry.logs",
+                "format",
+                _choice("json", "console"),
+                "json",
+                "json or console",
+            ),
         ),
-        max_model_labels=r.get(td, "telemetry", "max_model_labels", _int(1), 100,
-                               "a positive integer"),
+        max_model_labels=r.get(
+            td, "telemetry", "max_model_labels", _int(1), 100, "a positive integer"
+        ),
     )
     if r.problems:
         raise ConfigError(source, r.problems)
-    return Settings(upstreams=tuple(upstreams), teams=tuple(teams), listen=listen, admin=admin,
-                    limits=limits, prices=prices, cache=cache, state=state, ledger=ledger,
-                    telemetry=telemetry)
+    return Settings(
+        upstreams=tuple(upstreams),
+        teams=tuple(teams),
+        listen=listen,
+        admin=admin,
+        limits=limits,
+        prices=prices,
+        cache=cache,
+        state=state,
+        ledger=ledger,
+        telemetry=telemetry,
+    )
 
 
 def load(path: str | Path, env: Mapping[str, str] | None = None) -> Settings:
@@ -577,8 +660,9 @@ def loads(text: str, env: Mapping[str, str] | None = None, source: str = "<confi
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "(file)"
-        raise ConfigError(source, [f"{where}: not valid YAML: {getattr(e, 'problem', e)}"]) \
-            from None
+        raise ConfigError(
+            source, [f"{where}: not valid YAML: {getattr(e, 'problem', e)}"]
+        ) from None
     return parse(raw, os.environ if env is None else env, source, refs)
 
 

@@ -32,7 +32,9 @@ class GatewayError(Exception):
     def response(self, extra_headers: Mapping[str, str] | None = None) -> web.Response:
         headers = {**self.headers, **(extra_headers or {})}
         return web.Response(
-            status=self.status, body=self.body(), content_type="application/json",
+            status=self.status,
+            body=self.body(),
+            content_type="application/json",
             headers=headers,
         )
 
@@ -42,39 +44,56 @@ def error_body(message: str, type_: str, code: str | None) -> bytes:
 
 
 def invalid_api_key() -> GatewayError:
-    return GatewayError(401, "invalid_request_error", "invalid_api_key",
-                        "Missing or unknown API key. Send your team key as "
-                        "'Authorization: Bearer <key>' or 'x-api-key: <key>'.")
+    return GatewayError(
+        401,
+        "invalid_request_error",
+        "invalid_api_key",
+        "Missing or unknown API key. Send your team key as "
+        "'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
+    )
 
 
 def model_not_allowed(model: str, team: str) -> GatewayError:
-    return GatewayError(403, "permission_error", "model_not_allowed",
-                        f"Team '{team}' may not use model '{model}'.")
+    return GatewayError(
+        403, "permission_error", "model_not_allowed", f"Team '{team}' may not use model '{model}'."
+    )
 
 
 def model_not_found(model: str) -> GatewayError:
-    return GatewayError(404, "invalid_request_error", "model_not_found",
-                        f"No upstream serves model '{model}'.")
+    return GatewayError(
+        404, "invalid_request_error", "model_not_found", f"No upstream serves model '{model}'."
+    )
 
 
 def invalid_json(detail: str) -> GatewayError:
-    return GatewayError(400, "invalid_request_error", "invalid_json",
-                        f"The request body is not valid JSON: {detail}")
+    return GatewayError(
+        400,
+        "invalid_request_error",
+        "invalid_json",
+        f"The request body is not valid JSON: {detail}",
+    )
 
 
 def missing_model() -> GatewayError:
-    return GatewayError(400, "invalid_request_error", "missing_model",
-                        "The request body has no 'model' string.")
+    return GatewayError(
+        400, "invalid_request_error", "missing_model", "The request body has no 'model' string."
+    )
 
 
 def request_too_large(limit: int) -> GatewayError:
-    return GatewayError(413, "invalid_request_error", "request_too_large",
-                        f"The request body is larger than {limit} bytes.")
+    return GatewayError(
+        413,
+        "invalid_request_error",
+        "request_too_large",
+        f"The request body is larger than {limit} bytes.",
+    )
 
 
 def budget_exceeded(team: str, window: str, retry_after: int) -> GatewayError:
     return GatewayError(
-        429, "insufficient_quota", "budget_exceeded",
+        429,
+        "insufficient_quota",
+        "budget_exceeded",
         f"Team '{team}' has no budget left for this request in its '{window}' window; "
         f"it resets in {retry_after} s.",
         headers={"retry-after": str(retry_after), "x-should-retry": "false"},
@@ -82,19 +101,31 @@ def budget_exceeded(team: str, window: str, retry_after: int) -> GatewayError:
 
 
 def upstream_unavailable(upstream: str) -> GatewayError:
-    return GatewayError(502, "upstream_error", "upstream_unavailable",
-                        f"Upstream '{upstream}' could not be reached.")
+    return GatewayError(
+        502,
+        "upstream_error",
+        "upstream_unavailable",
+        f"Upstream '{upstream}' could not be reached.",
+    )
 
 
 def upstream_timeout(upstream: str, seconds: float) -> GatewayError:
-    return GatewayError(504, "upstream_error", "upstream_timeout",
-                        f"Upstream '{upstream}' sent no response within {seconds:g} s.")
+    return GatewayError(
+        504,
+        "upstream_error",
+        "upstream_timeout",
+        f"Upstream '{upstream}' sent no response within {seconds:g} s.",
+    )
 
 
 def shutting_down() -> GatewayError:
-    return GatewayError(503, "server_error", "shutting_down",
-                        "The gateway is shutting down; retry on another instance.",
-                        headers={"retry-after": "1"})
+    return GatewayError(
+        503,
+        "server_error",
+        "shutting_down",
+        "The gateway is shutting down; retry on another instance.",
+        headers={"retry-after": "1"},
+    )
 
 
 def not_found(path: str) -> GatewayError:
@@ -103,10 +134,15 @@ def not_found(path: str) -> GatewayError:
 
 def stream_interrupted_event(sequence_number: int, message: str) -> bytes:
     """The SSE `error` event that ends a client's stream when the upstream broke it."""
-    payload = orjson.dumps({
-        "type": "error", "code": "upstream_stream_interrupted", "message": message,
-        "param": None, "sequence_number": sequence_number,
-    })
+    payload = orjson.dumps(
+        {
+            "type": "error",
+            "code": "upstream_stream_interrupted",
+            "message": message,
+            "param": None,
+            "sequence_number": sequence_number,
+        }
+    )
     return b"event: error\ndata: " + payload + b"\n\n"
 
 

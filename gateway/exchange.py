@@ -102,34 +102,56 @@ async def finish(gw: Gateway, ex: Exchange) -> None:
     usage = ex.usage if ex.metered else None
     if ex.team:
         saved = ex.saved.total_tokens if ex.saved is not None else 0
-        gw.ledger.append(LedgerRecord(
-            ts=now, request_id=ex.request_id, team=ex.team, key_id=ex.key_id, model=ex.model,
-            upstream=ex.upstream, route=ex.route, status=ex.status, stream=ex.stream,
-            cache=ex.cache, input_tokens=usage.input_tokens if usage else 0,
-            cached_tokens=usage.cached_tokens if usage else 0,
-            output_tokens=usage.output_tokens if usage else 0,
-            reasoning_tokens=usage.reasoning_tokens if usage else 0,
-            charged_tokens=charged, cost_usd=cost, estimated=ex.estimated,
-            duration_ms=duration * 1000, ttft_ms=ex.ttft * 1000 if ex.ttft is not None else None,
-            saved_tokens=saved,
-        ))
+        gw.ledger.append(
+            LedgerRecord(
+                ts=now,
+                request_id=ex.request_id,
+                team=ex.team,
+                key_id=ex.key_id,
+                model=ex.model,
+                upstream=ex.upstream,
+                route=ex.route,
+                status=ex.status,
+                stream=ex.stream,
+                cache=ex.cache,
+                input_tokens=usage.input_tokens if usage else 0,
+                cached_tokens=usage.cached_tokens if usage else 0,
+                output_tokens=usage.output_tokens if usage else 0,
+                reasoning_tokens=usage.reasoning_tokens if usage else 0,
+                charged_tokens=charged,
+                cost_usd=cost,
+                estimated=ex.estimated,
+                duration_ms=duration * 1000,
+                ttft_ms=ex.ttft * 1000 if ex.ttft is not None else None,
+                saved_tokens=saved,
+            )
+        )
     overhead = max(0.0, duration - ex.upstream_wait)
     _observe(gw, ex, duration, overhead, usage, cost)
     _end_spans(gw, ex, usage)
     gw.log.info(
-        "request", request_id=ex.request_id, trace_id=ex.trace_id, team=ex.team,
-        model=ex.model, upstream=ex.upstream, route=ex.route, status=ex.status,
-        stream=ex.stream, cache=ex.cache,
+        "request",
+        request_id=ex.request_id,
+        trace_id=ex.trace_id,
+        team=ex.team,
+        model=ex.model,
+        upstream=ex.upstream,
+        route=ex.route,
+        status=ex.status,
+        stream=ex.stream,
+        cache=ex.cache,
         input_tokens=usage.input_tokens if usage else None,
         output_tokens=usage.output_tokens if usage else None,
         duration_ms=round(duration * 1000, 3),
         ttft_ms=round(ex.ttft * 1000, 3) if ex.ttft is not None else None,
-        overhead_ms=round(overhead * 1000, 3), error=ex.error,
+        overhead_ms=round(overhead * 1000, 3),
+        error=ex.error,
     )
 
 
-def _observe(gw: Gateway, ex: Exchange, duration: float, overhead: float,
-             usage: Usage | None, cost: float) -> None:
+def _observe(
+    gw: Gateway, ex: Exchange, duration: float, overhead: float, usage: Usage | None, cost: float
+) -> None:
     m = gw.metrics
     model = m.model(ex.model)
     team = ex.team or "unknown"
@@ -140,8 +162,9 @@ def _observe(gw: Gateway, ex: Exchange, duration: float, overhead: float,
     if ex.ttft is not None:
         m.ttft.labels(team, model).observe(ex.ttft, exemplar)
     if ex.upstream_started and ex.upstream:
-        m.upstream_duration.labels(ex.upstream, model, str(ex.upstream_status or ex.status)) \
-            .observe(time.perf_counter() - ex.upstream_started, exemplar)
+        m.upstream_duration.labels(
+            ex.upstream, model, str(ex.upstream_status or ex.status)
+        ).observe(time.perf_counter() - ex.upstream_started, exemplar)
     if usage is not None:
         tokens = m.tokens
         tokens.labels(team, model, "input").inc(usage.input_tokens)
@@ -181,10 +204,14 @@ def _end_spans(gw: Gateway, ex: Exchange, usage: Usage | None) -> None:
         client.end()
     if server is not None:
         if server.is_recording():
-            server.set_attributes({
-                "http.response.status_code": ex.status, "gateway.team": ex.team,
-                "gateway.cache": ex.cache or "none", "gateway.request_id": ex.request_id,
-            })
+            server.set_attributes(
+                {
+                    "http.response.status_code": ex.status,
+                    "gateway.team": ex.team,
+                    "gateway.cache": ex.cache or "none",
+                    "gateway.request_id": ex.request_id,
+                }
+            )
             if ex.status >= 500:
                 server.set_attribute("error.type", ex.error or str(ex.status))
                 server.set_status(Status(StatusCode.ERROR))

@@ -26,7 +26,8 @@ class PriceBook:
             if len(self._memo) > 10_000:
                 self._memo.clear()
             self._memo[model] = next(
-                (p for pat, p in self._globs if fnmatch.fnmatchcase(model, pat)), None)
+                (p for pat, p in self._globs if fnmatch.fnmatchcase(model, pat)), None
+            )
         return self._memo[model]
 
     def cost(self, model: str, usage: Usage) -> float:
@@ -35,8 +36,11 @@ class PriceBook:
             return 0.0
         cached = min(usage.cached_tokens, usage.input_tokens)
         cached_price = p.input if p.cached_input is None else p.cached_input
-        return ((usage.input_tokens - cached) * p.input + cached * cached_price
-                + usage.output_tokens * p.output) / 1_000_000
+        return (
+            (usage.input_tokens - cached) * p.input
+            + cached * cached_price
+            + usage.output_tokens * p.output
+        ) / 1_000_000
 
     def estimate(self, model: str, input_tokens: int, output_tokens: int) -> float:
         p = self.price(model)

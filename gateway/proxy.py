@@ -29,22 +29,37 @@ from gateway.upstream import UpstreamClient, request_headers
 
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
 
-MODEL_ROUTES = frozenset({"/v1/responses", "/v1/responses/input_tokens", "/v1/chat/completions",
-                          "/v1/completions", "/v1/embeddings"})
-ID_ROUTES = frozenset({"/v1/responses/{id}", "/v1/responses/{id}/cancel",
-                       "/v1/responses/{id}/input_items"})
+MODEL_ROUTES = frozenset(
+    {
+        "/v1/responses",
+        "/v1/responses/input_tokens",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+    }
+)
+ID_ROUTES = frozenset(
+    {"/v1/responses/{id}", "/v1/responses/{id}/cancel", "/v1/responses/{id}/input_items"}
+)
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
-    ex = Exchange(request_id(request.headers.get("x-request-id")), request.method,
-                  route_of(request.path))
-    ex.span = gw.tracing.server_span(f"{request.method} {ex.route}", request.headers, {
-        "http.request.method": request.method, "http.route": ex.route,
-        "url.path": request.path, "url.scheme": request.scheme,
-        "server.port": request.url.port or 0,
-        "user_agent.original": request.headers.get("user-agent", ""),
-    })
+    ex = Exchange(
+        request_id(request.headers.get("x-request-id")), request.method, route_of(request.path)
+    )
+    ex.span = gw.tracing.server_span(
+        f"{request.method} {ex.route}",
+        request.headers,
+        {
+            "http.request.method": request.method,
+            "http.route": ex.route,
+            "url.path": request.path,
+            "url.scheme": request.scheme,
+            "server.port": request.url.port or 0,
+            "user_agent.original": request.headers.get("user-agent", ""),
+        },
+    )
     ex.trace_id = trace_id_hex(ex.span)
     gw.metrics.inflight.inc()
     try:
@@ -55,8 +70,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
     except Exception:
         gw.log.exception("unhandled error", request_id=ex.request_id)
         ex.status, ex.error = 500, "internal_error"
-        err = GatewayError(500, "server_error", "internal_error",
-                           "The gateway failed to handle this request.")
+        err = GatewayError(
+            500, "server_error", "internal_error", "The gateway failed to handle this request."
+        )
         return await _send(request, err.response(_gateway_headers(ex)))
     finally:
         gw.metrics.inflight.dec()
@@ -166,8 +182,9 @@ def _route_without_model(gw: Gateway, request: web.Request, ex: Exchange) -> str
             upstream, team = owner
             if team != ex.team:
                 # a response another team created does not exist for this one
-                raise GatewayError(404, "invalid_request_error", "not_found",
-                                   f"No response found with id '{rid}'.")
+                raise GatewayError(
+                    404, "invalid_request_error", "not_found", f"No response found with id '{rid}'."
+                )
             if upstream in gw.upstreams:
                 return upstream
     return next(iter(gw.upstreams))
@@ -188,8 +205,9 @@ def _count_lookup(gw: Gateway, result: str) -> None:
     gw.metrics.cache_lookups.labels(result).inc()
 
 
-async def _from_cache(gw: Gateway, request: web.Request, ex: Exchange, key: str
-                      ) -> tuple[web.StreamResponse | None, bool]:
+async def _from_cache(
+    gw: Gateway, request: web.Request, ex: Exchange, key: str
+) -> tuple[web.StreamResponse | None, bool]:
     """Serve a stored answer or join an identical request in flight; sets ex.cache.
 
     Returns (response, lead): no response and lead=True means this request leads a new
@@ -210,8 +228,7 @@ async def _from_cache(gw: Gateway, request: web.Request, ex: Exchange, key: str
             if await flight.wait_head():
                 ex.cache = "coalesced"
                 _count_lookup(gw, "coalesced")
-                return await replay(gw, request, ex, flight,
-                                    await _budget_headers(gw, ex)), False
+                return await replay(gw, request, ex, flight, await _budget_headers(gw, ex)), False
         else:
             shared = await flight.wait_done()
             if shared is not None:
@@ -225,19 +242,24 @@ async def _from_cache(gw: Gateway, request: web.Request, ex: Exchange, key: str
     return None, False
 
 
-async def _serve_entry(gw: Gateway, request: web.Request, ex: Exchange, entry: CacheEntry,
-                       result: str) -> web.StreamResponse:
+async def _serve_entry(
+    gw: Gateway, request: web.Request, ex: Exchange, entry: CacheEntry, result: str
+) -> web.StreamResponse:
     ex.status, ex.saved = entry.status, entry.usage
-    headers = {**dict(entry.headers), **_gateway_headers(ex), "x-gateway-cache": result,
-               **await _budget_headers(gw, ex)}
+    headers = {
+        **dict(entry.headers),
+        **_gateway_headers(ex),
+        "x-gateway-cache": result,
+        **await _budget_headers(gw, ex),
+    }
     if result == "hit":
         headers["age"] = str(max(0, int(gw.clock() - entry.created_at)))
-    return await _send(request, web.Response(status=entry.status, body=entry.body,
-                                             headers=headers))
+    return await _send(request, web.Response(status=entry.status, body=entry.body, headers=headers))
 
 
-async def _lead(gw: Gateway, request: web.Request, ex: Exchange, client: UpstreamClient,
-                body: bytes, key: str) -> web.StreamResponse:
+async def _lead(
+    gw: Gateway, request: web.Request, ex: Exchange, client: UpstreamClient, body: bytes, key: str
+) -> web.StreamResponse:
     flight = gw.flights.open(key, ex.stream)
     _count_lookup(gw, "miss")
     try:
@@ -255,15 +277,20 @@ async def _budget_headers(gw: Gateway, ex: Exchange) -> dict[str, str]:
     now = gw.clock()
     windows = [w for w in await gw.budget.windows(team, now) if w.unit == "tokens"]
     tightest = min(windows, key=lambda w: w.remaining)
-    return {"x-gateway-budget-remaining-tokens": str(int(tightest.remaining)),
-            "x-gateway-budget-reset": str(seconds_until(tightest.end, now))}
+    return {
+        "x-gateway-budget-remaining-tokens": str(int(tightest.remaining)),
+        "x-gateway-budget-reset": str(seconds_until(tightest.end, now)),
+    }
 
 
 async def _reserve(gw: Gateway, ex: Exchange, body_len: int) -> None:
     team = gw.policy.teams[ex.team]
     parsed = ex.request_body if isinstance(ex.request_body, dict) else {}
-    out = parsed.get("max_output_tokens") or parsed.get("max_completion_tokens") \
+    out = (
+        parsed.get("max_output_tokens")
+        or parsed.get("max_completion_tokens")
         or parsed.get("max_tokens")
+    )
     if not isinstance(out, int) or isinstance(out, bool) or out <= 0:
         out = gw.settings.limits.default_max_output_tokens
     input_est = -(-body_len // 4)
@@ -276,8 +303,15 @@ async def _reserve(gw: Gateway, ex: Exchange, body_len: int) -> None:
     ex.reservation = got
 
 
-async def _call(gw: Gateway, request: web.Request, ex: Exchange, client: UpstreamClient,
-                body: bytes, store_key: str | None, flight: Any) -> web.StreamResponse:
+async def _call(
+    gw: Gateway,
+    request: web.Request,
+    ex: Exchange,
+    client: UpstreamClient,
+    body: bytes,
+    store_key: str | None,
+    flight: Any,
+) -> web.StreamResponse:
     if ex.metered and gw.policy.teams[ex.team].budgets:
         await _reserve(gw, ex, len(body))
     extra = {"x-request-id": ex.request_id, **client.auth_header()}
@@ -325,10 +359,12 @@ def _client_span(gw: Gateway, ex: Exchange, client: UpstreamClient) -> Span:
     if ex.model:
         attrs["gen_ai.request.model"] = ex.model
         attrs["gen_ai.request.stream"] = ex.stream
-        for src, dst in (("max_output_tokens", "gen_ai.request.max_tokens"),
-                         ("max_tokens", "gen_ai.request.max_tokens"),
-                         ("temperature", "gen_ai.request.temperature"),
-                         ("top_p", "gen_ai.request.top_p")):
+        for src, dst in (
+            ("max_output_tokens", "gen_ai.request.max_tokens"),
+            ("max_tokens", "gen_ai.request.max_tokens"),
+            ("temperature", "gen_ai.request.temperature"),
+            ("top_p", "gen_ai.request.top_p"),
+        ):
             v = body.get(src)
             if isinstance(v, int | float) and not isinstance(v, bool):
                 attrs[dst] = v
@@ -352,12 +388,19 @@ async def _list_models(gw: Gateway, request: web.Request, ex: Exchange) -> web.S
         finally:
             up.release()
         items = data.get("data") if isinstance(data, dict) else None
-        return [m for m in items or [] if isinstance(m, dict) and isinstance(m.get("id"), str)
-                and policy.router.route(m["id"]) == client.name and allowed(m["id"])]
+        return [
+            m
+            for m in items or []
+            if isinstance(m, dict)
+            and isinstance(m.get("id"), str)
+            and policy.router.route(m["id"]) == client.name
+            and allowed(m["id"])
+        ]
 
     ex.upstream = ",".join(gw.upstreams)
-    results = await asyncio.gather(*(fetch(c) for c in gw.upstreams.values()),
-                                   return_exceptions=True)
+    results = await asyncio.gather(
+        *(fetch(c) for c in gw.upstreams.values()), return_exceptions=True
+    )
     if all(isinstance(r, BaseException) for r in results):
         raise errors.upstream_unavailable(ex.upstream)
     seen: dict[str, dict[str, Any]] = {}
@@ -366,6 +409,11 @@ async def _list_models(gw: Gateway, request: web.Request, ex: Exchange) -> web.S
             for m in r:
                 seen.setdefault(m["id"], m)
     ex.status = 200
-    return await _send(request, web.Response(
-        body=orjson.dumps({"object": "list", "data": list(seen.values())}),
-        content_type="application/json", headers=_gateway_headers(ex)))
+    return await _send(
+        request,
+        web.Response(
+            body=orjson.dumps({"object": "list", "data": list(seen.values())}),
+            content_type="application/json",
+            headers=_gateway_headers(ex),
+        ),
+    )

@@ -28,8 +28,11 @@ if TYPE_CHECKING:
     from gateway.runtime import Gateway
 
 CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError, BrokenPipeError)
-UPSTREAM_BROKEN = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError,
-                   aiohttp.ServerDisconnectedError)
+UPSTREAM_BROKEN = (
+    aiohttp.ClientPayloadError,
+    aiohttp.ClientConnectionError,
+    aiohttp.ServerDisconnectedError,
+)
 POST_TERMINAL_GRACE = 5.0  # seconds an upstream may hold a finished stream open
 
 
@@ -46,9 +49,15 @@ def _kept(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     return tuple((k, v) for k, v in headers.items() if k.lower() in KEPT_HEADERS)
 
 
-async def relay_body(gw: Gateway, request: web.Request, ex: Exchange,
-                     up: aiohttp.ClientResponse, extra: Mapping[str, str],
-                     store_key: str | None, flight: Flight | None) -> web.StreamResponse:
+async def relay_body(
+    gw: Gateway,
+    request: web.Request,
+    ex: Exchange,
+    up: aiohttp.ClientResponse,
+    extra: Mapping[str, str],
+    store_key: str | None,
+    flight: Flight | None,
+) -> web.StreamResponse:
     idle = gw.upstreams[ex.upstream].cfg.timeouts.idle
     t0 = time.perf_counter()
     try:
@@ -65,8 +74,11 @@ async def relay_body(gw: Gateway, request: web.Request, ex: Exchange,
     ex.status = up.status
     headers = _headers(up, extra)
     entry: CacheEntry | None = None
-    if (ex.metered or ex.route in ("/v1/responses/{id}", "/v1/responses/{id}/cancel")) \
-            and up.status == 200 and "json" in up.content_type:
+    if (
+        (ex.metered or ex.route in ("/v1/responses/{id}", "/v1/responses/{id}/cancel"))
+        and up.status == 200
+        and "json" in up.content_type
+    ):
         obj = _loads(data)
         if isinstance(obj, dict):
             if ex.metered:
@@ -81,8 +93,9 @@ async def relay_body(gw: Gateway, request: web.Request, ex: Exchange,
             if obj.get("object") == "response":
                 ex.finish_reasons = (finish_reason(obj),)
             if store_key is not None and obj.get("status") == "completed":
-                entry = CacheEntry(200, _kept(headers), data, False, ex.team, ex.model,
-                                   ex.usage, gw.clock())
+                entry = CacheEntry(
+                    200, _kept(headers), data, False, ex.team, ex.model, ex.usage, gw.clock()
+                )
     if entry is not None and store_key is not None:
         await gw.cache.put(store_key, entry)
     if flight is not None:
@@ -103,9 +116,15 @@ def _loads(data: bytes) -> Any:
         return None
 
 
-async def relay_stream(gw: Gateway, request: web.Request, ex: Exchange,
-                       up: aiohttp.ClientResponse, extra: Mapping[str, str],
-                       store_key: str | None, flight: Flight | None) -> web.StreamResponse:
+async def relay_stream(
+    gw: Gateway,
+    request: web.Request,
+    ex: Exchange,
+    up: aiohttp.ClientResponse,
+    extra: Mapping[str, str],
+    store_key: str | None,
+    flight: Flight | None,
+) -> web.StreamResponse:
     ex.stream = True
     ex.status = up.status
     headers = _headers(up, extra)
@@ -181,8 +200,9 @@ async def relay_stream(gw: Gateway, request: web.Request, ex: Exchange,
         if broken is not None and not summary.terminal and up.status == 200:
             ex.error = ex.error or "upstream_stream_interrupted"
             gw.metrics.upstream_errors.labels(ex.upstream, "stream_interrupted").inc()
-            tail = errors.stream_interrupted_event(summary.next_sequence,
-                                                   f"The upstream stream broke: {broken}.")
+            tail = errors.stream_interrupted_event(
+                summary.next_sequence, f"The upstream stream broke: {broken}."
+            )
             if flight is not None:
                 flight.publish(tail)
             if not client_gone:
@@ -205,10 +225,22 @@ async def relay_stream(gw: Gateway, request: web.Request, ex: Exchange,
         if ex.response_id and ex.response_id.startswith("resp_"):
             gw.owners[ex.response_id] = (ex.upstream, ex.team)
         entry = None
-        if record is not None and summary.terminal and summary.status == "completed" \
-                and broken is None:
-            entry = CacheEntry(200, _kept(headers), b"".join(record), True, ex.team, ex.model,
-                               summary.usage, gw.clock())
+        if (
+            record is not None
+            and summary.terminal
+            and summary.status == "completed"
+            and broken is None
+        ):
+            entry = CacheEntry(
+                200,
+                _kept(headers),
+                b"".join(record),
+                True,
+                ex.team,
+                ex.model,
+                summary.usage,
+                gw.clock(),
+            )
         if flight is not None:
             flight.finish(entry, summary.usage)
         if entry is not None and store_key is not None:
@@ -216,15 +248,21 @@ async def relay_stream(gw: Gateway, request: web.Request, ex: Exchange,
     return resp
 
 
-async def replay(gw: Gateway, request: web.Request, ex: Exchange, flight: Flight,
-                 extra: Mapping[str, str]) -> web.StreamResponse:
+async def replay(
+    gw: Gateway, request: web.Request, ex: Exchange, flight: Flight, extra: Mapping[str, str]
+) -> web.StreamResponse:
     """A follower: the leader's stream from its first byte, then live, at its own pace."""
     ex.stream = True
     ex.status = flight.status
     headers = dict(flight.headers)
     headers.update({k: v for k, v in extra.items()})
-    headers.update({"x-request-id": ex.request_id, "x-gateway-trace-id": ex.trace_id,
-                    "x-gateway-cache": "coalesced"})
+    headers.update(
+        {
+            "x-request-id": ex.request_id,
+            "x-gateway-trace-id": ex.trace_id,
+            "x-gateway-cache": "coalesced",
+        }
+    )
     resp = web.StreamResponse(status=flight.status, headers=headers)
     try:
         await resp.prepare(request)

@@ -68,10 +68,12 @@ class Gateway:
         self.tracing = tracing or Tracing.from_settings(settings.telemetry)
         self.budget: BudgetStore = budget or LocalBudgetStore()
         self.ledger: Ledger = ledger or SqliteLedger(
-            Path(settings.state.path) / "ledger.sqlite3", settings.ledger.flush_interval)
+            Path(settings.state.path) / "ledger.sqlite3", settings.ledger.flush_interval
+        )
         c = settings.cache
-        self.cache: CacheStore = cache_store or MemoryCacheStore(c.ttl, c.max_bytes,
-                                                                 c.max_entry_bytes)
+        self.cache: CacheStore = cache_store or MemoryCacheStore(
+            c.ttl, c.max_bytes, c.max_entry_bytes
+        )
         self.flights = Flights()
         self.cache_counts = CacheCounters()
         self.secrets = tuple(s.encode() for s in settings.secrets())

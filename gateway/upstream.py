@@ -13,18 +13,44 @@ from gateway import errors
 from gateway.auth import CLIENT_CREDENTIAL_HEADERS
 from gateway.config import Upstream
 
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
-    "te", "trailer", "trailers", "transfer-encoding", "upgrade",
-})
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
 # never forwarded upstream: hop-by-hop, client credentials, what the gateway sets itself
-_DROP_REQUEST = HOP_BY_HOP | CLIENT_CREDENTIAL_HEADERS | {
-    "host", "content-length", "accept-encoding", "cookie", "traceparent", "tracestate",
-    "x-request-id", "expect",
-}
+_DROP_REQUEST = (
+    HOP_BY_HOP
+    | CLIENT_CREDENTIAL_HEADERS
+    | {
+        "host",
+        "content-length",
+        "accept-encoding",
+        "cookie",
+        "traceparent",
+        "tracestate",
+        "x-request-id",
+        "expect",
+    }
+)
 # never forwarded to the client: hop-by-hop, framing the gateway redoes, upstream cookies
-_DROP_RESPONSE = HOP_BY_HOP | {"content-length", "content-encoding", "set-cookie",
-                               "x-request-id", "server", "date"}
+_DROP_RESPONSE = HOP_BY_HOP | {
+    "content-length",
+    "content-encoding",
+    "set-cookie",
+    "x-request-id",
+    "server",
+    "date",
+}
 
 
 def request_headers(
@@ -32,10 +58,7 @@ def request_headers(
 ) -> CIMultiDict[str]:
     """Client headers minus what must not travel upstream, plus the gateway's own."""
     pairs = [(k, v) for k, v in incoming]
-    named = {
-        t.strip().lower()
-        for k, v in pairs if k.lower() == "connection" for t in v.split(",")
-    }
+    named = {t.strip().lower() for k, v in pairs if k.lower() == "connection" for t in v.split(",")}
     out: CIMultiDict[str] = CIMultiDict()
     for k, v in pairs:
         lk = k.lower()
@@ -68,12 +91,19 @@ class UpstreamClient:
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
-            limit=0, limit_per_host=0, keepalive_timeout=30.0, ttl_dns_cache=300,
+            limit=0,
+            limit_per_host=0,
+            keepalive_timeout=30.0,
+            ttl_dns_cache=300,
             enable_cleanup_closed=False,
         )
         self._session = aiohttp.ClientSession(
-            base_url=None, connector=connector, timeout=self._timeout, auto_decompress=True,
-            skip_auto_headers=("User-Agent",), cookie_jar=aiohttp.DummyCookieJar(),
+            base_url=None,
+            connector=connector,
+            timeout=self._timeout,
+            auto_decompress=True,
+            skip_auto_headers=("User-Agent",),
+            cookie_jar=aiohttp.DummyCookieJar(),
             trust_env=False,
         )
 

@@ -15,17 +15,32 @@ import orjson
 
 from gateway.sse import SSEEvent
 
-TERMINAL_RESPONSE_EVENTS = frozenset({
-    "response.completed", "response.incomplete", "response.failed", "response.done",
-    "response.cancelled",
-})
+TERMINAL_RESPONSE_EVENTS = frozenset(
+    {
+        "response.completed",
+        "response.incomplete",
+        "response.failed",
+        "response.done",
+        "response.cancelled",
+    }
+)
 _STATUS_OF_EVENT = {
-    "response.completed": "completed", "response.incomplete": "incomplete",
-    "response.failed": "failed", "response.cancelled": "cancelled",
+    "response.completed": "completed",
+    "response.incomplete": "incomplete",
+    "response.failed": "failed",
+    "response.cancelled": "cancelled",
 }
 _USAGE = (b'"usage":{', b'"usage": {')
-_SNIFF = (*_USAGE, b'"error"', b"response.completed", b"response.incomplete",
-          b"response.failed", b"response.done", b"response.cancelled")
+_SNIFF = (
+    *_USAGE,
+    b'"error"',
+    b'"finish_reason":"',
+    b"response.completed",
+    b"response.incomplete",
+    b"response.failed",
+    b"response.done",
+    b"response.cancelled",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +53,10 @@ class Usage:
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
-            self.input_tokens + other.input_tokens, self.output_tokens + other.output_tokens,
-            self.total_tokens + other.total_tokens, self.cached_tokens + other.cached_tokens,
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.total_tokens + other.total_tokens,
+            self.cached_tokens + other.cached_tokens,
             self.reasoning_tokens + other.reasoning_tokens,
         )
 
@@ -66,14 +83,22 @@ def parse_usage(u: Any) -> Usage | None:
     if "input_tokens" in u or "output_tokens" in u:
         inp, out = _int(u.get("input_tokens")), _int(u.get("output_tokens"))
         total = _int(u["total_tokens"]) if "total_tokens" in u else inp + out
-        return Usage(inp, out, total or inp + out,
-                     _detail(u, "input_tokens_details", "cached_tokens"),
-                     _detail(u, "output_tokens_details", "reasoning_tokens"))
+        return Usage(
+            inp,
+            out,
+            total or inp + out,
+            _detail(u, "input_tokens_details", "cached_tokens"),
+            _detail(u, "output_tokens_details", "reasoning_tokens"),
+        )
     if "prompt_tokens" in u or "completion_tokens" in u:
         inp, out = _int(u.get("prompt_tokens")), _int(u.get("completion_tokens"))
-        return Usage(inp, out, inp + out,
-                     _detail(u, "prompt_tokens_details", "cached_tokens"),
-                     _detail(u, "completion_tokens_details", "reasoning_tokens"))
+        return Usage(
+            inp,
+            out,
+            inp + out,
+            _detail(u, "prompt_tokens_details", "cached_tokens"),
+            _detail(u, "completion_tokens_details", "reasoning_tokens"),
+        )
     return None
 
 
@@ -104,7 +129,10 @@ class StreamSummary:
 
     @property
     def next_sequence(self) -> int:
-        return self.last_sequence + 1 if self.last_sequence is not None else self.events
+        # only some events are decoded; sequence numbers count events from 0 upwards
+        if self.last_sequence is None:
+            return self.events
+        return max(self.last_sequence + 1, self.events)
 
 
 class StreamTracker:
@@ -132,8 +160,11 @@ class StreamTracker:
         if not s.first_output_seen and _is_output(name, data):
             s.first_output_seen = first = True
         if name is not None:
-            wanted = (name in TERMINAL_RESPONSE_EVENTS or name in ("error", "response.created")
-                      or any(m in data for m in _USAGE))
+            wanted = (
+                name in TERMINAL_RESPONSE_EVENTS
+                or name in ("error", "response.created")
+                or any(m in data for m in _USAGE)
+            )
         else:
             wanted = s.events == 1 or any(m in data for m in _SNIFF)
         if not wanted:
@@ -188,9 +219,11 @@ class StreamTracker:
                 s.usage = found
             choices = obj.get("choices")
             if isinstance(choices, list):
-                reasons = tuple(c["finish_reason"] for c in choices
-                                if isinstance(c, Mapping) and isinstance(c.get("finish_reason"),
-                                                                         str))
+                reasons = tuple(
+                    c["finish_reason"]
+                    for c in choices
+                    if isinstance(c, Mapping) and isinstance(c.get("finish_reason"), str)
+                )
                 if reasons:
                     s.finish_reasons = reasons
                     s.status = "completed"

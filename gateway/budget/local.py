@@ -33,16 +33,24 @@ class LocalBudgetStore:
         c = self._counters.get((team, index))
         if c is None or c.rule != rule or not c.start <= now < c.end:
             start, end = window_bounds(rule.per, now)
-            used = c.used if c is not None and c.start == start and c.rule.per == rule.per \
-                and c.rule.unit == rule.unit else 0.0
+            used = (
+                c.used
+                if c is not None
+                and c.start == start
+                and c.rule.per == rule.per
+                and c.rule.unit == rule.unit
+                else 0.0
+            )
             c = _Counter(rule, start, end, used)
             self._counters[(team, index)] = c
         return c
 
-    async def reserve(self, team: Team, tokens: int, usd: float, now: float
-                      ) -> Reservation | Rejection:
-        counters = [(i, self._counter(team.name, i, rule, now))
-                    for i, rule in enumerate(team.budgets)]
+    async def reserve(
+        self, team: Team, tokens: int, usd: float, now: float
+    ) -> Reservation | Rejection:
+        counters = [
+            (i, self._counter(team.name, i, rule, now)) for i, rule in enumerate(team.budgets)
+        ]
         worst: Rejection | None = None
         for _, c in counters:
             if c.used + c.reserved + c.amount(tokens, usd) > c.rule.limit:
@@ -56,15 +64,15 @@ class LocalBudgetStore:
             c.reserved += c.amount(tokens, usd)
         return Reservation(team.name, tokens, usd, tuple((i, c.start) for i, c in counters))
 
-    async def settle(self, reservation: Reservation, tokens: int, usd: float, now: float
-                     ) -> None:
+    async def settle(self, reservation: Reservation, tokens: int, usd: float, now: float) -> None:
         for index, start in reservation.windows:
             old = self._counters.get((reservation.team, index))
             if old is None:
                 continue
             if old.start == start:
-                old.reserved = max(0.0, old.reserved - old.amount(reservation.tokens,
-                                                                   reservation.usd))
+                old.reserved = max(
+                    0.0, old.reserved - old.amount(reservation.tokens, reservation.usd)
+                )
             # charged to the window the request finished in, as the ledger rebuild counts it
             c = self._counter(reservation.team, index, old.rule, now)
             c.used += c.amount(tokens, usd)
@@ -73,15 +81,20 @@ class LocalBudgetStore:
         out = []
         for i, rule in enumerate(team.budgets):
             c = self._counter(team.name, i, rule, now)
-            out.append(WindowState(rule.per, rule.unit, rule.limit, c.used, c.reserved,
-                                   c.start, c.end))
+            out.append(
+                WindowState(rule.per, rule.unit, rule.limit, c.used, c.reserved, c.start, c.end)
+            )
         return out
 
-    async def restore(self, teams: Sequence[Team], charged: Mapping[float, Mapping[str, Charge]],
-                      now: float) -> None:
+    async def restore(
+        self, teams: Sequence[Team], charged: Mapping[float, Mapping[str, Charge]], now: float
+    ) -> None:
         for team in teams:
             for i, rule in enumerate(team.budgets):
                 c = self._counter(team.name, i, rule, now)
                 got = charged.get(c.start, {}).get(team.name)
-                c.used = 0.0 if got is None else (
-                    float(got.tokens) if rule.tokens is not None else got.usd)
+                c.used = (
+                    0.0
+                    if got is None
+                    else (float(got.tokens) if rule.tokens is not None else got.usd)
+                )

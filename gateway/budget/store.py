@@ -45,15 +45,18 @@ class WindowState:
 class BudgetStore(Protocol):
     """Atomic reserve/settle over all of a team's windows."""
 
-    async def reserve(self, team: Team, tokens: int, usd: float, now: float
-                      ) -> Reservation | Rejection: ...
+    async def reserve(
+        self, team: Team, tokens: int, usd: float, now: float
+    ) -> Reservation | Rejection: ...
 
-    async def settle(self, reservation: Reservation, tokens: int, usd: float, now: float
-                     ) -> None: ...
+    async def settle(
+        self, reservation: Reservation, tokens: int, usd: float, now: float
+    ) -> None: ...
 
     async def windows(self, team: Team, now: float) -> list[WindowState]: ...
 
-    async def restore(self, teams: Sequence[Team], charged: Mapping[float, Mapping[str, Charge]],
-                      now: float) -> None:
+    async def restore(
+        self, teams: Sequence[Team], charged: Mapping[float, Mapping[str, Charge]], now: float
+    ) -> None:
         """Seed window counters from the ledger: `charged[window_start][team]`."""
         ...

@@ -23,13 +23,15 @@ def window_bounds(per: str, now: float) -> tuple[float, float]:
         start = t.replace(hour=0, minute=0, second=0, microsecond=0)
         end = start + timedelta(days=1)
     elif per == "week":  # ISO weeks: Monday 00:00 UTC
-        start = (t - timedelta(days=t.weekday())).replace(hour=0, minute=0, second=0,
-                                                          microsecond=0)
+        start = (t - timedelta(days=t.weekday())).replace(hour=0, minute=0, second=0, microsecond=0)
         end = start + timedelta(days=7)
     elif per == "month":
         start = t.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        end = start.replace(year=start.year + 1, month=1) if start.month == 12 \
+        end = (
+            start.replace(year=start.year + 1, month=1)
+            if start.month == 12
             else start.replace(month=start.month + 1)
+        )
     else:
         raise ValueError(f"unknown window {per!r}")
     return start.timestamp(), end.timestamp()

@@ -29,20 +29,39 @@ class CacheEntry:
 
     def to_bytes(self) -> bytes:
         u = self.usage
-        meta = orjson.dumps({
-            "status": self.status, "headers": self.headers, "stream": self.stream,
-            "team": self.team, "model": self.model, "created_at": self.created_at,
-            "usage": None if u is None else [u.input_tokens, u.output_tokens, u.total_tokens,
-                                             u.cached_tokens, u.reasoning_tokens],
-        })
+        meta = orjson.dumps(
+            {
+                "status": self.status,
+                "headers": self.headers,
+                "stream": self.stream,
+                "team": self.team,
+                "model": self.model,
+                "created_at": self.created_at,
+                "usage": None
+                if u is None
+                else [
+                    u.input_tokens,
+                    u.output_tokens,
+                    u.total_tokens,
+                    u.cached_tokens,
+                    u.reasoning_tokens,
+                ],
+            }
+        )
         return len(meta).to_bytes(4, "big") + meta + self.body
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> CacheEntry:
         n = int.from_bytes(raw[:4], "big")
-        meta = orjson.loads(raw[4:4 + n])
+        meta = orjson.loads(raw[4 : 4 + n])
         u = meta["usage"]
-        return cls(status=meta["status"], headers=tuple((k, v) for k, v in meta["headers"]),
-                   body=raw[4 + n:], stream=meta["stream"], team=meta["team"],
-                   model=meta["model"], usage=None if u is None else Usage(*u),
-                   created_at=meta["created_at"])
+        return cls(
+            status=meta["status"],
+            headers=tuple((k, v) for k, v in meta["headers"]),
+            body=raw[4 + n :],
+            stream=meta["stream"],
+            team=meta["team"],
+            model=meta["model"],
+            usage=None if u is None else Usage(*u),
+            created_at=meta["created_at"],
+        )

@@ -15,8 +15,18 @@ from gateway.usage import Usage
 
 
 class Flight:
-    __slots__ = ("_changed", "chunks", "done", "entry", "followers", "headers", "shared",
-                 "status", "stream", "usage")
+    __slots__ = (
+        "_changed",
+        "chunks",
+        "done",
+        "entry",
+        "followers",
+        "headers",
+        "shared",
+        "status",
+        "stream",
+        "usage",
+    )
 
     def __init__(self, stream: bool) -> None:
         self.stream = stream
@@ -34,8 +44,7 @@ class Flight:
         ev, self._changed = self._changed, asyncio.Event()
         ev.set()
 
-    def publish_head(self, status: int, headers: tuple[tuple[str, str], ...], shared: bool
-                     ) -> None:
+    def publish_head(self, status: int, headers: tuple[tuple[str, str], ...], shared: bool) -> None:
         self.status, self.headers, self.shared = status, headers, shared
         self._notify()
 

@@ -34,11 +34,17 @@ class MemoryCacheStore:
     """Entries expire `ttl` seconds after they were stored; least recently used go first
     when the total size would pass `max_bytes`. Entries above `max_entry_bytes` are refused."""
 
-    def __init__(self, ttl: float, max_bytes: int, max_entry_bytes: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        ttl: float,
+        max_bytes: int,
+        max_entry_bytes: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.max_entry_bytes = min(max_entry_bytes, max_bytes)
         self._cache: TTLCache[str, CacheEntry] = TTLCache(
-            maxsize=max_bytes, ttl=ttl, timer=clock, getsizeof=lambda e: e.size)
+            maxsize=max_bytes, ttl=ttl, timer=clock, getsizeof=lambda e: e.size
+        )
 
     async def get(self, key: str) -> CacheEntry | None:
         return self._cache.get(key)

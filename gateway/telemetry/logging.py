@@ -9,8 +9,12 @@ from typing import Any
 import orjson
 import structlog
 
-LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-          "error": logging.ERROR}
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 def configure_logging(level: str = "info", fmt: str = "json") -> None:
@@ -35,5 +39,8 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
             logger_factory=structlog.PrintLoggerFactory(sys.stdout),
             cache_logger_on_first_use=True,
         )
-    logging.basicConfig(level=LEVELS[level], stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=LEVELS[level],
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )

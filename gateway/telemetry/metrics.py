@@ -5,12 +5,41 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # GenAI semantic-convention advisory buckets for operation durations, in seconds
-DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
-                    40.96, 81.92)
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
-                5.0, 7.5, 10.0)
-OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-                    0.25)
+DURATION_BUCKETS = (
+    0.01,
+    0.02,
+    0.04,
+    0.08,
+    0.16,
+    0.32,
+    0.64,
+    1.28,
+    2.56,
+    5.12,
+    10.24,
+    20.48,
+    40.96,
+    81.92,
+)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 
 
 class ModelLabels:
@@ -39,50 +68,85 @@ class Metrics:
     def __init__(self, max_model_labels: int, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry(auto_describe=True)
         self.model = ModelLabels(max_model_labels)
-        self.requests = Counter("gateway_requests", "Requests answered, by outcome.",
-                                ["team", "model", "route", "status", "cache"], registry=r)
+        self.requests = Counter(
+            "gateway_requests",
+            "Requests answered, by outcome.",
+            ["team", "model", "route", "status", "cache"],
+            registry=r,
+        )
         self.request_duration = Histogram(
-            "gateway_request_duration_seconds", "Time from request received to last byte sent.",
-            ["team", "model", "route"], buckets=DURATION_BUCKETS, registry=r)
+            "gateway_request_duration_seconds",
+            "Time from request received to last byte sent.",
+            ["team", "model", "route"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
         self.ttft = Histogram(
             "gateway_time_to_first_token_seconds",
             "Time from request received to the first output event of a stream.",
-            ["team", "model"], buckets=TTFT_BUCKETS, registry=r)
+            ["team", "model"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
         self.overhead = Histogram(
             "gateway_overhead_seconds",
             "Time spent inside the gateway per request, upstream time excluded.",
-            ["route"], buckets=OVERHEAD_BUCKETS, registry=r)
+            ["route"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
         self.upstream_duration = Histogram(
             "gateway_upstream_duration_seconds",
             "Time from sending upstream to the upstream's last byte.",
-            ["upstream", "model", "status"], buckets=DURATION_BUCKETS, registry=r)
-        self.tokens = Counter("gateway_tokens", "Tokens reported by upstreams.",
-                              ["team", "model", "type"], registry=r)
-        self.cost = Counter("gateway_cost_usd", "Cost in USD from the prices table.",
-                            ["team", "model"], registry=r)
-        self.budget_limit = Gauge("gateway_budget_limit_tokens", "A token budget's limit.",
-                                  ["team", "window"], registry=r)
-        self.budget_used = Gauge("gateway_budget_used_tokens",
-                                 "Tokens spent in a budget's current window.",
-                                 ["team", "window"], registry=r)
-        self.budget_rejections = Counter("gateway_budget_rejections",
-                                         "Requests refused with 429 budget_exceeded.",
-                                         ["team"], registry=r)
-        self.cache_lookups = Counter("gateway_cache_lookups", "Cache lookups by result.",
-                                     ["result"], registry=r)
-        self.cache_entries = Gauge("gateway_cache_entries", "Entries in the response cache.",
-                                   registry=r)
-        self.cache_bytes = Gauge("gateway_cache_bytes", "Bytes held by the response cache.",
-                                 registry=r)
-        self.cache_saved_tokens = Counter("gateway_cache_saved_tokens",
-                                          "Tokens not spent thanks to cache hits and coalescing.",
-                                          ["team", "model"], registry=r)
-        self.inflight = Gauge("gateway_inflight_requests", "Requests being handled.",
-                              registry=r)
-        self.active_streams = Gauge("gateway_active_streams", "SSE streams being relayed.",
-                                    registry=r)
-        self.upstream_errors = Counter("gateway_upstream_errors",
-                                       "Upstream failures by reason.",
-                                       ["upstream", "reason"], registry=r)
+            ["upstream", "model", "status"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "gateway_tokens", "Tokens reported by upstreams.", ["team", "model", "type"], registry=r
+        )
+        self.cost = Counter(
+            "gateway_cost_usd", "Cost in USD from the prices table.", ["team", "model"], registry=r
+        )
+        self.budget_limit = Gauge(
+            "gateway_budget_limit_tokens", "A token budget's limit.", ["team", "window"], registry=r
+        )
+        self.budget_used = Gauge(
+            "gateway_budget_used_tokens",
+            "Tokens spent in a budget's current window.",
+            ["team", "window"],
+            registry=r,
+        )
+        self.budget_rejections = Counter(
+            "gateway_budget_rejections",
+            "Requests refused with 429 budget_exceeded.",
+            ["team"],
+            registry=r,
+        )
+        self.cache_lookups = Counter(
+            "gateway_cache_lookups", "Cache lookups by result.", ["result"], registry=r
+        )
+        self.cache_entries = Gauge(
+            "gateway_cache_entries", "Entries in the response cache.", registry=r
+        )
+        self.cache_bytes = Gauge(
+            "gateway_cache_bytes", "Bytes held by the response cache.", registry=r
+        )
+        self.cache_saved_tokens = Counter(
+            "gateway_cache_saved_tokens",
+            "Tokens not spent thanks to cache hits and coalescing.",
+            ["team", "model"],
+            registry=r,
+        )
+        self.inflight = Gauge("gateway_inflight_requests", "Requests being handled.", registry=r)
+        self.active_streams = Gauge(
+            "gateway_active_streams", "SSE streams being relayed.", registry=r
+        )
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors",
+            "Upstream failures by reason.",
+            ["upstream", "reason"],
+            registry=r,
+        )
         for result in ("hit", "miss", "bypass", "coalesced"):
             self.cache_lookups.labels(result)

@@ -27,8 +27,12 @@ from gateway.config import Telemetry
 class Tracing:
     """Starts spans and carries trace context in and out of the gateway."""
 
-    def __init__(self, provider: TracerProvider, capture_content: bool = False,
-                 processor: SpanProcessor | None = None) -> None:
+    def __init__(
+        self,
+        provider: TracerProvider,
+        capture_content: bool = False,
+        processor: SpanProcessor | None = None,
+    ) -> None:
         self.provider = provider
         self.tracer = provider.get_tracer("gateway")
         self.capture_content = capture_content
@@ -42,41 +46,51 @@ class Tracing:
         if exporter is None and endpoint:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            url = endpoint if endpoint.rstrip("/").endswith("/v1/traces") \
+            url = (
+                endpoint
+                if endpoint.rstrip("/").endswith("/v1/traces")
                 else endpoint.rstrip("/") + "/v1/traces"
+            )
             exporter = OTLPSpanExporter(endpoint=url, timeout=5)
         if exporter is None:
             return cls(TracerProvider(resource=resource, sampler=ALWAYS_OFF))
         provider = TracerProvider(
-            resource=resource, sampler=ParentBased(TraceIdRatioBased(tel.traces.sample_ratio)))
+            resource=resource, sampler=ParentBased(TraceIdRatioBased(tel.traces.sample_ratio))
+        )
         # a batch processor: export happens on its own thread, a dead collector costs nothing
         processor = BatchSpanProcessor(exporter, max_queue_size=8192, schedule_delay_millis=1000)
         provider.add_span_processor(processor)
         return cls(provider, tel.traces.capture_content, processor)
 
-    def server_span(self, name: str, headers: Mapping[str, str],
-                    attributes: Mapping[str, Any]) -> Span:
+    def server_span(
+        self, name: str, headers: Mapping[str, str], attributes: Mapping[str, Any]
+    ) -> Span:
         parent = self.propagator.extract(headers) if "traceparent" in headers else None
-        return self.tracer.start_span(name, context=parent, kind=SpanKind.SERVER,
-                                      attributes=attributes)
+        return self.tracer.start_span(
+            name, context=parent, kind=SpanKind.SERVER, attributes=attributes
+        )
 
     def client_span(self, parent: Span, name: str, attributes: Mapping[str, Any]) -> Span:
         ctx = trace.set_span_in_context(parent, otel_context.Context())
-        return self.tracer.start_span(name, context=ctx, kind=SpanKind.CLIENT,
-                                      attributes=attributes)
+        return self.tracer.start_span(
+            name, context=ctx, kind=SpanKind.CLIENT, attributes=attributes
+        )
 
     def inject(self, span: Span, carrier: MutableMapping[str, str]) -> None:
-        self.propagator.inject(carrier, context=trace.set_span_in_context(
-            span, otel_context.Context()))
+        self.propagator.inject(
+            carrier, context=trace.set_span_in_context(span, otel_context.Context())
+        )
 
-    def content_attributes(self, body: Mapping[str, Any], secrets: tuple[bytes, ...]
-                           ) -> dict[str, str]:
+    def content_attributes(
+        self, body: Mapping[str, Any], secrets: tuple[bytes, ...]
+    ) -> dict[str, str]:
         """Opt-in message content, as GenAI JSON attributes, with secrets redacted."""
         out: dict[str, str] = {}
         instructions = body.get("instructions")
         if isinstance(instructions, str):
             out["gen_ai.system_instructions"] = redact(
-                orjson.dumps([{"type": "text", "content": instructions}]).decode(), secrets)
+                orjson.dumps([{"type": "text", "content": instructions}]).decode(), secrets
+            )
         messages = input_messages(body)
         if messages:
             out["gen_ai.input.messages"] = redact(orjson.dumps(messages).decode(), secrets)

@@ -1,0 +1,159 @@
+"""Shared fixtures: the mock upstream and gateways on real 127.0.0.1 sockets."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from gateway.app import create_admin_app, create_app
+from gateway.config import Settings, loads
+from gateway.mock_upstream import MOCK_STATE, MockOptions, MockState, create_mock_app
+from gateway.runtime import Gateway
+
+ALPHA_KEY = "key-alpha-0123456789"
+BETA_KEY = "key-beta-0123456789"
+ADMIN_KEY = "admin-key-0123456789"
+UPSTREAM_KEY = "sk-upstream-secret-0123456789abcdef"
+
+BASE_CONFIG = """
+listen: {{host: 127.0.0.1, port: 0}}
+admin: {{host: 127.0.0.1, port: 0, key: ${{ADMIN_KEY}}}}
+limits: {{max_body_bytes: {max_body}, default_max_output_tokens: 64, drain_timeout: {drain}}}
+upstreams:
+  mock:
+    base_url: {upstream}
+    api_key: ${{UPSTREAM_KEY}}
+    auth_header: {auth_header}
+    models: {models}
+    timeouts: {{connect: 1, first_byte: {first_byte}, idle: {idle}}}
+teams:
+  alpha:
+    keys: ["${{ALPHA_KEY}}"]
+    models: ["*"]
+    budgets: {alpha_budgets}
+  beta:
+    keys: ["${{BETA_KEY}}"]
+    models: ["garda-*"]
+    budgets: {beta_budgets}
+prices:
+  nusantara-base: {{input: 0.10, cached_input: 0.025, output: 0.40}}
+  "*": {{input: 1.0, output: 2.0}}
+cache: {{enabled: {cache}, ttl: 600, max_bytes: 10000000, scope: team}}
+state: {{store: local, path: {state}}}
+"""
+
+ENV = {
+    "ALPHA_KEY": ALPHA_KEY,
+    "BETA_KEY": BETA_KEY,
+    "ADMIN_KEY": ADMIN_KEY,
+    "UPSTREAM_KEY": UPSTREAM_KEY,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def make_settings(upstream: str, state: Path, **kw: Any) -> Settings:
+    params: dict[str, Any] = {
+        "upstream": upstream,
+        "state": str(state),
+        "auth_header": "authorization",
+        "first_byte": 5,
+        "idle": 5,
+        "models": '["*"]',
+        "drain": 5,
+        "max_body": 1_000_000,
+        "cache": "false",
+        "alpha_budgets": "[]",
+        "beta_budgets": "[]",
+    }
+    params.update(kw)
+    return loads(BASE_CONFIG.format(**params), ENV)
+
+
+@dataclass
+class Upstream:
+    url: str
+    state: MockState
+    runner: web.AppRunner
+
+
+@dataclass
+class Running:
+    gw: Gateway
+    url: str
+    admin_url: str
+    runner: web.AppRunner
+    admin_runner: web.AppRunner
+
+    async def stop(self) -> None:
+        await self.admin_runner.cleanup()
+        await self.runner.cleanup()
+
+
+async def start_upstream(options: MockOptions | None = None) -> Upstream:
+    app = create_mock_app(options or MockOptions())
+    runner = web.AppRunner(app, shutdown_timeout=1)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return Upstream(f"http://127.0.0.1:{port}", app[MOCK_STATE], runner)
+
+
+async def start_gateway(settings: Settings, gw: Gateway | None = None) -> Running:
+    gw = gw or Gateway(settings)
+    runner = web.AppRunner(create_app(gw), shutdown_timeout=2)
+    admin_runner = web.AppRunner(create_admin_app(gw))
+    await runner.setup()
+    await admin_runner.setup()
+    port, admin_port = free_port(), free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await web.TCPSite(admin_runner, "127.0.0.1", admin_port).start()
+    return Running(
+        gw, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", runner, admin_runner
+    )
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    up = await start_upstream()
+    yield up
+    await up.runner.cleanup()
+
+
+GatewayFactory = Callable[..., Awaitable[Running]]
+
+
+@pytest.fixture
+async def gateway_factory(upstream: Upstream, tmp_path: Path) -> AsyncIterator[GatewayFactory]:
+    """Start gateways in front of the shared mock upstream; all are stopped at the end."""
+    started: list[Running] = []
+
+    async def factory(upstream_url: str | None = None, **kw: Any) -> Running:
+        settings = make_settings(upstream_url or upstream.url, tmp_path / "state", **kw)
+        running = await start_gateway(settings)
+        started.append(running)
+        return running
+
+    yield factory
+    for running in started:
+        await running.stop()
+
+
+@pytest.fixture
+async def gateway(gateway_factory: GatewayFactory) -> Running:
+    return await gateway_factory()
+
+
+def auth(key: str = ALPHA_KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}

@@ -1,0 +1,137 @@
+"""Configuration: substitution, validation messages, secrets, and the CLI commands on it."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, Secret, loads
+
+GOOD = """
+listen: {host: 127.0.0.1, port: ${PORT:-8080}}
+admin:  {host: 127.0.0.1, port: 9464, key: ${GATEWAY_ADMIN_KEY:-}}
+upstreams:
+  neosantara:
+    base_url: https://api.neosantara.xyz
+    api_key: ${NEOSANTARA_API_KEY}
+    auth_header: x-api-key
+    models: ["nusantara-*", "garda-*"]
+teams:
+  search:
+    keys: ["sha256:%s", "${SEARCH_KEY}"]
+    budgets:
+      - {tokens: 1000000, per: month}
+      - {usd: 25.0, per: month}
+prices:
+  nusantara-base: {input: 0.10, cached_input: 0.025, output: 0.40}
+""" % ("a" * 64)
+
+
+def test_valid_config_with_substitution_and_defaults() -> None:
+    s = loads(GOOD, {"NEOSANTARA_API_KEY": "sk-real", "SEARCH_KEY": "team-key"})
+    assert s.listen.port == 8080 and isinstance(s.listen.port, int)
+    assert s.admin.key is None
+    up = s.upstreams[0]
+    assert up.api_keys == (Secret("sk-real"),) and up.auth_header == "x-api-key"
+    assert up.timeouts.first_byte == 120
+    team = s.teams[0]
+    assert team.key_digests == (bytes.fromhex("a" * 64), hashlib.sha256(b"team-key").digest())
+    assert team.budgets[1].usd == 25.0 and team.budgets[1].per == "month"
+    assert s.cache.scope == "team" and s.state.store == "local"
+
+
+def test_port_from_env_takes_int_type() -> None:
+    s = loads(GOOD, {"NEOSANTARA_API_KEY": "k", "SEARCH_KEY": "t", "PORT": "9000"})
+    assert s.listen.port == 9000
+
+
+def test_secrets_never_in_repr_or_errors() -> None:
+    s = loads(GOOD, {"NEOSANTARA_API_KEY": "sk-topsecret", "SEARCH_KEY": "team-secret"})
+    assert "sk-topsecret" not in repr(s) and "team-secret" not in repr(s)
+    bad = GOOD.replace("auth_header: x-api-key", "auth_header: 42")
+    with pytest.raises(ConfigError) as e:
+        loads(bad, {"NEOSANTARA_API_KEY": "sk-topsecret", "SEARCH_KEY": "team-secret"})
+    assert "sk-topsecret" not in str(e.value)
+
+
+def test_every_problem_reported_with_its_path() -> None:
+    text = """
+listen: {host: 127.0.0.1, port: "eighty"}
+bogus: 1
+upstreams:
+  a: {base_url: ftp://x, api_key: ${MISSING_VAR}, timeouts: {connect: -1}, extra: 1}
+teams:
+  t1: {keys: ["plain-key-in-file"], budgets: [{tokens: 5, per: fortnight}]}
+  t2: {keys: ["sha256:abc"], budgets: [{usd: 1, per: day}]}
+"""
+    with pytest.raises(ConfigError) as e:
+        loads(text, {}, "gw.yaml")
+    lines = str(e.value).splitlines()
+    expected = [
+        "gw.yaml: bogus: unknown key",
+        "gw.yaml: listen.port: must be a port number",
+        "gw.yaml: upstreams.a.extra: unknown key",
+        "gw.yaml: upstreams.a.base_url: must start with http:// or https://",
+        "gw.yaml: upstreams.a.api_key: environment variable MISSING_VAR is not set",
+        "gw.yaml: upstreams.a.timeouts.connect: must be a positive number",
+        "gw.yaml: teams.t1.keys[0]: must be 'sha256:<64 lowercase hex>'",
+        "gw.yaml: teams.t1.budgets[0].per: must be minute | hour",
+        "gw.yaml: teams.t2.keys[0]: must be 'sha256:",
+        "gw.yaml: teams.t2.budgets: a usd budget needs a prices table",
+    ]
+    for want in expected:
+        assert any(line.startswith(want) for line in lines), (want, lines)
+
+
+def test_no_upstreams_or_teams() -> None:
+    with pytest.raises(ConfigError) as e:
+        loads("listen: {port: 1}", {}, "x.yaml")
+    assert "x.yaml: upstreams: at least one upstream is required" in str(e.value)
+    assert "x.yaml: teams: at least one team is required" in str(e.value)
+
+
+def test_invalid_yaml() -> None:
+    with pytest.raises(ConfigError) as e:
+        loads("a: [1,\n", {}, "y.yaml")
+    assert str(e.value).startswith("y.yaml: line ")
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_check_config_cli(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        GOOD.replace("${NEOSANTARA_API_KEY}", "${NEOSANTARA_API_KEY:-sk-x}").replace(
+            "${SEARCH_KEY}", "${SEARCH_KEY:-t}"
+        )
+    )
+    ok = run_cli("check-config", str(good))
+    assert ok.returncode == 0, ok.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("upstreams: {}\nteams: {t: {keys: [nope]}}\n")
+    res = run_cli("check-config", str(bad))
+    assert res.returncode == 1
+    assert f"{bad}: upstreams: at least one upstream is required" in res.stderr
+    assert f"{bad}: teams.t.keys[0]: must be" in res.stderr
+
+
+def test_keys_new_prints_key_and_matching_digest() -> None:
+    res = run_cli("keys", "new", "--team", "search")
+    assert res.returncode == 0
+    lines = [line for line in res.stdout.splitlines() if not line.startswith("#")]
+    key, digest_line = lines[0], lines[1]
+    assert key.startswith("gw-") and len(key) > 30
+    assert digest_line == f'- "sha256:{hashlib.sha256(key.encode()).hexdigest()}"'
