@@ -125,7 +125,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                               "warmup_errors": warm.errors}), flush=True)
             await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
         phase = Phase(record=True)
+        cpu = time.process_time()
         wall = await run_phase(session, args, body, headers, args.duration, phase)
+        cpu = time.process_time() - cpu
     ok = len(phase.latencies)
     return {
         "event": "result",
@@ -133,6 +135,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "stream": args.stream,
         "concurrency": args.concurrency,
         "seconds": round(wall, 3),
+        "load_cpu_s": round(cpu, 3),  # this generator's own CPU time in the measured phase
         "requests": ok,
         "errors": phase.errors,
         "rps": round(ok / wall, 1) if wall > 0 else 0.0,

@@ -222,6 +222,11 @@ def measure(args: argparse.Namespace, url: str, key: str, stream: bool, concurre
     result["cpu_s"] = {name: round(after[name] - before[name], 3) for name in after}
     result["cpu_ms_per_request"] = {
         name: round((after[name] - before[name]) * 1000 / n, 3) if n else None for name in after}
+    # CPU cores each process kept busy during the measured phase (the servers' CPU also holds
+    # the phase's trailing background work, done during the settle pause)
+    busy = {name: cpu / result["seconds"] for name, cpu in result["cpu_s"].items()}
+    busy["load"] = result["load_cpu_s"] / result["seconds"]
+    result["cpu_cores_busy"] = {name: round(v, 2) for name, v in busy.items()}
     if sink_before is not None and sink_after is not None:
         result["otlp"] = {k: sink_after[k] - sink_before[k] for k in sink_after}
     return result
@@ -352,6 +357,8 @@ def notes(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         g = r["gateway"]
         where = f"{r['scenario']} c={r['concurrency']}"
+        busy = ", ".join(f"{name.split(' ')[0]} {v:.2f}" for name, v in g["cpu_cores_busy"].items())
+        out.append(f"{where}: CPU cores busy in the gateway run: {busy}")
         if r["scenario"] == "cache":
             total = sum(g["cache"].values()) or 1
             out.append(f"{where}: x-gateway-cache {g['cache']} "

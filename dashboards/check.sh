@@ -37,3 +37,8 @@ fi
 promtool check rules "$here/prometheus/alerts.yml"
 promtool test rules "$here/prometheus/alerts_test.yml"
 promtool check config "$here/prometheus/prometheus.yml"
+# the compose stack's config, with the rules where the container mounts them
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+cp "$root/deploy/prometheus.yml" "$here/prometheus/alerts.yml" "$tmp/"
+promtool check config "$tmp/prometheus.yml"
