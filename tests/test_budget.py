@@ -17,14 +17,17 @@ def ts(*args: int) -> float:
     return datetime(*args, tzinfo=UTC).timestamp()  # type: ignore[misc]
 
 
-@pytest.mark.parametrize(("per", "now", "start", "end"), [
-    ("minute", ts(2026, 3, 1, 10, 5, 59), ts(2026, 3, 1, 10, 5), ts(2026, 3, 1, 10, 6)),
-    ("hour", ts(2026, 3, 1, 10, 5, 59), ts(2026, 3, 1, 10), ts(2026, 3, 1, 11)),
-    ("day", ts(2026, 12, 31, 23, 59, 59), ts(2026, 12, 31), ts(2027, 1, 1)),
-    ("week", ts(2026, 11, 22, 12), ts(2026, 11, 16), ts(2026, 11, 23)),  # Sunday -> Monday
-    ("month", ts(2026, 12, 15), ts(2026, 12, 1), ts(2027, 1, 1)),
-    ("month", ts(2028, 2, 29, 5), ts(2028, 2, 1), ts(2028, 3, 1)),
-])
+@pytest.mark.parametrize(
+    ("per", "now", "start", "end"),
+    [
+        ("minute", ts(2026, 3, 1, 10, 5, 59), ts(2026, 3, 1, 10, 5), ts(2026, 3, 1, 10, 6)),
+        ("hour", ts(2026, 3, 1, 10, 5, 59), ts(2026, 3, 1, 10), ts(2026, 3, 1, 11)),
+        ("day", ts(2026, 12, 31, 23, 59, 59), ts(2026, 12, 31), ts(2027, 1, 1)),
+        ("week", ts(2026, 11, 22, 12), ts(2026, 11, 16), ts(2026, 11, 23)),  # Sunday -> Monday
+        ("month", ts(2026, 12, 15), ts(2026, 12, 1), ts(2027, 1, 1)),
+        ("month", ts(2028, 2, 29, 5), ts(2028, 2, 1), ts(2028, 3, 1)),
+    ],
+)
 def test_window_bounds(per: str, now: float, start: float, end: float) -> None:
     assert window_bounds(per, now) == (start, end)
 
@@ -34,8 +37,15 @@ def test_total_window_never_resets() -> None:
     assert start == 0.0 and seconds_until(end, 1e9) == TOTAL_RETRY_AFTER
 
 
-TEAM = Team("t", (), budgets=(BudgetRule("day", tokens=1000), BudgetRule("hour", tokens=300),
-                              BudgetRule("month", usd=1.0)))
+TEAM = Team(
+    "t",
+    (),
+    budgets=(
+        BudgetRule("day", tokens=1000),
+        BudgetRule("hour", tokens=300),
+        BudgetRule("month", usd=1.0),
+    ),
+)
 NOW = ts(2026, 6, 10, 12, 30)
 
 
@@ -87,8 +97,11 @@ async def test_restore_seeds_current_windows() -> None:
     day_start = window_bounds("day", NOW)[0]
     hour_start = window_bounds("hour", NOW)[0]
     month_start = window_bounds("month", NOW)[0]
-    charged = {day_start: {"t": Charge(700, 0.5)}, hour_start: {"t": Charge(100, 0.1)},
-               month_start: {"t": Charge(900, 0.75)}}
+    charged = {
+        day_start: {"t": Charge(700, 0.5)},
+        hour_start: {"t": Charge(100, 0.1)},
+        month_start: {"t": Charge(900, 0.75)},
+    }
     await store.restore([TEAM], charged, NOW)
     day, hour, month = await store.windows(TEAM, NOW)
     assert (day.used, hour.used, month.used) == (700, 100, 0.75)

@@ -16,7 +16,6 @@ import aiohttp
 import openai
 import orjson
 import pytest
-
 from conftest import (
     ADMIN_KEY,
     ALPHA_KEY,
@@ -29,11 +28,15 @@ from conftest import (
     make_settings,
     start_gateway,
 )
+
 from gateway.ledger.sqlite import SqliteLedger
 from gateway.runtime import Gateway
 
-BODY: dict[str, Any] = {"model": "nusantara-base", "input": "Budget me " * 8,
-                        "max_output_tokens": 20}
+BODY: dict[str, Any] = {
+    "model": "nusantara-base",
+    "input": "Budget me " * 8,
+    "max_output_tokens": 20,
+}
 ESTIMATE = math.ceil(len(orjson.dumps(BODY)) / 4) + 20
 ACTUAL = math.ceil(len(BODY["input"]) / 4) + 20
 
@@ -44,8 +47,10 @@ def session(**kw: Any) -> aiohttp.ClientSession:
 
 
 async def admin_teams(gw: Running) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as s, s.get(
-            f"{gw.admin_url}/admin/teams", headers=auth(ADMIN_KEY)) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"{gw.admin_url}/admin/teams", headers=auth(ADMIN_KEY)) as r,
+    ):
         assert r.status == 200
         return {t["team"]: t for t in (await r.json())["teams"]}
 
@@ -60,10 +65,12 @@ async def ledger_rows(gw: Running) -> list[dict[str, Any]]:
 
 
 async def test_200_concurrent_never_overshoot_and_no_false_429(
-        gateway_factory: GatewayFactory) -> None:
+    gateway_factory: GatewayFactory,
+) -> None:
     limit = int(ESTIMATE * 60.5)
     gw = await gateway_factory(alpha_budgets=f"[{{tokens: {limit}, per: day}}]")
     async with session(headers={**auth(), "x-mock-ttft-ms": "100"}) as s:
+
         async def one() -> tuple[int, dict[str, str]]:
             async with s.post(f"{gw.url}/v1/responses", json=BODY) as r:
                 await r.read()
@@ -96,9 +103,11 @@ async def test_200_concurrent_never_overshoot_and_no_false_429(
 
 
 async def test_plenty_of_budget_admits_every_concurrent_request(
-        gateway_factory: GatewayFactory) -> None:
+    gateway_factory: GatewayFactory,
+) -> None:
     gw = await gateway_factory(alpha_budgets=f"[{{tokens: {ESTIMATE * 200}, per: hour}}]")
     async with session(headers=auth()) as s:
+
         async def one() -> int:
             async with s.post(f"{gw.url}/v1/responses", json=BODY) as r:
                 await r.read()
@@ -115,11 +124,14 @@ class Clock:
         return self.now
 
 
-async def test_restart_keeps_spend_and_rollover_at_boundary(upstream: Upstream,
-                                                            tmp_path: Path) -> None:
-    settings = make_settings(upstream.url, tmp_path / "state",
-                             alpha_budgets="[{tokens: 100000, per: day}, "
-                                           "{tokens: 1000000, per: month}]")
+async def test_restart_keeps_spend_and_rollover_at_boundary(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    settings = make_settings(
+        upstream.url,
+        tmp_path / "state",
+        alpha_budgets="[{tokens: 100000, per: day}, {tokens: 1000000, per: month}]",
+    )
     clock = Clock(1_795_305_599.0)  # 2026-11-21 23:59:59 UTC
     first = await start_gateway(settings, Gateway(settings, clock=clock))
     async with session(headers=auth()) as s:
@@ -140,14 +152,17 @@ async def test_restart_keeps_spend_and_rollover_at_boundary(upstream: Upstream,
         await second.stop()
 
 
-async def test_mixed_run_ledger_equals_upstream_usage(gateway_factory: GatewayFactory,
-                                                      upstream: Upstream) -> None:
+async def test_mixed_run_ledger_equals_upstream_usage(
+    gateway_factory: GatewayFactory, upstream: Upstream
+) -> None:
     gw = await gateway_factory(alpha_budgets="[{tokens: 10000000, per: month}]", drain=10)
     reported: list[int] = []  # total tokens the upstream reported, request by request
 
     async def direct_usage(body: dict[str, Any]) -> int:
-        async with aiohttp.ClientSession() as s, s.post(f"{upstream.url}/v1/responses",
-                                                        json={**body, "stream": False}) as r:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(f"{upstream.url}/v1/responses", json={**body, "stream": False}) as r,
+        ):
             return int((await r.json())["usage"]["total_tokens"])
 
     async with session(headers=auth()) as s:
@@ -159,21 +174,29 @@ async def test_mixed_run_ledger_equals_upstream_usage(gateway_factory: GatewayFa
             body = {**BODY, "input": f"stream {i}", "stream": True}
             async with s.post(f"{gw.url}/v1/responses", json=body) as r:
                 text = await r.text()
-            done = [json.loads(line[6:]) for line in text.splitlines()
-                    if line.startswith("data: {") and "response.completed" in line]
+            done = [
+                json.loads(line[6:])
+                for line in text.splitlines()
+                if line.startswith("data: {") and "response.completed" in line
+            ]
             reported.append(done[0]["response"]["usage"]["total_tokens"])
-        async with s.post(f"{gw.url}/v1/responses", json=BODY,
-                          headers={"x-mock-status": "500"}) as r:
+        async with s.post(
+            f"{gw.url}/v1/responses", json=BODY, headers={"x-mock-status": "500"}
+        ) as r:
             assert r.status == 500  # an upstream error: no usage, nothing charged
         for i in range(2):  # the client goes away mid-stream; the gateway drains for usage
             body = {**BODY, "input": f"gone {i}", "stream": True}
-            async with s.post(f"{gw.url}/v1/responses", json=body,
-                              headers={"x-mock-tokens-per-s": "100"}) as r:
+            async with s.post(
+                f"{gw.url}/v1/responses", json=body, headers={"x-mock-tokens-per-s": "100"}
+            ) as r:
                 await r.content.readany()
                 r.close()
             reported.append(await direct_usage(body))
-        async with s.post(f"{gw.url}/v1/responses", json={**BODY, "stream": True},
-                          headers={"x-mock-cut-after": "6"}) as r:
+        async with s.post(
+            f"{gw.url}/v1/responses",
+            json={**BODY, "stream": True},
+            headers={"x-mock-cut-after": "6"},
+        ) as r:
             assert b"upstream_stream_interrupted" in await r.read()
 
     rows: list[dict[str, Any]] = []
@@ -192,8 +215,10 @@ async def test_mixed_run_ledger_equals_upstream_usage(gateway_factory: GatewayFa
     assert [r["status"] for r in rows].count(500) == 1
     assert sum(1 for r in rows if r["stream"]) == 6
     # the report says the same
-    async with aiohttp.ClientSession() as s, s.get(
-            f"{gw.admin_url}/admin/usage?by=team", headers=auth(ADMIN_KEY)) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"{gw.admin_url}/admin/usage?by=team", headers=auth(ADMIN_KEY)) as r,
+    ):
         report = (await r.json())["rows"]
     assert len(report) == 1 and report[0]["requests"] == 10
     assert report[0]["input_tokens"] + report[0]["output_tokens"] == sum(reported)
@@ -203,10 +228,12 @@ async def test_mixed_run_ledger_equals_upstream_usage(gateway_factory: GatewayFa
 
 
 async def test_sdk_gets_rate_limit_error_and_does_not_retry(
-        gateway_factory: GatewayFactory) -> None:
+    gateway_factory: GatewayFactory,
+) -> None:
     gw = await gateway_factory(alpha_budgets="[{tokens: 10, per: minute}]")
-    async with openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key=ALPHA_KEY,
-                                  max_retries=2) as client:
+    async with openai.AsyncOpenAI(
+        base_url=f"{gw.url}/v1", api_key=ALPHA_KEY, max_retries=2
+    ) as client:
         with pytest.raises(openai.RateLimitError) as e:
             await client.responses.create(**BODY)
     assert e.value.code == "budget_exceeded"
@@ -228,8 +255,11 @@ teams:
 state: {{path: {tmp_path / "state"}}}
 ledger: {{flush_interval: 30}}
 """)
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(cfg)],
-                            env={**os.environ, **ENV}, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(cfg)],
+        env={**os.environ, **ENV},
+        stdout=subprocess.DEVNULL,
+    )
     try:
         n = asyncio.run(_drive(f"http://127.0.0.1:{port}", 40))
         proc.send_signal(signal.SIGTERM)
@@ -237,9 +267,23 @@ ledger: {{flush_interval: 30}}
     finally:
         proc.kill()
     rows = subprocess.run(
-        [sys.executable, "-m", "gateway", "usage", "--config", str(cfg), "--by", "team",
-         "--format", "json"], capture_output=True, text=True, env={**os.environ, **ENV},
-        check=True).stdout
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "usage",
+            "--config",
+            str(cfg),
+            "--by",
+            "team",
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **ENV},
+        check=True,
+    ).stdout
     report = json.loads(rows)
     # a 30 s flush interval: only the graceful stop can have written these
     assert report["rows"][0]["requests"] == n == 40
@@ -265,8 +309,10 @@ async def _drive(url: str, n: int) -> int:
 @pytest.fixture
 def upstream_process() -> Any:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "mock-upstream", "--port",
-                             str(port)], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "mock-upstream", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+    )
     yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=10)
