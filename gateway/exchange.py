@@ -77,6 +77,7 @@ class Exchange:
     span: Span | None = None
     client_span: Span | None = None
     trace_id: str = ""
+    sampled: bool = False  # the trace is exported: metric exemplars may point at it
 
 
 async def finish(gw: Gateway, ex: Exchange) -> None:
@@ -155,7 +156,7 @@ def _observe(
     m = gw.metrics
     model = m.model(ex.model)
     team = ex.team or "unknown"
-    exemplar = {"trace_id": ex.trace_id} if ex.trace_id else None
+    exemplar = {"trace_id": ex.trace_id} if ex.sampled else None
     m.requests.labels(team, model, ex.route, str(ex.status), ex.cache or "none").inc()
     m.request_duration.labels(team, model, ex.route).observe(duration, exemplar)
     m.overhead.labels(ex.route).observe(overhead, exemplar)

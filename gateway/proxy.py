@@ -61,6 +61,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         },
     )
     ex.trace_id = trace_id_hex(ex.span)
+    ex.sampled = ex.span.is_recording()
     gw.metrics.inflight.inc()
     try:
         return await _pipeline(gw, request, ex)

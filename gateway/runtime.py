@@ -159,4 +159,5 @@ class Gateway:
         for client in self.upstreams.values():
             await client.close()
         await self.cache.close()
-        self.tracing.shutdown()
+        # the exporter's last flush blocks on network I/O: keep it off the event loop
+        await asyncio.to_thread(self.tracing.shutdown)
