@@ -131,12 +131,18 @@ async def reload(request: web.Request) -> web.Response:
 
 
 def _metrics_handler() -> Handler:
+    exposition: dict[int, Handler] = {}  # one exposition handler per registry, built once
+
     async def metrics(request: web.Request) -> web.StreamResponse:
         gw = request.app[GATEWAY]
         stats = await gw.cache.stats()
         gw.metrics.cache_entries.set(stats.entries)
         gw.metrics.cache_bytes.set(stats.bytes)
-        return await make_aiohttp_handler(gw.metrics.registry)(request)
+        registry = gw.metrics.registry
+        handler = exposition.get(id(registry))
+        if handler is None:
+            handler = exposition[id(registry)] = make_aiohttp_handler(registry)
+        return await handler(request)
 
     return metrics
 

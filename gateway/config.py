@@ -10,7 +10,7 @@ import hashlib
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -627,6 +627,14 @@ def parse(
             td, "telemetry", "max_model_labels", _int(1), 100, "a positive integer"
         ),
     )
+    if not telemetry.traces.endpoint:
+        endpoint = r.env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or (
+            r.env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").rstrip("/") + "/v1/traces"
+            if r.env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+            else ""
+        )
+        if endpoint:
+            telemetry = replace(telemetry, traces=replace(telemetry.traces, endpoint=endpoint))
     if r.problems:
         raise ConfigError(source, r.problems)
     return Settings(

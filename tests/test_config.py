@@ -135,3 +135,19 @@ def test_keys_new_prints_key_and_matching_digest() -> None:
     key, digest_line = lines[0], lines[1]
     assert key.startswith("gw-") and len(key) > 30
     assert digest_line == f'- "sha256:{hashlib.sha256(key.encode()).hexdigest()}"'
+
+
+def test_trace_endpoint_falls_back_to_otel_env() -> None:
+    env = {"NEOSANTARA_API_KEY": "k", "SEARCH_KEY": "t"}
+    assert loads(GOOD, env).telemetry.traces.endpoint == ""
+    s = loads(GOOD, {**env, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/"})
+    assert s.telemetry.traces.endpoint == "http://collector:4318/v1/traces"
+    s = loads(
+        GOOD,
+        {
+            **env,
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://a:4318",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://b:4318/custom",
+        },
+    )
+    assert s.telemetry.traces.endpoint == "http://b:4318/custom"
