@@ -60,11 +60,20 @@ class Server:
     def pid(self) -> int:
         return self.proc.pid
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the process (all its threads), from /proc/<pid>/stat."""
+    def cpu_seconds(self) -> tuple[float, float]:
+        """User and system CPU time of the process (all its threads), from /proc/<pid>/stat."""
         raw = Path(f"/proc/{self.pid}/stat").read_text()
         fields = raw[raw.rindex(")") + 2:].split()  # after "pid (comm) "; fields 3.. of stat(5)
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+        return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK  # utime, stime
+
+    def unusual_log_lines(self) -> list[str]:
+        """Log lines other than per-request records and the start-up line (errors, warnings,
+        tracebacks, shutdown messages)."""
+        with contextlib.suppress(OSError):
+            return [line for line in self.log.read_text(errors="replace").splitlines()
+                    if line.strip() and '"event":"request"' not in line
+                    and '"event":"listening"' not in line]
+        return []
 
     def log_tail(self, lines: int = 40) -> str:
         with contextlib.suppress(OSError):
@@ -200,17 +209,18 @@ def measure(args: argparse.Namespace, url: str, key: str, stream: bool, concurre
            "--warmup", str(args.warmup), "--handshake"]
     if stream:
         cmd.append("--stream")
-    with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True) as load:
+    with tempfile.TemporaryFile("w+") as errors, subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
+            text=True) as load:
         try:
-            assert load.stdin is not None and load.stdout is not None
-            warm = read_event(load, load.stdout, "warm")
+            assert load.stdin is not None
+            warm = read_event(load, "warm", errors)
             time.sleep(args.settle)  # let the warm-up's trailing work (ledger, spans) finish
             before = {s.name: s.cpu_seconds() for s in watched}
             sink_before = sink_stats(sink)
             load.stdin.write("go\n")
             load.stdin.flush()
-            result = read_event(load, load.stdout, "result")
+            result = read_event(load, "result", errors)
             time.sleep(args.settle)  # ... and count the measured phase's trailing work
             after = {s.name: s.cpu_seconds() for s in watched}
             sink_after = sink_stats(sink)
@@ -219,9 +229,13 @@ def measure(args: argparse.Namespace, url: str, key: str, stream: bool, concurre
                 load.kill()
     n = result["requests"]
     result["warmup_requests"] = warm["warmup_requests"]
-    result["cpu_s"] = {name: round(after[name] - before[name], 3) for name in after}
+    user_sys = {name: (after[name][0] - before[name][0], after[name][1] - before[name][1])
+                for name in after}
+    result["cpu_user_sys_s"] = {name: [round(u, 3), round(k, 3)]
+                                for name, (u, k) in user_sys.items()}
+    result["cpu_s"] = {name: round(u + k, 3) for name, (u, k) in user_sys.items()}
     result["cpu_ms_per_request"] = {
-        name: round((after[name] - before[name]) * 1000 / n, 3) if n else None for name in after}
+        name: round(cpu * 1000 / n, 3) if n else None for name, cpu in result["cpu_s"].items()}
     # CPU cores each process kept busy during the measured phase (the servers' CPU also holds
     # the phase's trailing background work, done during the settle pause)
     busy = {name: cpu / result["seconds"] for name, cpu in result["cpu_s"].items()}
@@ -232,11 +246,13 @@ def measure(args: argparse.Namespace, url: str, key: str, stream: bool, concurre
     return result
 
 
-def read_event(proc: subprocess.Popen[str], out: IO[str], event: str) -> dict[str, Any]:
-    line = out.readline()
+def read_event(proc: subprocess.Popen[str], event: str, errors: IO[str]) -> dict[str, Any]:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
     if not line:
         proc.wait()
-        err = proc.stderr.read() if proc.stderr else ""
+        errors.seek(0)
+        err = errors.read()[-4000:]
         raise RuntimeError(f"load generator exited ({proc.returncode}) before {event!r}:\n{err}")
     data: dict[str, Any] = json.loads(line)
     if data.get("event") != event:
@@ -259,7 +275,8 @@ def row(scenario: str, concurrency: int, direct: dict[str, Any] | None,
             "added_ttfb_p50_ms": added("ttfb_p50_ms")}
 
 
-def run_suite(args: argparse.Namespace, otel: bool, tmp: Path) -> list[dict[str, Any]]:
+def run_suite(args: argparse.Namespace, otel: bool, tmp: Path,
+              log_notes: list[str]) -> list[dict[str, Any]]:
     label = "otel-on" if otel else "otel-off"
     key = "bench-" + secrets.token_hex(12)
     rows: list[dict[str, Any]] = []
@@ -276,6 +293,15 @@ def run_suite(args: argparse.Namespace, otel: bool, tmp: Path) -> list[dict[str,
                                  log_level=log_level, budget=args.budget)
             return start_gateway(tmp, name, cfg, key)
 
+        def check_logs(gw: Server) -> None:
+            lines = gw.unusual_log_lines()
+            if lines:
+                log_notes.append(f"{gw.name}: {len(lines)} unusual log lines, first: "
+                                 + "\n    ".join(line[:400] for line in lines[:5]))
+
+        def watched(gw: Server) -> list[Server]:
+            return [gw, mock, sink] if sink else [gw, mock]
+
         plain = [s for s in ("json", "stream") if s in args.scenarios]
         if plain:
             with gateway(cache=False) as gw:
@@ -285,16 +311,18 @@ def run_suite(args: argparse.Namespace, otel: bool, tmp: Path) -> list[dict[str,
                         progress(label, scenario, c, "direct")
                         direct = measure(args, mock.url, UPSTREAM_KEY, stream, c, [mock], None)
                         progress(label, scenario, c, "gateway")
-                        through = measure(args, gw.url, key, stream, c, [gw, mock], sink)
+                        through = measure(args, gw.url, key, stream, c, watched(gw), sink)
                         rows.append(row(scenario, c, direct, through))
                         check_alive(gw, mock)
+            check_logs(gw)  # after the stop, so shutdown problems show too
         if "cache" in args.scenarios:
             with gateway(cache=True) as gw:
                 for c in args.concurrency:
                     progress(label, "cache", c, "gateway")
-                    through = measure(args, gw.url, key, False, c, [gw, mock], sink)
+                    through = measure(args, gw.url, key, False, c, watched(gw), sink)
                     rows.append(row("cache", c, None, through))
                     check_alive(gw, mock)
+            check_logs(gw)
     return rows
 
 
@@ -358,7 +386,10 @@ def notes(rows: list[dict[str, Any]]) -> list[str]:
         g = r["gateway"]
         where = f"{r['scenario']} c={r['concurrency']}"
         busy = ", ".join(f"{name.split(' ')[0]} {v:.2f}" for name, v in g["cpu_cores_busy"].items())
-        out.append(f"{where}: CPU cores busy in the gateway run: {busy}")
+        user, system = next(v for k, v in g["cpu_user_sys_s"].items() if k.startswith("gate"))
+        out.append(f"{where}: CPU cores busy in the gateway run: {busy}; "
+                   f"gateway user/sys {100 * user / max(user + system, 1e-9):.0f}/"
+                   f"{100 * system / max(user + system, 1e-9):.0f}%")
         if r["scenario"] == "cache":
             total = sum(g["cache"].values()) or 1
             out.append(f"{where}: x-gateway-cache {g['cache']} "
@@ -437,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
     modes = [False, True] if args.compare_otel else [args.otel]
     tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     report: dict[str, Any] = {
@@ -450,10 +482,12 @@ def main(argv: list[str] | None = None) -> int:
         "suites": {},
     }
     failed = False
+    log_notes: list[str] = []
+    report["gateway_log_notes"] = log_notes
     try:
         for otel in modes:
             label = "otel-on" if otel else "otel-off"
-            report["suites"][label] = run_suite(args, otel, tmp)
+            report["suites"][label] = run_suite(args, otel, tmp, log_notes)
     except KeyboardInterrupt:
         print("\ninterrupted; servers stopped", file=sys.stderr)
         return 130
@@ -478,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         print(table(rows))
         for line in notes(rows):
             print(f"  * {line}")
+    for note in log_notes:
+        print(f"\n! {note}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nraw results: {args.output}")
