@@ -343,3 +343,21 @@ async def test_stream_options_pass_through_unchanged(gateway: Running) -> None:
         raw = await r.read()
     assert raw.startswith(b": keep-alive\r\n\r\n") and raw.endswith(b"data: [DONE]\r\n\r\n")
     assert b"upstream_stream_interrupted" not in raw
+
+
+async def test_stream_stalling_past_idle_timeout_ends_with_error_event(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gw = await gateway_factory(idle=0.3)
+    async with (
+        aiohttp.ClientSession(headers=auth()) as s,
+        s.post(
+            f"{gw.url}/v1/responses",
+            json={**RESP, "stream": True},
+            headers={"x-mock-tokens-per-s": "2"},  # 0.5 s between deltas
+        ) as r,
+    ):
+        text = (await r.read()).decode()
+    assert "response.output_text.delta" in text and "response.completed" not in text
+    assert '"code":"upstream_stream_interrupted"' in text
+    assert "upstream idle timeout" in text
