@@ -33,7 +33,9 @@ def _guard(handler: Handler) -> Handler:
                 "The admin API is off: set admin.key to use it.",
             ).response()
         sent = request.headers.get("authorization", "")
-        if not hmac.compare_digest(sent.encode(), f"Bearer {key.get()}".encode()):
+        if not hmac.compare_digest(
+            sent.encode("utf-8", "surrogateescape"), f"Bearer {key.get()}".encode()
+        ):
             return GatewayError(
                 401,
                 "invalid_request_error",

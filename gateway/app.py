@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway import errors
 from gateway.admin import add_admin_routes
@@ -44,6 +46,37 @@ def create_app(gw: Gateway, *, manage_lifecycle: bool = True) -> web.Application
 
         app.cleanup_ctx.append(lifecycle)
     return app
+
+
+class _NoRawRequests(logging.Filter):
+    """aiohttp logs a malformed request with the raw bytes it choked on, which can hold a
+    client's key: keep the event, drop the bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], HttpProcessingError):
+            kind = type(record.exc_info[1]).__name__
+            record.msg, record.args = "rejected a malformed HTTP request (%s)", (kind,)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def http_logger() -> logging.Logger:
+    logger = logging.getLogger("gateway.http")
+    if not any(isinstance(f, _NoRawRequests) for f in logger.filters):
+        logger.addFilter(_NoRawRequests())
+    return logger
+
+
+def make_runner(app: web.Application, shutdown_timeout: float = 60.0) -> web.AppRunner:
+    """The runner every listener uses: no access log (the gateway writes its own line), and
+    a server logger that never prints request bytes."""
+    return web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=shutdown_timeout,
+        logger=http_logger(),
+    )
 
 
 def create_admin_app(gw: Gateway) -> web.Application:

@@ -33,7 +33,8 @@ class Authenticator:
         key = presented_key(headers)
         if not key:
             raise invalid_api_key()
-        digest = hashlib.sha256(key.encode()).digest()
+        # aiohttp decodes header bytes with surrogateescape: encode them back the same way
+        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
         found = self._by_digest.get(digest)
         # the lookup is keyed by a digest the caller cannot steer; the comparison is constant time
         if found is None or not hmac.compare_digest(found[0], digest):

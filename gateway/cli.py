@@ -18,7 +18,7 @@ from aiohttp import web
 
 from gateway import config
 from gateway.admin import CONFIG_PATH
-from gateway.app import create_admin_app, create_app
+from gateway.app import create_admin_app, create_app, make_runner
 from gateway.runtime import Gateway
 from gateway.telemetry.logging import configure_logging
 
@@ -44,10 +44,8 @@ async def run_gateway(
     admin = create_admin_app(gw)
     if config_path:
         admin[CONFIG_PATH] = config_path
-    runner = web.AppRunner(
-        app, access_log=None, handle_signals=False, shutdown_timeout=settings.limits.drain_timeout
-    )
-    admin_runner = web.AppRunner(admin, access_log=None, handle_signals=False)
+    runner = make_runner(app, shutdown_timeout=settings.limits.drain_timeout)
+    admin_runner = make_runner(admin, shutdown_timeout=5)
     await runner.setup()  # starts the Gateway (cleanup_ctx)
     await admin_runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=2048)

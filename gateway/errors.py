@@ -25,6 +25,7 @@ class GatewayError(Exception):
         self.code = code
         self.message = message
         self.headers = dict(headers or {})
+        self.reached = False  # an upstream failure after the request may have reached it
 
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.code)
@@ -100,22 +101,28 @@ def budget_exceeded(team: str, window: str, retry_after: int) -> GatewayError:
     )
 
 
-def upstream_unavailable(upstream: str) -> GatewayError:
-    return GatewayError(
+def upstream_unavailable(upstream: str, reached: bool = False) -> GatewayError:
+    err = GatewayError(
         502,
         "upstream_error",
         "upstream_unavailable",
-        f"Upstream '{upstream}' could not be reached.",
+        f"Upstream '{upstream}' could not be reached."
+        if not reached
+        else f"Upstream '{upstream}' closed the connection before answering.",
     )
+    err.reached = reached
+    return err
 
 
 def upstream_timeout(upstream: str, seconds: float) -> GatewayError:
-    return GatewayError(
+    err = GatewayError(
         504,
         "upstream_error",
         "upstream_timeout",
         f"Upstream '{upstream}' sent no response within {seconds:g} s.",
     )
+    err.reached = True  # it may be working on the request: charge the estimate
+    return err
 
 
 def shutting_down() -> GatewayError:
@@ -152,6 +159,41 @@ def mask_secrets(body: bytes, secrets: tuple[bytes, ...]) -> bytes:
         if secret and secret in body:
             body = body.replace(secret, mask(secret))
     return body
+
+
+class StreamMasker:
+    """Masks secrets in a byte stream whose chunks may split a secret anywhere.
+
+    A chunk's tail is held back only while it could be the start of a secret, so in practice
+    (chunks ending in a line break) nothing is delayed.
+    """
+
+    __slots__ = ("_held", "_secrets")
+
+    def __init__(self, secrets: tuple[bytes, ...]) -> None:
+        self._secrets = tuple(s for s in secrets if s)
+        self._held = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        if not self._secrets:
+            return chunk
+        data = self._held + chunk if self._held else chunk
+        data = mask_secrets(data, self._secrets)
+        hold = 0
+        for s in self._secrets:
+            for k in range(min(len(s) - 1, len(data)), hold, -1):
+                if data.endswith(s[:k]):
+                    hold = k
+                    break
+        if hold:
+            self._held = data[-hold:]
+            return data[:-hold]
+        self._held = b""
+        return data
+
+    def flush(self) -> bytes:
+        held, self._held = self._held, b""
+        return held
 
 
 def mask(secret: bytes) -> bytes:

@@ -68,6 +68,7 @@ class Exchange:
     upstream_wait: float = 0.0  # seconds spent waiting on the upstream or the client
     upstream_started: float = 0.0
     upstream_status: int = 0
+    upstream_reached: bool = False  # failed after the request may have reached the upstream
     error: str | None = None
     reservation: Reservation | None = None
     response_id: str | None = None
@@ -90,8 +91,8 @@ async def finish(gw: Gateway, ex: Exchange) -> None:
         if ex.usage is not None:
             charged = ex.usage.total_tokens
             cost = policy.prices.cost(ex.model, ex.usage)
-        elif ex.upstream_status == 200:
-            # the upstream worked but never told us how much: charge the marked estimate
+        elif ex.upstream_status == 200 or ex.upstream_reached:
+            # the upstream (may have) worked but never told us how much: charge the estimate
             ex.estimated = True
             charged, cost = ex.reservation.tokens, ex.reservation.usd
         await gw.budget.settle(ex.reservation, charged, cost, now)

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from opentelemetry.trace import Span
 
 from gateway import errors
@@ -22,7 +23,7 @@ from gateway.cache.entry import CacheEntry
 from gateway.cache.key import cache_key
 from gateway.errors import GatewayError
 from gateway.exchange import Exchange, finish, request_id, route_of
-from gateway.relay import relay_body, relay_stream, replay
+from gateway.relay import relay_body, relay_raw, relay_stream, replay
 from gateway.runtime import Gateway
 from gateway.telemetry.tracing import trace_id_hex
 from gateway.upstream import UpstreamClient, request_headers
@@ -56,7 +57,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             "http.route": ex.route,
             "url.path": request.path,
             "url.scheme": request.scheme,
-            "server.port": request.url.port or 0,
+            "server.port": _local_port(request),
             "user_agent.original": request.headers.get("user-agent", ""),
         },
     )
@@ -83,6 +84,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
             gw.log.exception("finishing a request failed", request_id=ex.request_id)
 
 
+def _local_port(request: web.Request) -> int:
+    """The port this request arrived on, from the socket (a client's Host header can be junk)."""
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    return int(sockname[1]) if isinstance(sockname, tuple) and len(sockname) > 1 else 0
+
+
 async def _send(request: web.Request, resp: web.Response) -> web.StreamResponse:
     """Write a whole response now, so the request's end is known when `finish` runs."""
     try:
@@ -107,6 +114,8 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise errors.request_too_large(limit) from None
+    except (web.RequestPayloadError, HttpProcessingError):  # broken gzip or chunking
+        raise errors.invalid_json("the body could not be read") from None
 
 
 async def _pipeline(gw: Gateway, request: web.Request, ex: Exchange) -> web.StreamResponse:
@@ -223,7 +232,7 @@ async def _from_cache(
     if flight is None:
         ex.cache = "miss"
         return None, True
-    flight.followers += 1
+    flight.readers += 1
     try:
         if flight.stream:
             if await flight.wait_head():
@@ -237,7 +246,7 @@ async def _from_cache(
                 _count_lookup(gw, "coalesced")
                 return await _serve_entry(gw, request, ex, shared, "coalesced"), False
     finally:
-        flight.followers -= 1
+        flight.readers -= 1
     ex.cache = "miss"  # the leader's answer cannot be shared: make our own call
     _count_lookup(gw, "miss")
     return None, False
@@ -285,7 +294,7 @@ async def _budget_headers(gw: Gateway, ex: Exchange) -> dict[str, str]:
 
 
 async def _reserve(gw: Gateway, ex: Exchange, body_len: int) -> None:
-    team = gw.policy.teams[ex.team]
+    team = gw.policy.teams[ex.team]  # the caller checked it is there
     parsed = ex.request_body if isinstance(ex.request_body, dict) else {}
     out = (
         parsed.get("max_output_tokens")
@@ -313,8 +322,10 @@ async def _call(
     store_key: str | None,
     flight: Any,
 ) -> web.StreamResponse:
-    if ex.metered and gw.policy.teams[ex.team].budgets:
+    team = gw.policy.teams.get(ex.team)  # a reload may have removed it mid-request
+    if ex.metered and team is not None and team.budgets:
         await _reserve(gw, ex, len(body))
+    body = _with_stream_usage(ex, body)
     extra = {"x-request-id": ex.request_id, **client.auth_header()}
     ex.client_span = _client_span(gw, ex, client)
     headers = request_headers(request.headers.items(), extra)
@@ -326,37 +337,57 @@ async def _call(
         up = await client.send(request.method, request.path_qs, headers, body)
     except GatewayError as e:
         ex.upstream_status = 0
+        ex.upstream_reached = e.reached
         gw.metrics.upstream_errors.labels(client.name, e.code).inc()
         raise
     finally:
         ex.upstream_wait += time.perf_counter() - t0
-    ex.upstream_status = up.status
-    if up.status >= 500:
-        gw.metrics.upstream_errors.labels(client.name, f"http_{up.status}").inc()
-    budget = await _budget_headers(gw, ex) if ex.reservation is not None else {}
-    extra_out = {**_gateway_headers(ex), **budget}
-    if ex.cache:
-        extra_out["x-gateway-cache"] = ex.cache
     try:
-        if up.content_type == "text/event-stream":
+        ex.upstream_status = up.status
+        if up.status >= 500:
+            gw.metrics.upstream_errors.labels(client.name, f"http_{up.status}").inc()
+        budget = await _budget_headers(gw, ex) if ex.reservation is not None else {}
+        extra_out = {**_gateway_headers(ex), **budget}
+        if ex.cache:
+            extra_out["x-gateway-cache"] = ex.cache
+        ctype = up.content_type
+        if ctype == "text/event-stream":
             return await relay_stream(gw, request, ex, up, extra_out, store_key, flight)
-        return await relay_body(gw, request, ex, up, extra_out, store_key, flight)
+        if "json" in ctype:
+            return await relay_body(gw, request, ex, up, extra_out, store_key, flight)
+        return await relay_raw(gw, request, ex, up, extra_out, flight)
     finally:
         up.release()
 
 
+def _with_stream_usage(ex: Exchange, body: bytes) -> bytes:
+    """A Chat Completions stream reports usage only when asked: ask, so it is charged exactly.
+
+    Clients that did not ask then also receive the final usage chunk (`choices: []`), a
+    documented chunk shape that the OpenAI SDKs handle.
+    """
+    parsed = ex.request_body
+    if ex.route != "/v1/chat/completions" or not ex.stream or not isinstance(parsed, dict):
+        return body
+    options = parsed.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return body
+    options = (
+        {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
+    )
+    return orjson.dumps({**parsed, "stream_options": options})
+
+
 def _client_span(gw: Gateway, ex: Exchange, client: UpstreamClient) -> Span:
     body = ex.request_body if isinstance(ex.request_body, dict) else {}
-    url = client.cfg.base_url
-    host = url.split("://", 1)[-1].split("/", 1)[0]
     attrs: dict[str, Any] = {
         "gen_ai.operation.name": "chat" if ex.model else "http",
         "gen_ai.provider.name": client.name,
-        "server.address": host.rsplit(":", 1)[0],
+        "server.address": client.host,
         "http.request.method": ex.method,
     }
-    if ":" in host and host.rsplit(":", 1)[1].isdigit():
-        attrs["server.port"] = int(host.rsplit(":", 1)[1])
+    if client.port is not None:
+        attrs["server.port"] = client.port
     if ex.model:
         attrs["gen_ai.request.model"] = ex.model
         attrs["gen_ai.request.stream"] = ex.stream

@@ -1,7 +1,10 @@
-"""Relaying an upstream response to the client: whole JSON bodies, and SSE streams chunk by chunk.
+"""Relaying an upstream response to clients: JSON bodies, other bodies, and SSE streams.
 
-A stream chunk is written to the client first and only then fed to the SSE decoder, so the
-tap never delays a byte. When the client goes away mid-stream the upstream is still read, up to
+A stream is read once, by a `StreamPump`. Without a flight it writes each chunk to the client
+first and only then feeds the SSE decoder, so the tap never delays a byte. With a flight
+(identical requests sharing one upstream call) it publishes each chunk to the flight, and
+every client, the leader's own included, is served from there at its own pace: no client can
+stall another. When every client has gone the upstream is still read, up to
 `limits.drain_timeout`, so that the real usage is recorded.
 """
 
@@ -9,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -19,6 +22,7 @@ from aiohttp import web
 from gateway import errors
 from gateway.cache.entry import KEPT_HEADERS, CacheEntry
 from gateway.cache.flight import Flight
+from gateway.errors import StreamMasker
 from gateway.exchange import Exchange
 from gateway.sse import SSEDecoder
 from gateway.upstream import response_headers
@@ -27,13 +31,11 @@ from gateway.usage import StreamTracker, finish_reason, usage_from_body
 if TYPE_CHECKING:
     from gateway.runtime import Gateway
 
-CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError, BrokenPipeError)
-UPSTREAM_BROKEN = (
-    aiohttp.ClientPayloadError,
-    aiohttp.ClientConnectionError,
-    aiohttp.ServerDisconnectedError,
-)
-POST_TERMINAL_GRACE = 5.0  # seconds an upstream may hold a finished stream open
+# a client that went away: aiohttp raises ConnectionResetError, its ClientConnectionResetError
+# subclass, or a bare ConnectionError("Connection lost") when a blocked write is cut off
+CLIENT_GONE = (ConnectionError, aiohttp.ClientConnectionResetError)
+UPSTREAM_BROKEN = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)
+POST_TERMINAL_GRACE = 1.0  # seconds an upstream may keep a finished stream open
 
 
 def _headers(up: aiohttp.ClientResponse, extra: Mapping[str, str]) -> dict[str, str]:
@@ -49,6 +51,28 @@ def _kept(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     return tuple((k, v) for k, v in headers.items() if k.lower() in KEPT_HEADERS)
 
 
+async def _read_chunk(up: aiohttp.ClientResponse, ex: Exchange, within: float) -> bytes:
+    """One chunk of the upstream body within `within` seconds (idle time, not total time)."""
+    t0 = time.perf_counter()
+    try:
+        async with asyncio.timeout(within):
+            return await up.content.readany()
+    finally:
+        ex.upstream_wait += time.perf_counter() - t0
+
+
+async def _write(resp: web.StreamResponse, chunk: bytes, ex: Exchange, within: float) -> None:
+    """Write to a client; one that takes in nothing for `within` seconds counts as gone."""
+    t0 = time.perf_counter()
+    try:
+        async with asyncio.timeout(within):
+            await resp.write(chunk)
+    except TimeoutError:
+        raise ConnectionError("the client stopped reading") from None
+    finally:
+        ex.upstream_wait += time.perf_counter() - t0
+
+
 async def relay_body(
     gw: Gateway,
     request: web.Request,
@@ -58,26 +82,22 @@ async def relay_body(
     store_key: str | None,
     flight: Flight | None,
 ) -> web.StreamResponse:
+    """A JSON body: read whole (usage and cacheability come from it), masked, then sent."""
     idle = gw.upstreams[ex.upstream].cfg.timeouts.idle
-    t0 = time.perf_counter()
+    parts: list[bytes] = []
     try:
-        async with asyncio.timeout(idle):
-            data = await up.read()
+        while chunk := await _read_chunk(up, ex, idle):
+            parts.append(chunk)
     except TimeoutError:
         raise errors.upstream_timeout(ex.upstream, idle) from None
     except UPSTREAM_BROKEN:
-        raise errors.upstream_unavailable(ex.upstream) from None
-    finally:
-        ex.upstream_wait += time.perf_counter() - t0
-    if up.status >= 400:
-        data = errors.mask_secrets(data, gw.secrets)
+        raise errors.upstream_unavailable(ex.upstream, reached=True) from None
+    data = errors.mask_secrets(b"".join(parts), gw.secrets)
     ex.status = up.status
     headers = _headers(up, extra)
     entry: CacheEntry | None = None
-    if (
-        (ex.metered or ex.route in ("/v1/responses/{id}", "/v1/responses/{id}/cancel"))
-        and up.status == 200
-        and "json" in up.content_type
+    if up.status == 200 and (
+        ex.metered or ex.route in ("/v1/responses/{id}", "/v1/responses/{id}/cancel")
     ):
         obj = _loads(data)
         if isinstance(obj, dict):
@@ -92,13 +112,15 @@ async def relay_body(
                 ex.response_model = model
             if obj.get("object") == "response":
                 ex.finish_reasons = (finish_reason(obj),)
-            if store_key is not None and obj.get("status") == "completed":
+            if store_key is not None and not ex.stream and obj.get("status") == "completed":
                 entry = CacheEntry(
                     200, _kept(headers), data, False, ex.team, ex.model, ex.usage, gw.clock()
                 )
     if entry is not None and store_key is not None:
         await gw.cache.put(store_key, entry)
     if flight is not None:
+        if flight.stream:  # streamed followers cannot take a JSON answer
+            flight.publish_head(up.status, (), shared=False)
         flight.finish(entry, ex.usage)
     resp = web.Response(status=up.status, body=data, headers=headers)
     try:
@@ -116,6 +138,176 @@ def _loads(data: bytes) -> Any:
         return None
 
 
+async def relay_raw(
+    gw: Gateway,
+    request: web.Request,
+    ex: Exchange,
+    up: aiohttp.ClientResponse,
+    extra: Mapping[str, str],
+    flight: Flight | None,
+) -> web.StreamResponse:
+    """Any other body (audio, files, text errors): passed through chunk by chunk, masked."""
+    if flight is not None:
+        flight.publish_head(up.status, (), shared=False)
+        flight.finish(None, None)
+    ex.status = up.status
+    idle = gw.upstreams[ex.upstream].cfg.timeouts.idle
+    masker = StreamMasker(gw.secrets)
+    resp = web.StreamResponse(status=up.status, headers=_headers(up, extra))
+    try:
+        await resp.prepare(request)
+        while chunk := await _read_chunk(up, ex, idle):
+            if out := masker.feed(chunk):
+                await _write(resp, out, ex, idle)
+        if tail := masker.flush():
+            await _write(resp, tail, ex, idle)
+        await resp.write_eof()
+    except CLIENT_GONE:
+        ex.error = "client_disconnected"
+    except (TimeoutError, *UPSTREAM_BROKEN):
+        ex.error = "upstream_body_interrupted"
+        gw.metrics.upstream_errors.labels(ex.upstream, "body_interrupted").inc()
+        if request.transport is not None:
+            request.transport.close()  # the body is incomplete: the client must not take it
+    return resp
+
+
+class StreamPump:
+    """Reads one upstream SSE stream to its end: taps usage, records it for the cache, and
+    hands each chunk to `emit` (the client's socket, or the flight)."""
+
+    def __init__(
+        self,
+        gw: Gateway,
+        ex: Exchange,
+        up: aiohttp.ClientResponse,
+        headers: Mapping[str, str],
+        store_key: str | None,
+        flight: Flight | None,
+    ) -> None:
+        self.gw, self.ex, self.up, self.flight = gw, ex, up, flight
+        self.headers = headers
+        self.store_key = store_key
+        self.record: list[bytes] | None = [] if store_key is not None and up.status == 200 else None
+        self.decoder = SSEDecoder()
+        self.tracker = StreamTracker()
+        self.masker = StreamMasker(gw.secrets)
+        self.broken: str | None = None
+
+    async def run(self, emit: Callable[[bytes], Any], readers: Callable[[], int]) -> None:
+        """`emit(chunk)` may be a coroutine function; `readers()` counts clients still there."""
+        gw, ex, summary = self.gw, self.ex, self.tracker.summary
+        idle = gw.upstreams[ex.upstream].cfg.timeouts.idle
+        drain = gw.settings.limits.drain_timeout
+        cap = gw.settings.cache.max_entry_bytes
+        loop = asyncio.get_running_loop()
+        perf = time.perf_counter
+        deadline = float("inf")  # after a terminal event, or once every client left
+        size = 0
+        gw.metrics.active_streams.inc()
+        try:
+            while True:
+                now = loop.time()
+                if readers() == 0:
+                    if summary.terminal:
+                        break  # the usage is in: no one is left to read the rest
+                    if deadline == float("inf"):
+                        deadline = now + drain
+                elif not summary.terminal:
+                    deadline = float("inf")
+                timeout = min(idle, deadline - now)
+                if timeout <= 0:
+                    if not summary.terminal:
+                        self.broken = "drain timeout"
+                    break
+                try:
+                    chunk = await _read_chunk(self.up, ex, timeout)
+                except TimeoutError:
+                    if not summary.terminal and deadline - loop.time() > 0:
+                        self.broken = "upstream idle timeout"
+                    elif not summary.terminal:
+                        self.broken = "drain timeout"
+                    break
+                except UPSTREAM_BROKEN:
+                    self.broken = "upstream closed the stream"
+                    break
+                if not chunk:
+                    break
+                out = self.masker.feed(chunk)
+                if out:
+                    result = emit(out)
+                    if result is not None:
+                        await result
+                if self.record is not None:
+                    size += len(out)
+                    if size > cap:
+                        self.record = None
+                    else:
+                        self.record.append(out)
+                was_terminal = summary.terminal
+                for event in self.decoder.feed(chunk):
+                    if self.tracker.observe(event) and ex.ttft is None:
+                        ex.ttft = perf() - ex.started
+                if summary.terminal and not was_terminal:
+                    deadline = loop.time() + POST_TERMINAL_GRACE
+                if summary.done:
+                    break  # nothing follows [DONE]
+            await self._end(emit)
+        finally:
+            gw.metrics.active_streams.dec()
+            await self._settle()
+
+    async def _end(self, emit: Callable[[bytes], Any]) -> None:
+        gw, ex, summary = self.gw, self.ex, self.tracker.summary
+        tail = self.masker.flush()
+        if not summary.terminal and self.broken is None and ex.metered:
+            self.broken = "upstream ended the stream before a terminal event"
+        if self.broken is not None and not summary.terminal and self.up.status == 200:
+            if self.broken != "drain timeout":  # not the upstream's fault: nobody was reading
+                ex.error = ex.error or "upstream_stream_interrupted"
+                gw.metrics.upstream_errors.labels(ex.upstream, "stream_interrupted").inc()
+            tail += self.decoder.terminator() + errors.stream_interrupted_event(
+                summary.next_sequence, f"The upstream stream broke: {self.broken}."
+            )
+        if tail:
+            if self.record is not None:
+                self.record.append(tail)
+            result = emit(tail)
+            if result is not None:
+                await result
+
+    async def _settle(self) -> None:
+        gw, ex, summary = self.gw, self.ex, self.tracker.summary
+        ex.usage = summary.usage if ex.metered else None
+        ex.response_id, ex.response_model = summary.response_id, summary.response_model
+        ex.finish_reasons = summary.finish_reasons
+        if summary.error_code and not ex.error:
+            ex.error = summary.error_code
+        if ex.response_id and ex.response_id.startswith("resp_"):
+            gw.owners[ex.response_id] = (ex.upstream, ex.team)
+        entry = None
+        if (
+            self.record is not None
+            and summary.terminal
+            and summary.status == "completed"
+            and self.broken is None
+        ):
+            entry = CacheEntry(
+                200,
+                _kept(self.headers),
+                b"".join(self.record),
+                True,
+                ex.team,
+                ex.model,
+                summary.usage,
+                gw.clock(),
+            )
+        if self.flight is not None:
+            self.flight.finish(entry, summary.usage)
+        if entry is not None and self.store_key is not None:
+            await gw.cache.put(self.store_key, entry)
+
+
 async def relay_stream(
     gw: Gateway,
     request: web.Request,
@@ -128,134 +320,74 @@ async def relay_stream(
     ex.stream = True
     ex.status = up.status
     headers = _headers(up, extra)
+    pump = StreamPump(gw, ex, up, headers, store_key, flight)
     resp = web.StreamResponse(status=up.status, headers=headers)
-    client_gone = False
+    idle = gw.upstreams[ex.upstream].cfg.timeouts.idle
+    if flight is not None:
+        flight.publish_head(up.status, tuple(headers.items()), shared=up.status == 200)
+        flight.readers += 1
+        task = gw.spawn(pump.run(flight.publish, lambda: flight.readers))
+        try:
+            await _serve(request, resp, flight, ex, idle)
+        finally:
+            flight.readers -= 1
+        await asyncio.shield(task)
+        return resp
+
+    present = True
+
+    async def emit(chunk: bytes) -> None:
+        nonlocal present
+        if present:
+            try:
+                await _write(resp, chunk, ex, idle)
+            except CLIENT_GONE:
+                present = False
+                ex.error = "client_disconnected"
+
     try:
         await resp.prepare(request)
     except CLIENT_GONE:
-        client_gone = True
-    if flight is not None:
-        flight.publish_head(up.status, tuple(headers.items()), shared=up.status == 200)
-    record: list[bytes] | None = [] if store_key is not None and up.status == 200 else None
-    record_size = 0
-    cap = gw.settings.cache.max_entry_bytes
-    limits = gw.settings.limits
-    idle = gw.upstreams[ex.upstream].cfg.timeouts.idle
-    decoder = SSEDecoder()
-    tracker = StreamTracker()
-    summary = tracker.summary
-    loop = asyncio.get_running_loop()
-    drain_deadline = 0.0
-    broken: str | None = None
-    content = up.content
-    perf = time.perf_counter
-    gw.metrics.active_streams.inc()
-    try:
-        while True:
-            timeout = POST_TERMINAL_GRACE if summary.terminal else idle
-            if client_gone and (flight is None or flight.followers == 0):
-                if summary.terminal:
-                    break  # the usage is in: no one is left to read the rest
-                timeout = min(timeout, drain_deadline - loop.time())
-                if timeout <= 0:
-                    broken = "drain timeout"
-                    break
-            t0 = perf()
-            try:
-                async with asyncio.timeout(timeout):
-                    chunk = await content.readany()
-            except TimeoutError:
-                if not summary.terminal:
-                    broken = "upstream idle timeout"
-                break
-            except UPSTREAM_BROKEN:
-                broken = "upstream closed the stream"
-                break
-            finally:
-                ex.upstream_wait += perf() - t0
-            if not chunk:
-                break
-            if not client_gone:
-                t0 = perf()
-                try:
-                    await resp.write(chunk)
-                except CLIENT_GONE:
-                    client_gone = True
-                    ex.error = "client_disconnected"
-                    drain_deadline = loop.time() + limits.drain_timeout
-                ex.upstream_wait += perf() - t0
-            if flight is not None:
-                flight.publish(chunk)
-            if record is not None:
-                record_size += len(chunk)
-                if record_size > cap:
-                    record = None
-                else:
-                    record.append(chunk)
-            for event in decoder.feed(chunk):
-                if tracker.observe(event) and ex.ttft is None:
-                    ex.ttft = perf() - ex.started
-        if not summary.terminal and broken is None and ex.metered:
-            broken = "upstream ended the stream before a terminal event"
-        if broken is not None and not summary.terminal and up.status == 200:
-            ex.error = ex.error or "upstream_stream_interrupted"
-            gw.metrics.upstream_errors.labels(ex.upstream, "stream_interrupted").inc()
-            tail = errors.stream_interrupted_event(
-                summary.next_sequence, f"The upstream stream broke: {broken}."
-            )
-            if flight is not None:
-                flight.publish(tail)
-            if not client_gone:
-                try:
-                    await resp.write(tail)
-                except CLIENT_GONE:
-                    client_gone = True
-        if not client_gone:
-            try:
-                await resp.write_eof()
-            except CLIENT_GONE:
-                client_gone = True
-    finally:
-        gw.metrics.active_streams.dec()
-        ex.usage = summary.usage if ex.metered else None
-        ex.response_id, ex.response_model = summary.response_id, summary.response_model
-        ex.finish_reasons = summary.finish_reasons
-        if summary.error_code and not ex.error:
-            ex.error = summary.error_code
-        if ex.response_id and ex.response_id.startswith("resp_"):
-            gw.owners[ex.response_id] = (ex.upstream, ex.team)
-        entry = None
-        if (
-            record is not None
-            and summary.terminal
-            and summary.status == "completed"
-            and broken is None
-        ):
-            entry = CacheEntry(
-                200,
-                _kept(headers),
-                b"".join(record),
-                True,
-                ex.team,
-                ex.model,
-                summary.usage,
-                gw.clock(),
-            )
-        if flight is not None:
-            flight.finish(entry, summary.usage)
-        if entry is not None and store_key is not None:
-            await gw.cache.put(store_key, entry)
+        present = False
+        ex.error = "client_disconnected"
+    await pump.run(emit, lambda: 1 if present else 0)
+    if present:
+        try:
+            await resp.write_eof()
+        except CLIENT_GONE:
+            ex.error = "client_disconnected"
     return resp
 
 
+async def _serve(
+    request: web.Request,
+    resp: web.StreamResponse,
+    flight: Flight,
+    ex: Exchange,
+    idle: float,
+) -> None:
+    """One client of a flight: everything published so far, then live, at its own pace."""
+    try:
+        await resp.prepare(request)
+        async for chunk in flight.follow():
+            await _write(resp, chunk, ex, idle)
+        await resp.write_eof()
+    except CLIENT_GONE:
+        ex.error = "client_disconnected"
+
+
 async def replay(
-    gw: Gateway, request: web.Request, ex: Exchange, flight: Flight, extra: Mapping[str, str]
+    gw: Gateway,
+    request: web.Request,
+    ex: Exchange,
+    flight: Flight,
+    extra: Mapping[str, str],
 ) -> web.StreamResponse:
-    """A follower: the leader's stream from its first byte, then live, at its own pace."""
+    """A follower of a streamed flight."""
     ex.stream = True
     ex.status = flight.status
     headers = dict(flight.headers)
-    headers.update({k: v for k, v in extra.items()})
+    headers.update(extra)
     headers.update(
         {
             "x-request-id": ex.request_id,
@@ -264,12 +396,7 @@ async def replay(
         }
     )
     resp = web.StreamResponse(status=flight.status, headers=headers)
-    try:
-        await resp.prepare(request)
-        async for chunk in flight.follow():
-            await resp.write(chunk)
-        await resp.write_eof()
-    except CLIENT_GONE:
-        ex.error = "client_disconnected"
+    idle = gw.upstreams[ex.upstream].cfg.timeouts.idle
+    await _serve(request, resp, flight, ex, idle)
     ex.saved = flight.usage
     return resp

@@ -28,6 +28,16 @@ class SSEDecoder:
         self._data: list[bytes] = []
         self._id: str | None = None
 
+    def terminator(self) -> bytes:
+        """What to send before appending an event of one's own to the bytes fed so far:
+        line breaks that end a partial line and an undispatched event, if there is one."""
+        out = b"\n" if self._pending_cr else b""  # a reader takes the next LF as CRLF's half
+        if self._buf:
+            out += b"\n"
+        if self._buf or self._data or self._event is not None:
+            out += b"\n"
+        return out
+
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         if self._pending_cr:
             self._pending_cr = False

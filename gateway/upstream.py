@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 
 import aiohttp
 from multidict import CIMultiDict
+from yarl import URL
 
 from gateway import errors
 from gateway.auth import CLIENT_CREDENTIAL_HEADERS
@@ -40,6 +41,8 @@ _DROP_REQUEST = (
         "tracestate",
         "x-request-id",
         "expect",
+        # aiohttp has already decoded a compressed request body: the bytes sent are plain
+        "content-encoding",
     }
 )
 # never forwarded to the client: hop-by-hop, framing the gateway redoes, upstream cookies
@@ -57,8 +60,8 @@ def request_headers(
     incoming: Iterable[tuple[str, str]], extra: Mapping[str, str]
 ) -> CIMultiDict[str]:
     """Client headers minus what must not travel upstream, plus the gateway's own."""
-    pairs = [(k, v) for k, v in incoming]
-    named = {t.strip().lower() for k, v in pairs if k.lower() == "connection" for t in v.split(",")}
+    pairs = list(incoming)
+    named = _connection_named(pairs)
     out: CIMultiDict[str] = CIMultiDict()
     for k, v in pairs:
         lk = k.lower()
@@ -70,11 +73,20 @@ def request_headers(
 
 
 def response_headers(incoming: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
+    """Upstream headers minus hop-by-hop ones (also those named in `Connection`) and any
+    `x-gateway-*` an upstream might send: those are the gateway's to set."""
+    pairs = list(incoming)
+    named = _connection_named(pairs)
     out: CIMultiDict[str] = CIMultiDict()
-    for k, v in incoming:
-        if k.lower() not in _DROP_RESPONSE:
+    for k, v in pairs:
+        lk = k.lower()
+        if lk not in _DROP_RESPONSE and lk not in named and not lk.startswith("x-gateway-"):
             out.add(k, v)
     return out
+
+
+def _connection_named(pairs: list[tuple[str, str]]) -> set[str]:
+    return {t.strip().lower() for k, v in pairs if k.lower() == "connection" for t in v.split(",")}
 
 
 class UpstreamClient:
@@ -85,6 +97,9 @@ class UpstreamClient:
         self.name = cfg.name
         self._session: aiohttp.ClientSession | None = None
         self._keys = itertools.cycle(cfg.api_keys) if cfg.api_keys else None
+        url = URL(cfg.base_url)
+        self.host = url.host or ""
+        self.port = url.port
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=None, sock_connect=cfg.timeouts.connect, sock_read=None
         )
@@ -123,7 +138,11 @@ class UpstreamClient:
     async def send(
         self, method: str, path_qs: str, headers: Mapping[str, str], body: bytes
     ) -> aiohttp.ClientResponse:
-        """Send a request; returns once response headers arrived (or raises GatewayError)."""
+        """Send a request; returns once response headers arrived (or raises GatewayError).
+
+        The error's `reached` says whether the request may have reached the upstream (and so
+        may cost money): not when the connection failed, yes when it timed out or broke later.
+        """
         session = self._session
         if session is None:
             raise errors.upstream_unavailable(self.name)
@@ -133,9 +152,9 @@ class UpstreamClient:
                 return await session.request(
                     method, url, data=body or None, headers=headers, allow_redirects=False
                 )
-        except aiohttp.ConnectionTimeoutError:
+        except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError):
             raise errors.upstream_unavailable(self.name) from None
         except TimeoutError:
             raise errors.upstream_timeout(self.name, self.cfg.timeouts.first_byte) from None
         except aiohttp.ClientError:
-            raise errors.upstream_unavailable(self.name) from None
+            raise errors.upstream_unavailable(self.name, reached=True) from None

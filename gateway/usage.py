@@ -7,6 +7,7 @@ Every `*_details` field and `total_tokens` is optional; the provider's simplifie
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,10 +32,12 @@ _STATUS_OF_EVENT = {
     "response.cancelled": "cancelled",
 }
 _USAGE = (b'"usage":{', b'"usage": {')
+_CONTENT = re.compile(rb'"content":\s*"[^"]')
 _SNIFF = (
     *_USAGE,
     b'"error"',
     b'"finish_reason":"',
+    b'"finish_reason": "',
     b"response.completed",
     b"response.incomplete",
     b"response.failed",
@@ -118,6 +121,7 @@ class StreamSummary:
 
     events: int = 0
     terminal: bool = False
+    done: bool = False  # `data: [DONE]` arrived: nothing can follow
     usage: Usage | None = None
     status: str | None = None
     response_id: str | None = None
@@ -152,7 +156,7 @@ class StreamTracker:
         s = self.summary
         data = ev.data
         if data[:6] == b"[DONE]":
-            s.terminal = True
+            s.terminal = s.done = True
             return False
         s.events += 1
         name = ev.event
@@ -235,7 +239,7 @@ def _is_output(name: str | None, data: bytes) -> bool:
     if b'"type":"response.' in data or b'"type": "response.' in data:
         return b'.delta"' in data
     # Chat chunk: the first one carrying content or a tool call
-    return (b'"content":"' in data and b'"content":""' not in data) or b'"tool_calls"' in data
+    return _CONTENT.search(data) is not None or b'"tool_calls"' in data
 
 
 def finish_reason(response: Mapping[str, Any]) -> str:

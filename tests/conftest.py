@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from gateway.app import create_admin_app, create_app
+from gateway.app import create_admin_app, create_app, make_runner
 from gateway.config import Settings, loads
 from gateway.mock_upstream import MOCK_STATE, MockOptions, MockState, create_mock_app
 from gateway.runtime import Gateway
@@ -54,6 +55,33 @@ ENV = {
     "ADMIN_KEY": ADMIN_KEY,
     "UPSTREAM_KEY": UPSTREAM_KEY,
 }
+
+
+def wait_listening(port: int, timeout: float = 20.0) -> None:
+    """Block until something accepts connections on 127.0.0.1:port (a server subprocess)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def bound_socket() -> socket.socket:
+    """A listening-ready socket on a free port, held open: no other process can take it."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+async def serve_on_free_port(runner: web.AppRunner) -> int:
+    sock = bound_socket()
+    await web.SockSite(runner, sock).start()
+    port: int = sock.getsockname()[1]
+    return port
 
 
 def free_port() -> int:
@@ -105,20 +133,18 @@ async def start_upstream(options: MockOptions | None = None) -> Upstream:
     app = create_mock_app(options or MockOptions())
     runner = web.AppRunner(app, shutdown_timeout=1)
     await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    port = await serve_on_free_port(runner)
     return Upstream(f"http://127.0.0.1:{port}", app[MOCK_STATE], runner)
 
 
 async def start_gateway(settings: Settings, gw: Gateway | None = None) -> Running:
     gw = gw or Gateway(settings)
-    runner = web.AppRunner(create_app(gw), shutdown_timeout=2)
-    admin_runner = web.AppRunner(create_admin_app(gw))
+    runner = make_runner(create_app(gw), shutdown_timeout=2)
+    admin_runner = make_runner(create_admin_app(gw))
     await runner.setup()
     await admin_runner.setup()
-    port, admin_port = free_port(), free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    await web.TCPSite(admin_runner, "127.0.0.1", admin_port).start()
+    port = await serve_on_free_port(runner)
+    admin_port = await serve_on_free_port(admin_runner)
     return Running(
         gw, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", runner, admin_runner
     )

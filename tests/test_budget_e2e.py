@@ -27,6 +27,7 @@ from conftest import (
     free_port,
     make_settings,
     start_gateway,
+    wait_listening,
 )
 
 from gateway.ledger.sqlite import SqliteLedger
@@ -313,6 +314,7 @@ def upstream_process() -> Any:
         [sys.executable, "-m", "gateway", "mock-upstream", "--port", str(port)],
         stdout=subprocess.DEVNULL,
     )
+    wait_listening(port)
     yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=10)

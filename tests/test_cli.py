@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port
+from conftest import free_port, wait_listening
 
 
 @dataclass
@@ -71,6 +71,7 @@ def mock_upstream() -> Iterator[str]:
         [sys.executable, "-m", "gateway", "mock-upstream", "--port", str(port)],
         stdout=subprocess.DEVNULL,
     )
+    wait_listening(port)
     yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=10)

@@ -17,6 +17,7 @@ from conftest import (
     Upstream,
     auth,
     free_port,
+    serve_on_free_port,
 )
 
 RESP = {"model": "nusantara-base", "input": "Tell me a story", "max_output_tokens": 12}
@@ -291,8 +292,7 @@ async def scripted_upstream(
 async def test_stream_byte_identical_and_incremental(gateway_factory: GatewayFactory) -> None:
     gate, sent_all = asyncio.Event(), asyncio.Event()
     runner = await scripted_upstream(RECORDED, gate, sent_all)
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    port = await serve_on_free_port(runner)
     try:
         gw = await gateway_factory(upstream_url=f"http://127.0.0.1:{port}")
         got = b""
@@ -361,3 +361,26 @@ async def test_stream_stalling_past_idle_timeout_ends_with_error_event(
     assert "response.output_text.delta" in text and "response.completed" not in text
     assert '"code":"upstream_stream_interrupted"' in text
     assert "upstream idle timeout" in text
+
+
+async def test_chat_stream_usage_is_requested_and_charged_exactly(
+    gateway_factory: GatewayFactory, upstream: Upstream
+) -> None:
+    gw = await gateway_factory(alpha_budgets="[{tokens: 100000, per: day}]")
+    chat = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 5,
+        "stream": True,
+    }
+    async with (
+        aiohttp.ClientSession(headers=auth()) as s,
+        s.post(f"{gw.url}/v1/chat/completions", json=chat) as r,
+    ):
+        text = await r.text()
+    sent = orjson.loads(upstream.state.requests[-1].body)
+    assert sent["stream_options"] == {"include_usage": True}
+    assert '"choices":[]' in text.replace(" ", "") and text.rstrip().endswith("data: [DONE]")
+    await gw.gw.ledger.flush()
+    row = (await gw.gw.ledger.report(None, None, ("team",)))[0]
+    assert row.output_tokens == 5 and row.estimated_requests == 0

@@ -20,8 +20,8 @@ class Flight:
         "chunks",
         "done",
         "entry",
-        "followers",
         "headers",
+        "readers",
         "shared",
         "status",
         "stream",
@@ -37,7 +37,7 @@ class Flight:
         self.done = False
         self.entry: CacheEntry | None = None  # the cacheable result, when there is one
         self.usage: Usage | None = None
-        self.followers = 0
+        self.readers = 0  # clients reading this flight now, its leader's included
         self._changed = asyncio.Event()
 
     def _notify(self) -> None:
