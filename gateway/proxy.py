@@ -84,6 +84,13 @@ async def handle(request: web.Request) -> web.StreamResponse:
             gw.log.exception("finishing a request failed", request_id=ex.request_id)
 
 
+def _escapes_v1(request: web.Request) -> bool:
+    """A path with `.` or `..` segments (also percent-encoded) would be resolved by the upstream
+    to somewhere outside /v1, and reach it with the gateway's provider key: refuse it."""
+    segments = request.path.split("/")  # aiohttp has decoded %2e already
+    return "." in segments or ".." in segments
+
+
 def _local_port(request: web.Request) -> int:
     """The port this request arrived on, from the socket (a client's Host header can be junk)."""
     sockname = request.transport.get_extra_info("sockname") if request.transport else None
@@ -121,6 +128,8 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
 async def _pipeline(gw: Gateway, request: web.Request, ex: Exchange) -> web.StreamResponse:
     if gw.draining:
         raise errors.shutting_down()
+    if _escapes_v1(request):
+        raise errors.not_found(request.path)
     policy = gw.policy
     principal = policy.auth.authenticate(request.headers)
     team = principal.team

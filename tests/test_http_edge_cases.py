@@ -10,7 +10,7 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from conftest import ALPHA_KEY, GatewayFactory, Running, auth, serve_on_free_port
+from conftest import ALPHA_KEY, GatewayFactory, Running, Upstream, auth, serve_on_free_port
 
 RESP = {"model": "nusantara-base", "input": "Tell me a story", "max_output_tokens": 12}
 
@@ -167,3 +167,24 @@ async def test_malformed_request_does_not_log_the_client_key(
     assert raw.startswith(b"HTTP/1.") and b" 400 " in raw.split(b"\r\n", 1)[0]
     await asyncio.sleep(0.1)
     assert ALPHA_KEY not in caplog.text, "the client key was logged"
+
+
+@pytest.mark.parametrize(
+    "path", [b"/v1/../admin", b"/v1/%2e%2e/admin", b"/v1/foo/%2E%2E/%2E%2E/x", b"/v1/./models"]
+)
+async def test_dot_segments_never_reach_the_upstream(
+    gateway: Running, upstream: Upstream, path: bytes
+) -> None:
+    """A path that the upstream would resolve outside /v1 is refused: it would otherwise reach
+    any endpoint of the provider with the gateway's own key."""
+    raw = await raw_request(
+        gateway.url,
+        b"GET "
+        + path
+        + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + ALPHA_KEY.encode()
+        + b"\r\n",
+        b"",
+    )
+    assert b" 404 " in raw.split(b"\r\n", 1)[0] and b'"code":"not_found"' in raw
+    assert upstream.state.requests == []
