@@ -90,13 +90,25 @@ def request_too_large(limit: int) -> GatewayError:
     )
 
 
-def budget_exceeded(team: str, window: str, retry_after: int) -> GatewayError:
+def budget_exceeded(
+    team: str, window: str, retry_after: int, reserve: float = 0.0, limit: float = 0.0
+) -> GatewayError:
+    if limit:
+        message = (
+            f"This request reserves {reserve:g} (its input estimate plus max_output_tokens), "
+            f"more than team '{team}''s whole '{window}' budget of {limit:g}: lower "
+            "max_output_tokens or split the request."
+        )
+    else:
+        message = (
+            f"Team '{team}' has no budget left for this request in its '{window}' window; "
+            f"it resets in {retry_after} s."
+        )
     return GatewayError(
         429,
         "insufficient_quota",
         "budget_exceeded",
-        f"Team '{team}' has no budget left for this request in its '{window}' window; "
-        f"it resets in {retry_after} s.",
+        message,
         headers={"retry-after": str(retry_after), "x-should-retry": "false"},
     )
 

@@ -318,7 +318,8 @@ async def _reserve(gw: Gateway, ex: Exchange, body_len: int) -> None:
     got = await gw.budget.reserve(team, tokens, usd, gw.clock())
     if isinstance(got, Rejection):
         gw.metrics.budget_rejections.labels(team.name).inc()
-        raise errors.budget_exceeded(team.name, got.window, got.retry_after)
+        reserve = usd if got.window.endswith(":usd") else tokens
+        raise errors.budget_exceeded(team.name, got.window, got.retry_after, reserve, got.limit)
     ex.reservation = got
 
 

@@ -111,3 +111,13 @@ async def test_team_without_budgets_always_admitted() -> None:
     store = LocalBudgetStore()
     got = await store.reserve(Team("free", ()), 10**9, 10**6, NOW)
     assert isinstance(got, Reservation) and got.windows == ()
+
+
+async def test_a_request_larger_than_the_whole_window_says_so() -> None:
+    store = LocalBudgetStore()
+    got = await store.reserve(TEAM, 301, 0.0, NOW)  # the hour window holds 300 in all
+    assert isinstance(got, Rejection) and got.window == "hour" and got.limit == 300
+    ordinary = await store.reserve(TEAM, 250, 0.0, NOW)
+    assert isinstance(ordinary, Reservation)
+    full = await store.reserve(TEAM, 100, 0.0, NOW)
+    assert isinstance(full, Rejection) and full.limit == 0.0

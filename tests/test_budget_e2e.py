@@ -318,3 +318,14 @@ def upstream_process() -> Any:
     yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=10)
+
+
+async def test_429_explains_a_request_that_can_never_fit(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory(alpha_budgets="[{tokens: 50, per: day}]")
+    async with (
+        session(headers=auth()) as s,
+        s.post(f"{gw.url}/v1/responses", json={**BODY, "max_output_tokens": 500}) as r,
+    ):
+        err = (await r.json())["error"]
+    assert r.status == 429 and err["code"] == "budget_exceeded"
+    assert "lower max_output_tokens" in err["message"] and "50" in err["message"]

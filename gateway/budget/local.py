@@ -53,11 +53,15 @@ class LocalBudgetStore:
         ]
         worst: Rejection | None = None
         for _, c in counters:
-            if c.used + c.reserved + c.amount(tokens, usd) > c.rule.limit:
+            need = c.amount(tokens, usd)
+            if c.used + c.reserved + need > c.rule.limit:
+                unit = "" if c.rule.tokens is not None else ":usd"
+                name = c.rule.per + unit
+                if need > c.rule.limit:  # no reset will ever make room for this request
+                    return Rejection(team.name, name, seconds_until(c.end, now), c.rule.limit)
                 wait = seconds_until(c.end, now)
                 if worst is None or wait > worst.retry_after:
-                    unit = "" if c.rule.tokens is not None else ":usd"
-                    worst = Rejection(team.name, c.rule.per + unit, wait)
+                    worst = Rejection(team.name, name, wait)
         if worst is not None:
             return worst
         for _, c in counters:

@@ -25,6 +25,7 @@ class Rejection:
     team: str
     window: str  # e.g. "day" or "month:usd"
     retry_after: int
+    limit: float = 0.0  # the refusing window's whole limit, when the request alone exceeds it
 
 
 @dataclass(frozen=True, slots=True)
