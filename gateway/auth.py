@@ -7,8 +7,8 @@ import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gateway.config import Team
 from gateway.errors import invalid_api_key
+from gateway.settings import Team
 
 CLIENT_CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "api-key"})
 

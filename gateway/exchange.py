@@ -80,6 +80,13 @@ class Exchange:
     trace_id: str = ""
     sampled: bool = False  # the trace is exported: metric exemplars may point at it
 
+    def response_headers(self) -> dict[str, str]:
+        """The headers every answer of the gateway carries."""
+        h = {"x-request-id": self.request_id}
+        if self.trace_id:
+            h["x-gateway-trace-id"] = self.trace_id
+        return h
+
 
 async def finish(gw: Gateway, ex: Exchange) -> None:
     """The single end of every request: nothing here may raise into the caller."""

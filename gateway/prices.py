@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping
 
-from gateway.config import Price
+from gateway.settings import Price
 from gateway.usage import Usage
 
 

@@ -6,24 +6,22 @@ Orchestration only: each step's work lives in its own module. Every request ends
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from opentelemetry.trace import Span
 
 from gateway import errors
-from gateway.budget.store import Rejection
-from gateway.budget.windows import seconds_until
+from gateway.budget.admission import budget_headers, reserve
 from gateway.cache.entry import CacheEntry
 from gateway.cache.key import cache_key
 from gateway.errors import GatewayError
 from gateway.exchange import Exchange, finish, request_id, route_of
-from gateway.relay import relay_body, relay_raw, relay_stream, replay
+from gateway.models_route import list_models
+from gateway.relay import relay_body, relay_raw, relay_stream, replay, send_whole
 from gateway.runtime import Gateway
 from gateway.telemetry.tracing import trace_id_hex
 from gateway.upstream import UpstreamClient, request_headers
@@ -68,14 +66,14 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return await _pipeline(gw, request, ex)
     except GatewayError as e:
         ex.status, ex.error = e.status, ex.error or e.code
-        return await _send(request, e.response(_gateway_headers(ex)))
+        return await send_whole(request, e.response(ex.response_headers()))
     except Exception:
         gw.log.exception("unhandled error", request_id=ex.request_id)
         ex.status, ex.error = 500, "internal_error"
         err = GatewayError(
             500, "server_error", "internal_error", "The gateway failed to handle this request."
         )
-        return await _send(request, err.response(_gateway_headers(ex)))
+        return await send_whole(request, err.response(ex.response_headers()))
     finally:
         gw.metrics.inflight.dec()
         try:
@@ -95,23 +93,6 @@ def _local_port(request: web.Request) -> int:
     """The port this request arrived on, from the socket (a client's Host header can be junk)."""
     sockname = request.transport.get_extra_info("sockname") if request.transport else None
     return int(sockname[1]) if isinstance(sockname, tuple) and len(sockname) > 1 else 0
-
-
-async def _send(request: web.Request, resp: web.Response) -> web.StreamResponse:
-    """Write a whole response now, so the request's end is known when `finish` runs."""
-    try:
-        await resp.prepare(request)
-        await resp.write_eof()
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-        pass
-    return resp
-
-
-def _gateway_headers(ex: Exchange) -> dict[str, str]:
-    h = {"x-request-id": ex.request_id}
-    if ex.trace_id:
-        h["x-gateway-trace-id"] = ex.trace_id
-    return h
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
@@ -150,7 +131,7 @@ async def _pipeline(gw: Gateway, request: web.Request, ex: Exchange) -> web.Stre
     if needs_model and (not isinstance(model, str) or not model):
         raise errors.missing_model()
     if method == "GET" and ex.route == "/v1/models":
-        return await _list_models(gw, request, ex)
+        return await list_models(gw, request, ex)
 
     if isinstance(model, str) and model:
         ex.model = model
@@ -247,7 +228,7 @@ async def _from_cache(
             if await flight.wait_head():
                 ex.cache = "coalesced"
                 _count_lookup(gw, "coalesced")
-                return await replay(gw, request, ex, flight, await _budget_headers(gw, ex)), False
+                return await replay(gw, request, ex, flight, await budget_headers(gw, ex)), False
         else:
             shared = await flight.wait_done()
             if shared is not None:
@@ -267,13 +248,15 @@ async def _serve_entry(
     ex.status, ex.saved = entry.status, entry.usage
     headers = {
         **dict(entry.headers),
-        **_gateway_headers(ex),
+        **ex.response_headers(),
         "x-gateway-cache": result,
-        **await _budget_headers(gw, ex),
+        **await budget_headers(gw, ex),
     }
     if result == "hit":
         headers["age"] = str(max(0, int(gw.clock() - entry.created_at)))
-    return await _send(request, web.Response(status=entry.status, body=entry.body, headers=headers))
+    return await send_whole(
+        request, web.Response(status=entry.status, body=entry.body, headers=headers)
+    )
 
 
 async def _lead(
@@ -289,40 +272,6 @@ async def _lead(
         gw.flights.land(key, flight)
 
 
-async def _budget_headers(gw: Gateway, ex: Exchange) -> dict[str, str]:
-    team = gw.policy.teams.get(ex.team)
-    if team is None or not any(b.tokens is not None for b in team.budgets):
-        return {}
-    now = gw.clock()
-    windows = [w for w in await gw.budget.windows(team, now) if w.unit == "tokens"]
-    tightest = min(windows, key=lambda w: w.remaining)
-    return {
-        "x-gateway-budget-remaining-tokens": str(int(tightest.remaining)),
-        "x-gateway-budget-reset": str(seconds_until(tightest.end, now)),
-    }
-
-
-async def _reserve(gw: Gateway, ex: Exchange, body_len: int) -> None:
-    team = gw.policy.teams[ex.team]  # the caller checked it is there
-    parsed = ex.request_body if isinstance(ex.request_body, dict) else {}
-    out = (
-        parsed.get("max_output_tokens")
-        or parsed.get("max_completion_tokens")
-        or parsed.get("max_tokens")
-    )
-    if not isinstance(out, int) or isinstance(out, bool) or out <= 0:
-        out = gw.settings.limits.default_max_output_tokens
-    input_est = -(-body_len // 4)
-    tokens = input_est + out
-    usd = gw.policy.prices.estimate(ex.model, input_est, out)
-    got = await gw.budget.reserve(team, tokens, usd, gw.clock())
-    if isinstance(got, Rejection):
-        gw.metrics.budget_rejections.labels(team.name).inc()
-        reserve = usd if got.window.endswith(":usd") else tokens
-        raise errors.budget_exceeded(team.name, got.window, got.retry_after, reserve, got.limit)
-    ex.reservation = got
-
-
 async def _call(
     gw: Gateway,
     request: web.Request,
@@ -334,7 +283,7 @@ async def _call(
 ) -> web.StreamResponse:
     team = gw.policy.teams.get(ex.team)  # a reload may have removed it mid-request
     if ex.metered and team is not None and team.budgets:
-        await _reserve(gw, ex, len(body))
+        await reserve(gw, ex, len(body))
     body = _with_stream_usage(ex, body)
     extra = {"x-request-id": ex.request_id, **client.auth_header()}
     ex.client_span = _client_span(gw, ex, client)
@@ -356,8 +305,8 @@ async def _call(
         ex.upstream_status = up.status
         if up.status >= 500:
             gw.metrics.upstream_errors.labels(client.name, f"http_{up.status}").inc()
-        budget = await _budget_headers(gw, ex) if ex.reservation is not None else {}
-        extra_out = {**_gateway_headers(ex), **budget}
+        budget = await budget_headers(gw, ex) if ex.reservation is not None else {}
+        extra_out = {**ex.response_headers(), **budget}
         if ex.cache:
             extra_out["x-gateway-cache"] = ex.cache
         ctype = up.content_type
@@ -415,47 +364,3 @@ def _client_span(gw: Gateway, ex: Exchange, client: UpstreamClient) -> Span:
     name = f"chat {ex.model}" if ex.model else f"{ex.method} {ex.route}"
     assert ex.span is not None
     return gw.tracing.client_span(ex.span, name, attrs)
-
-
-async def _list_models(gw: Gateway, request: web.Request, ex: Exchange) -> web.StreamResponse:
-    """The union of the upstreams' models that this team may use and that route to them."""
-    policy = gw.policy
-    allowed = policy.team_models[ex.team]
-
-    async def fetch(client: UpstreamClient) -> list[dict[str, Any]]:
-        headers = request_headers([], {"x-request-id": ex.request_id, **client.auth_header()})
-        up = await client.send("GET", "/v1/models", headers, b"")
-        try:
-            data = orjson.loads(await up.read()) if up.status == 200 else {}
-        finally:
-            up.release()
-        items = data.get("data") if isinstance(data, dict) else None
-        return [
-            m
-            for m in items or []
-            if isinstance(m, dict)
-            and isinstance(m.get("id"), str)
-            and policy.router.route(m["id"]) == client.name
-            and allowed(m["id"])
-        ]
-
-    ex.upstream = ",".join(gw.upstreams)
-    results = await asyncio.gather(
-        *(fetch(c) for c in gw.upstreams.values()), return_exceptions=True
-    )
-    if all(isinstance(r, BaseException) for r in results):
-        raise errors.upstream_unavailable(ex.upstream)
-    seen: dict[str, dict[str, Any]] = {}
-    for r in results:
-        if not isinstance(r, BaseException):
-            for m in r:
-                seen.setdefault(m["id"], m)
-    ex.status = 200
-    return await _send(
-        request,
-        web.Response(
-            body=orjson.dumps({"object": "list", "data": list(seen.values())}),
-            content_type="application/json",
-            headers=_gateway_headers(ex),
-        ),
-    )

@@ -38,6 +38,16 @@ UPSTREAM_BROKEN = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)
 POST_TERMINAL_GRACE = 1.0  # seconds an upstream may keep a finished stream open
 
 
+async def send_whole(request: web.Request, resp: web.Response) -> web.StreamResponse:
+    """Write a whole response now, so the request's end is known when it is finished."""
+    try:
+        await resp.prepare(request)
+        await resp.write_eof()
+    except CLIENT_GONE:
+        pass
+    return resp
+
+
 def _headers(up: aiohttp.ClientResponse, extra: Mapping[str, str]) -> dict[str, str]:
     out = dict(response_headers(up.headers.items()))
     rid = up.headers.get("x-request-id")

@@ -17,11 +17,11 @@ from gateway.budget.store import BudgetStore
 from gateway.budget.windows import window_bounds
 from gateway.cache.flight import Flights
 from gateway.cache.store import CacheStore, MemoryCacheStore
-from gateway.config import Settings, Team
 from gateway.ledger.records import Charge, Ledger
 from gateway.ledger.sqlite import SqliteLedger
 from gateway.prices import PriceBook
 from gateway.routing import GlobSet, Router
+from gateway.settings import Settings, Team
 from gateway.telemetry.metrics import Metrics
 from gateway.telemetry.tracing import Tracing
 from gateway.upstream import UpstreamClient

@@ -12,7 +12,7 @@ from yarl import URL
 
 from gateway import errors
 from gateway.auth import CLIENT_CREDENTIAL_HEADERS
-from gateway.config import Upstream
+from gateway.settings import Upstream
 
 HOP_BY_HOP = frozenset(
     {

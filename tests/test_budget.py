@@ -9,8 +9,8 @@ import pytest
 from gateway.budget.local import LocalBudgetStore
 from gateway.budget.store import Rejection, Reservation
 from gateway.budget.windows import TOTAL_RETRY_AFTER, seconds_until, window_bounds
-from gateway.config import BudgetRule, Team
 from gateway.ledger.records import Charge
+from gateway.settings import BudgetRule, Team
 
 
 def ts(*args: int) -> float:

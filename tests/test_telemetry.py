@@ -28,8 +28,8 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.config import Telemetry, Traces
 from gateway.runtime import Gateway
+from gateway.settings import Telemetry, Traces
 from gateway.telemetry.tracing import Tracing
 
 BODY: dict[str, Any] = {

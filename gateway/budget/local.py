@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from gateway.budget.store import Rejection, Reservation, WindowState
 from gateway.budget.windows import seconds_until, window_bounds
-from gateway.config import BudgetRule, Team
 from gateway.ledger.records import Charge
+from gateway.settings import BudgetRule, Team
 
 
 @dataclass(slots=True)

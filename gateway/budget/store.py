@@ -6,8 +6,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from gateway.config import Team
 from gateway.ledger.records import Charge
+from gateway.settings import Team
 
 
 @dataclass(frozen=True, slots=True)
