@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,6 +150,33 @@ async def start_gateway(settings: Settings, gw: Gateway | None = None) -> Runnin
     return Running(
         gw, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", runner, admin_runner
     )
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def start_app(handler: Handler, **runner_kw: Any) -> tuple[str, web.AppRunner]:
+    """A one-handler upstream of a test's own making, answering every path."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, **{"shutdown_timeout": 0.5, **runner_kw})
+    await runner.setup()
+    port = await serve_on_free_port(runner)
+    return f"http://127.0.0.1:{port}", runner
+
+
+@pytest.fixture
+def mock_upstream_process() -> Iterator[str]:
+    """`gateway mock-upstream` as its own process, for gateways run as processes too."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "mock-upstream", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+    )
+    wait_listening(port)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)
 
 
 @pytest.fixture

@@ -27,7 +27,6 @@ from conftest import (
     free_port,
     make_settings,
     start_gateway,
-    wait_listening,
 )
 
 from gateway.ledger.sqlite import SqliteLedger
@@ -243,14 +242,14 @@ async def test_sdk_gets_rate_limit_error_and_does_not_retry(
     assert [r["status"] for r in rows] == [429]  # one request: the SDK did not retry
 
 
-def test_sigterm_loses_no_record(upstream_process: str, tmp_path: Path) -> None:
+def test_sigterm_loses_no_record(mock_upstream_process: str, tmp_path: Path) -> None:
     port, admin_port = free_port(), free_port()
     cfg = tmp_path / "gw.yaml"
     cfg.write_text(f"""
 listen: {{host: 127.0.0.1, port: {port}}}
 admin: {{host: 127.0.0.1, port: {admin_port}}}
 upstreams:
-  mock: {{base_url: "{upstream_process}", api_key: x}}
+  mock: {{base_url: "{mock_upstream_process}", api_key: x}}
 teams:
   alpha: {{keys: ["${{ALPHA_KEY}}"], budgets: [{{tokens: 100000000, per: total}}]}}
 state: {{path: {tmp_path / "state"}}}
@@ -305,19 +304,6 @@ async def _drive(url: str, n: int) -> int:
             async with s.post(f"{url}/v1/responses", json={**BODY, "input": f"t{i}"}) as r:
                 done += r.status == 200
         return done
-
-
-@pytest.fixture
-def upstream_process() -> Any:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "mock-upstream", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-    )
-    wait_listening(port)
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 async def test_429_explains_a_request_that_can_never_fit(gateway_factory: GatewayFactory) -> None:

@@ -8,7 +8,7 @@ import math
 import aiohttp
 import orjson
 from aiohttp import web
-from conftest import GatewayFactory, auth, serve_on_free_port
+from conftest import GatewayFactory, auth, start_app
 
 BODY = {"model": "nusantara-base", "input": "hello there", "max_output_tokens": 50}
 ESTIMATE = math.ceil(len(orjson.dumps(BODY)) / 4) + 50
@@ -37,15 +37,9 @@ async def test_first_byte_timeout_is_charged_a_marked_estimate(
             }
         )
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", slow_json)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    port = await serve_on_free_port(runner)
+    url, runner = await start_app(slow_json)
     try:
-        gw = await gateway_factory(
-            f"http://127.0.0.1:{port}", first_byte=1, alpha_budgets="[{tokens: 100000, per: day}]"
-        )
+        gw = await gateway_factory(url, first_byte=1, alpha_budgets="[{tokens: 100000, per: day}]")
         async with (
             aiohttp.ClientSession(json_serialize=lambda o: orjson.dumps(o).decode()) as s,
             s.post(f"{gw.url}/v1/responses", json=BODY, headers=auth()) as r,

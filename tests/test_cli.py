@@ -11,13 +11,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
-from conftest import free_port, wait_listening
+from conftest import free_port
 
 
 @dataclass
@@ -64,19 +62,6 @@ state: {{path: {state}}}
 """
 
 
-@pytest.fixture
-def mock_upstream() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "mock-upstream", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-    )
-    wait_listening(port)
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
 def post(
     url: str, headers: dict[str, str] | None = None, json: object = None, timeout: float = 10
 ) -> Reply:
@@ -104,7 +89,7 @@ def status_with(url: str, key: str) -> int:
     return r.status_code
 
 
-def test_reload_by_sighup_and_admin_api(mock_upstream: str, tmp_path: Path) -> None:
+def test_reload_by_sighup_and_admin_api(mock_upstream_process: str, tmp_path: Path) -> None:
     port, admin_port = free_port(), free_port()
     cfg = tmp_path / "gw.yaml"
 
@@ -113,7 +98,7 @@ def test_reload_by_sighup_and_admin_api(mock_upstream: str, tmp_path: Path) -> N
             CONFIG.format(
                 port=port,
                 admin_port=admin_port,
-                upstream=mock_upstream,
+                upstream=mock_upstream_process,
                 digest=hashlib.sha256(key.encode()).hexdigest(),
                 state=tmp_path / "state",
             )
@@ -214,14 +199,14 @@ def test_demo_runs_and_answers(tmp_path: Path) -> None:
     assert report.returncode == 1 and "none.yaml" in report.stderr
 
 
-def test_usage_report_formats(tmp_path: Path, mock_upstream: str) -> None:
+def test_usage_report_formats(tmp_path: Path, mock_upstream_process: str) -> None:
     port, admin_port = free_port(), free_port()
     cfg = tmp_path / "gw.yaml"
     cfg.write_text(
         CONFIG.format(
             port=port,
             admin_port=admin_port,
-            upstream=mock_upstream,
+            upstream=mock_upstream_process,
             digest=hashlib.sha256(b"k").hexdigest(),
             state=tmp_path / "state",
         )

@@ -10,7 +10,14 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from conftest import ALPHA_KEY, GatewayFactory, Running, Upstream, auth, serve_on_free_port
+from conftest import (
+    ALPHA_KEY,
+    GatewayFactory,
+    Running,
+    Upstream,
+    auth,
+    start_app,
+)
 
 RESP = {"model": "nusantara-base", "input": "Tell me a story", "max_output_tokens": 12}
 
@@ -52,13 +59,9 @@ async def test_gzip_request_body_is_forwarded_consistently(
             }
         )
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app, auto_decompress=False)
-    await runner.setup()
-    port = await serve_on_free_port(runner)
+    url, runner = await start_app(handler, auto_decompress=False)
     try:
-        gw = await gateway_factory(f"http://127.0.0.1:{port}")
+        gw = await gateway_factory(url)
         async with (
             aiohttp.ClientSession() as s,
             s.post(
@@ -88,13 +91,9 @@ async def test_response_headers_named_in_connection_are_dropped(
             headers={"Connection": "X-Upstream-Hop", "X-Upstream-Hop": "lb-internal-10.0.0.7"},
         )
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = await serve_on_free_port(runner)
+    url, runner = await start_app(handler)
     try:
-        gw = await gateway_factory(f"http://127.0.0.1:{port}")
+        gw = await gateway_factory(url)
         async with (
             aiohttp.ClientSession() as s,
             s.get(f"{gw.url}/v1/files", headers=auth()) as r,

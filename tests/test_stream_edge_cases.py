@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
-from conftest import ALPHA_KEY, UPSTREAM_KEY, GatewayFactory, auth, serve_on_free_port
+from conftest import ALPHA_KEY, UPSTREAM_KEY, GatewayFactory, auth, start_app
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -54,15 +54,6 @@ def delta(seq: int, text: str) -> bytes:
         "response.output_text.delta",
         {"type": "response.output_text.delta", "sequence_number": seq, "delta": text},
     )
-
-
-async def start_app(handler: Handler) -> tuple[str, web.AppRunner]:
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    port = await serve_on_free_port(runner)
-    return f"http://127.0.0.1:{port}", runner
 
 
 def parse_sse(raw: bytes) -> list[tuple[str | None, bytes]]:
