@@ -47,20 +47,20 @@ async def handle(request: web.Request) -> web.StreamResponse:
     ex = Exchange(
         request_id(request.headers.get("x-request-id")), request.method, route_of(request.path)
     )
-    ex.span = gw.tracing.server_span(
-        f"{request.method} {ex.route}",
-        request.headers,
-        {
-            "http.request.method": request.method,
-            "http.route": ex.route,
-            "url.path": request.path,
-            "url.scheme": request.scheme,
-            "server.port": _local_port(request),
-            "user_agent.original": request.headers.get("user-agent", ""),
-        },
-    )
-    ex.trace_id = trace_id_hex(ex.span)
-    ex.sampled = ex.span.is_recording()
+    ex.span = span = gw.tracing.server_span(f"{request.method} {ex.route}", request.headers)
+    ex.trace_id = trace_id_hex(span)
+    ex.sampled = span.is_recording()
+    if ex.sampled:  # attributes cost time: only for spans that are exported
+        span.set_attributes(
+            {
+                "http.request.method": request.method,
+                "http.route": ex.route,
+                "url.path": request.path,
+                "url.scheme": request.scheme,
+                "server.port": _local_port(request),
+                "user_agent.original": request.headers.get("user-agent", ""),
+            }
+        )
     gw.metrics.inflight.inc()
     try:
         return await _pipeline(gw, request, ex)
@@ -338,6 +338,10 @@ def _with_stream_usage(ex: Exchange, body: bytes) -> bytes:
 
 
 def _client_span(gw: Gateway, ex: Exchange, client: UpstreamClient) -> Span:
+    name = f"chat {ex.model}" if ex.model else f"{ex.method} {ex.route}"
+    assert ex.span is not None
+    if not ex.sampled:  # the parent-based sampler drops it too: skip building attributes
+        return gw.tracing.client_span(ex.span, name, {})
     body = ex.request_body if isinstance(ex.request_body, dict) else {}
     attrs: dict[str, Any] = {
         "gen_ai.operation.name": "chat" if ex.model else "http",
@@ -361,6 +365,4 @@ def _client_span(gw: Gateway, ex: Exchange, client: UpstreamClient) -> Span:
                 attrs[dst] = v
         if gw.tracing.capture_content:
             attrs.update(gw.tracing.content_attributes(body, gw.secrets))
-    name = f"chat {ex.model}" if ex.model else f"{ex.method} {ex.route}"
-    assert ex.span is not None
     return gw.tracing.client_span(ex.span, name, attrs)

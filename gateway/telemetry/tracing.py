@@ -62,13 +62,9 @@ class Tracing:
         provider.add_span_processor(processor)
         return cls(provider, tel.traces.capture_content, processor)
 
-    def server_span(
-        self, name: str, headers: Mapping[str, str], attributes: Mapping[str, Any]
-    ) -> Span:
+    def server_span(self, name: str, headers: Mapping[str, str]) -> Span:
         parent = self.propagator.extract(headers) if "traceparent" in headers else None
-        return self.tracer.start_span(
-            name, context=parent, kind=SpanKind.SERVER, attributes=attributes
-        )
+        return self.tracer.start_span(name, context=parent, kind=SpanKind.SERVER)
 
     def client_span(self, parent: Span, name: str, attributes: Mapping[str, Any]) -> Span:
         ctx = trace.set_span_in_context(parent, otel_context.Context())
