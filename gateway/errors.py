@@ -113,6 +113,16 @@ def budget_exceeded(
     )
 
 
+def model_not_priced(model: str, team: str) -> GatewayError:
+    return GatewayError(
+        403,
+        "permission_error",
+        "model_not_priced",
+        f"Team '{team}' has a USD budget and model '{model}' has no price in the gateway's "
+        "prices table, so its cost could not be counted; ask the gateway's operators to add one.",
+    )
+
+
 def upstream_unavailable(upstream: str, reached: bool = False) -> GatewayError:
     err = GatewayError(
         502,

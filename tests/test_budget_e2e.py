@@ -315,3 +315,24 @@ async def test_429_explains_a_request_that_can_never_fit(gateway_factory: Gatewa
         err = (await r.json())["error"]
     assert r.status == 429 and err["code"] == "budget_exceeded"
     assert "lower max_output_tokens" in err["message"] and "50" in err["message"]
+
+
+async def test_usd_budget_refuses_a_model_without_a_price(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    settings = make_settings(upstream.url, tmp_path / "s", alpha_budgets="[{usd: 5.0, per: day}]")
+    priced = {"nusantara-base": settings.prices["nusantara-base"]}
+    settings = settings.__class__(
+        **{**{f: getattr(settings, f) for f in settings.__slots__}, "prices": priced}
+    )
+    gw = await start_gateway(settings)
+    try:
+        async with session(headers=auth()) as s:
+            async with s.post(f"{gw.url}/v1/responses", json=BODY) as r:
+                assert r.status == 200
+            async with s.post(f"{gw.url}/v1/responses", json={**BODY, "model": "gpt-4o-mini"}) as r:
+                err = (await r.json())["error"]
+                assert r.status == 403 and err["code"] == "model_not_priced"
+        assert upstream.state.calls["POST /v1/responses"] == 1
+    finally:
+        await gw.stop()

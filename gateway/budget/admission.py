@@ -28,6 +28,8 @@ async def budget_headers(gw: Gateway, ex: Exchange) -> dict[str, str]:
 
 async def reserve(gw: Gateway, ex: Exchange, body_len: int) -> None:
     team = gw.policy.teams[ex.team]  # the caller checked it is there
+    if gw.policy.prices.price(ex.model) is None and any(b.usd is not None for b in team.budgets):
+        raise errors.model_not_priced(ex.model, team.name)  # fail closed, never count it as free
     parsed = ex.request_body if isinstance(ex.request_body, dict) else {}
     out = (
         parsed.get("max_output_tokens")
