@@ -336,3 +336,19 @@ async def test_usd_budget_refuses_a_model_without_a_price(
         assert upstream.state.calls["POST /v1/responses"] == 1
     finally:
         await gw.stop()
+
+
+async def test_chat_n_choices_reserve_n_outputs(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory(alpha_budgets="[{tokens: 100000, per: day}]")
+    chat = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 100,
+        "n": 3,
+    }
+    async with (
+        session(headers=auth()) as s,
+        s.post(f"{gw.url}/v1/chat/completions", json=chat) as r,
+    ):
+        remaining = int(r.headers["x-gateway-budget-remaining-tokens"])
+    assert remaining == 100000 - (math.ceil(len(orjson.dumps(chat)) / 4) + 300)

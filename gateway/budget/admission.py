@@ -38,6 +38,9 @@ async def reserve(gw: Gateway, ex: Exchange, body_len: int) -> None:
     )
     if not isinstance(out, int) or isinstance(out, bool) or out <= 0:
         out = gw.settings.limits.default_max_output_tokens
+    choices = parsed.get("n")  # Chat Completions: n choices, each up to the output limit
+    if isinstance(choices, int) and not isinstance(choices, bool) and choices > 1:
+        out *= choices
     input_est = -(-body_len // 4)
     tokens = input_est + out
     usd = gw.policy.prices.estimate(ex.model, input_est, out)
