@@ -304,6 +304,11 @@ def _read_team(r: _Reader, name: str, raw: Any) -> Team:
                     usd=usd if "usd" in b else None,
                 )
             )
+    seen: set[tuple[str, str]] = set()
+    for rule in budgets:
+        if (rule.per, rule.unit) in seen:
+            r.problem(f"{path}.budgets", f"two {rule.unit} budgets per {rule.per}: keep one")
+        seen.add((rule.per, rule.unit))
     return Team(name=name, key_digests=tuple(digests), models=models, budgets=tuple(budgets))
 
 

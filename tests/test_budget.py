@@ -121,3 +121,26 @@ async def test_a_request_larger_than_the_whole_window_says_so() -> None:
     assert isinstance(ordinary, Reservation)
     full = await store.reserve(TEAM, 100, 0.0, NOW)
     assert isinstance(full, Rejection) and full.limit == 0.0
+
+
+async def test_counters_follow_the_window_not_the_list_position() -> None:
+    store = LocalBudgetStore()
+    r = await store.reserve(TEAM, 100, 0.2, NOW)
+    assert isinstance(r, Reservation)
+    # a reload reorders the budgets and raises the hour limit while the request is in flight
+    reloaded = Team(
+        "t",
+        (),
+        budgets=(
+            BudgetRule("month", usd=1.0),
+            BudgetRule("hour", tokens=500),
+            BudgetRule("day", tokens=1000),
+        ),
+    )
+    month, hour, day = await store.windows(reloaded, NOW)
+    assert (month.reserved, hour.reserved, day.reserved) == (0.2, 100, 100)
+    assert hour.limit == 500
+    await store.settle(r, 40, 0.05, NOW + 1)
+    month, hour, day = await store.windows(reloaded, NOW + 1)
+    assert (hour.used, hour.reserved, day.used, day.reserved) == (40, 0, 40, 0)
+    assert month.used == pytest.approx(0.05) and month.reserved == pytest.approx(0)

@@ -151,3 +151,13 @@ def test_trace_endpoint_falls_back_to_otel_env() -> None:
         },
     )
     assert s.telemetry.traces.endpoint == "http://b:4318/custom"
+
+
+def test_one_budget_per_window_and_unit() -> None:
+    text = GOOD.replace(
+        "- {tokens: 1000000, per: month}",
+        "- {tokens: 1000000, per: month}\n      - {tokens: 5, per: month}",
+    )
+    with pytest.raises(ConfigError) as e:
+        loads(text, {"NEOSANTARA_API_KEY": "k", "SEARCH_KEY": "t"}, "g.yaml")
+    assert "g.yaml: teams.search.budgets: two tokens budgets per month" in str(e.value)

@@ -24,35 +24,29 @@ class _Counter:
 
 
 class LocalBudgetStore:
-    """One counter per (team, rule). No method awaits before it is done, so each is atomic."""
+    """One counter per (team, window, unit). No method awaits before it is done, so each is
+    atomic."""
 
     def __init__(self) -> None:
-        self._counters: dict[tuple[str, int], _Counter] = {}
+        self._counters: dict[tuple[str, str, str], _Counter] = {}
 
-    def _counter(self, team: str, index: int, rule: BudgetRule, now: float) -> _Counter:
-        c = self._counters.get((team, index))
-        if c is None or c.rule != rule or not c.start <= now < c.end:
+    def _counter(self, team: str, rule: BudgetRule, now: float) -> _Counter:
+        key = (team, rule.per, rule.unit)
+        c = self._counters.get(key)
+        if c is None or not c.start <= now < c.end:
             start, end = window_bounds(rule.per, now)
-            used = (
-                c.used
-                if c is not None
-                and c.start == start
-                and c.rule.per == rule.per
-                and c.rule.unit == rule.unit
-                else 0.0
-            )
-            c = _Counter(rule, start, end, used)
-            self._counters[(team, index)] = c
+            c = _Counter(rule, start, end)
+            self._counters[key] = c
+        elif c.rule != rule:
+            c.rule = rule  # a reload changed the limit: the spend so far still counts
         return c
 
     async def reserve(
         self, team: Team, tokens: int, usd: float, now: float
     ) -> Reservation | Rejection:
-        counters = [
-            (i, self._counter(team.name, i, rule, now)) for i, rule in enumerate(team.budgets)
-        ]
+        counters = [self._counter(team.name, rule, now) for rule in team.budgets]
         worst: Rejection | None = None
-        for _, c in counters:
+        for c in counters:
             need = c.amount(tokens, usd)
             if c.used + c.reserved + need > c.rule.limit:
                 unit = "" if c.rule.tokens is not None else ":usd"
@@ -64,13 +58,15 @@ class LocalBudgetStore:
                     worst = Rejection(team.name, name, wait)
         if worst is not None:
             return worst
-        for _, c in counters:
+        for c in counters:
             c.reserved += c.amount(tokens, usd)
-        return Reservation(team.name, tokens, usd, tuple((i, c.start) for i, c in counters))
+        return Reservation(
+            team.name, tokens, usd, tuple((c.rule.per, c.rule.unit, c.start) for c in counters)
+        )
 
     async def settle(self, reservation: Reservation, tokens: int, usd: float, now: float) -> None:
-        for index, start in reservation.windows:
-            old = self._counters.get((reservation.team, index))
+        for per, unit, start in reservation.windows:
+            old = self._counters.get((reservation.team, per, unit))
             if old is None:
                 continue
             if old.start == start:
@@ -78,13 +74,13 @@ class LocalBudgetStore:
                     0.0, old.reserved - old.amount(reservation.tokens, reservation.usd)
                 )
             # charged to the window the request finished in, as the ledger rebuild counts it
-            c = self._counter(reservation.team, index, old.rule, now)
+            c = self._counter(reservation.team, old.rule, now)
             c.used += c.amount(tokens, usd)
 
     async def windows(self, team: Team, now: float) -> list[WindowState]:
         out = []
-        for i, rule in enumerate(team.budgets):
-            c = self._counter(team.name, i, rule, now)
+        for rule in team.budgets:
+            c = self._counter(team.name, rule, now)
             out.append(
                 WindowState(rule.per, rule.unit, rule.limit, c.used, c.reserved, c.start, c.end)
             )
@@ -94,8 +90,8 @@ class LocalBudgetStore:
         self, teams: Sequence[Team], charged: Mapping[float, Mapping[str, Charge]], now: float
     ) -> None:
         for team in teams:
-            for i, rule in enumerate(team.budgets):
-                c = self._counter(team.name, i, rule, now)
+            for rule in team.budgets:
+                c = self._counter(team.name, rule, now)
                 got = charged.get(c.start, {}).get(team.name)
                 c.used = (
                     0.0

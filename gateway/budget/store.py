@@ -17,7 +17,9 @@ class Reservation:
     team: str
     tokens: int
     usd: float
-    windows: tuple[tuple[int, float], ...]  # (rule index, window start) it was counted in
+    # (window, unit, window start) of each counter it was counted in; keyed by window and
+    # unit rather than list position, so a config reload that edits budgets settles right
+    windows: tuple[tuple[str, str, float], ...]
 
 
 @dataclass(frozen=True, slots=True)
