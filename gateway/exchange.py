@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from aiohttp import web
 from opentelemetry.trace import Span, Status, StatusCode
 
 from gateway.budget.store import Reservation
@@ -79,6 +80,7 @@ class Exchange:
     client_span: Span | None = None
     trace_id: str = ""
     sampled: bool = False  # the trace is exported: metric exemplars may point at it
+    started_response: web.StreamResponse | None = None  # headers sent: no other answer possible
 
     def response_headers(self) -> dict[str, str]:
         """The headers every answer of the gateway carries."""

@@ -65,10 +65,17 @@ async def handle(request: web.Request) -> web.StreamResponse:
     try:
         return await _pipeline(gw, request, ex)
     except GatewayError as e:
+        if ex.started_response is not None and ex.started_response.prepared:
+            # a stream is under way: it ends where it is
+            ex.error = ex.error or e.code
+            return ex.started_response
         ex.status, ex.error = e.status, ex.error or e.code
         return await send_whole(request, e.response(ex.response_headers()))
     except Exception:
         gw.log.exception("unhandled error", request_id=ex.request_id)
+        if ex.started_response is not None and ex.started_response.prepared:
+            ex.error = "internal_error"
+            return ex.started_response
         ex.status, ex.error = 500, "internal_error"
         err = GatewayError(
             500, "server_error", "internal_error", "The gateway failed to handle this request."

@@ -163,7 +163,7 @@ async def relay_raw(
     ex.status = up.status
     idle = gw.upstreams[ex.upstream].cfg.timeouts.idle
     masker = StreamMasker(gw.secrets)
-    resp = web.StreamResponse(status=up.status, headers=_headers(up, extra))
+    resp = ex.started_response = web.StreamResponse(status=up.status, headers=_headers(up, extra))
     try:
         await resp.prepare(request)
         while chunk := await _read_chunk(up, ex, idle):
@@ -331,7 +331,7 @@ async def relay_stream(
     ex.status = up.status
     headers = _headers(up, extra)
     pump = StreamPump(gw, ex, up, headers, store_key, flight)
-    resp = web.StreamResponse(status=up.status, headers=headers)
+    resp = ex.started_response = web.StreamResponse(status=up.status, headers=headers)
     idle = gw.upstreams[ex.upstream].cfg.timeouts.idle
     if flight is not None:
         flight.publish_head(up.status, tuple(headers.items()), shared=up.status == 200)
@@ -405,7 +405,7 @@ async def replay(
             "x-gateway-cache": "coalesced",
         }
     )
-    resp = web.StreamResponse(status=flight.status, headers=headers)
+    resp = ex.started_response = web.StreamResponse(status=flight.status, headers=headers)
     idle = gw.upstreams[ex.upstream].cfg.timeouts.idle
     await _serve(request, resp, flight, ex, idle)
     ex.saved = flight.usage
