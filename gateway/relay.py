@@ -219,7 +219,7 @@ class StreamPump:
             while True:
                 now = loop.time()
                 if readers() == 0:
-                    if summary.terminal:
+                    if summary.terminal and self.record is None:
                         break  # the usage is in: no one is left to read the rest
                     if deadline == float("inf"):
                         deadline = now + drain
