@@ -80,6 +80,7 @@ class Exchange:
     client_span: Span | None = None
     trace_id: str = ""
     sampled: bool = False  # the trace is exported: metric exemplars may point at it
+    creates_response: bool = False  # POST /v1/responses: its response id becomes owned
     started_response: web.StreamResponse | None = None  # headers sent: no other answer possible
 
     def response_headers(self) -> dict[str, str]:
@@ -135,6 +136,7 @@ async def finish(gw: Gateway, ex: Exchange) -> None:
                 duration_ms=duration * 1000,
                 ttft_ms=ex.ttft * 1000 if ex.ttft is not None else None,
                 saved_tokens=saved,
+                response_id=(ex.response_id or "") if ex.creates_response else "",
             )
         )
     overhead = max(0.0, duration - ex.upstream_wait)

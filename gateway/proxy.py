@@ -148,8 +148,9 @@ async def _pipeline(gw: Gateway, request: web.Request, ex: Exchange) -> web.Stre
         if upstream_name is None:
             raise errors.model_not_found(model)
         ex.metered = method == "POST" and ex.route != "/v1/responses/input_tokens"
+        ex.creates_response = method == "POST" and ex.route == "/v1/responses"
     else:
-        upstream_name = _route_without_model(gw, request, ex)
+        upstream_name = await _route_without_model(gw, request, ex)
     ex.upstream = upstream_name
     if isinstance(parsed, dict):
         ex.stream = parsed.get("stream") is True
@@ -180,20 +181,24 @@ async def _pipeline(gw: Gateway, request: web.Request, ex: Exchange) -> web.Stre
     return await _call(gw, request, ex, client, body, key if store else None, None)
 
 
-def _route_without_model(gw: Gateway, request: web.Request, ex: Exchange) -> str:
-    """Requests about a stored response go where it was created; others to the first upstream."""
+async def _route_without_model(gw: Gateway, request: web.Request, ex: Exchange) -> str:
+    """Requests about a stored response go where it was created, and only for the team that
+    created it; other requests without a model go to the first upstream."""
     if ex.route in ID_ROUTES:
         rid = request.path.split("/")[3]
         owner = gw.owners.get(rid)
-        if owner is not None:
-            upstream, team = owner
-            if team != ex.team:
-                # a response another team created does not exist for this one
-                raise GatewayError(
-                    404, "invalid_request_error", "not_found", f"No response found with id '{rid}'."
-                )
-            if upstream in gw.upstreams:
-                return upstream
+        if owner is None:
+            owner = await gw.ledger.owner(rid)
+            if owner is not None:
+                gw.owners[rid] = owner
+        if owner is None or owner[0] != ex.team:
+            # every response made through the gateway is in the ledger with its team: one
+            # that is not, or is another team's, does not exist for this team
+            raise GatewayError(
+                404, "invalid_request_error", "not_found", f"No response found with id '{rid}'."
+            )
+        if owner[1] in gw.upstreams:
+            return owner[1]
     return next(iter(gw.upstreams))
 
 

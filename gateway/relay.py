@@ -116,8 +116,8 @@ async def relay_body(
             rid, model = obj.get("id"), obj.get("model")
             if isinstance(rid, str):
                 ex.response_id = rid
-                if rid.startswith("resp_"):
-                    gw.owners[rid] = (ex.upstream, ex.team)
+                if ex.creates_response:
+                    gw.owners[rid] = (ex.team, ex.upstream)
             if isinstance(model, str):
                 ex.response_model = model
             if obj.get("object") == "response":
@@ -293,8 +293,8 @@ class StreamPump:
         ex.finish_reasons = summary.finish_reasons
         if summary.error_code and not ex.error:
             ex.error = summary.error_code
-        if ex.response_id and ex.response_id.startswith("resp_"):
-            gw.owners[ex.response_id] = (ex.upstream, ex.team)
+        if ex.response_id and ex.creates_response:
+            gw.owners[ex.response_id] = (ex.team, ex.upstream)
         entry = None
         if (
             self.record is not None

@@ -77,7 +77,8 @@ class Gateway:
         self.flights = Flights()
         self.cache_counts = CacheCounters()
         self.secrets = tuple(s.encode() for s in settings.secrets())
-        # response id -> (upstream, team): routes GET/DELETE by id and keeps teams apart
+        # response id -> (team, upstream), in front of the ledger, which has them all: routes
+        # requests by id to the upstream that made the response and keeps teams apart
         self.owners: LRUCache[str, tuple[str, str]] = LRUCache(maxsize=200_000)
         self.log = structlog.get_logger("gateway")
         self.ready = False

@@ -505,3 +505,26 @@ def test_kill_9_loses_at_most_the_last_flush_interval(tmp_path: Path) -> None:
     assert len(on_disk) <= last_appended + 1
     # Only a tail is lost: what is on disk is exactly the first records, in order.
     assert on_disk == [f"req-{n}" for n in range(len(on_disk))]
+
+
+async def test_owner_of_a_response_and_migration_of_an_older_database(tmp_path: Path) -> None:
+    db = tmp_path / "old.sqlite3"
+    conn = sqlite3.connect(db)
+    columns = [f.name for f in dataclasses.fields(LedgerRecord) if f.name != "response_id"]
+    conn.execute(
+        f"CREATE TABLE ledger (id INTEGER PRIMARY KEY AUTOINCREMENT, {', '.join(columns)})"
+    )
+    conn.commit()
+    conn.close()
+    ledger = SqliteLedger(db)
+    await ledger.start()
+    try:
+        base = record(1, team="a", upstream="up1")
+        ledger.append(dataclasses.replace(base, response_id="resp_1"))
+        ledger.append(dataclasses.replace(base, team="b", response_id="resp_1"))  # a later GET
+        ledger.append(dataclasses.replace(base, team="b", upstream="up2", response_id="resp_2"))
+        assert await ledger.owner("resp_1") == ("a", "up1")
+        assert await ledger.owner("resp_2") == ("b", "up2")
+        assert await ledger.owner("resp_3") is None and await ledger.owner("") is None
+    finally:
+        await ledger.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import aiohttp
 import orjson
@@ -17,7 +18,9 @@ from conftest import (
     Upstream,
     auth,
     free_port,
+    make_settings,
     serve_on_free_port,
+    start_gateway,
 )
 
 RESP = {"model": "nusantara-base", "input": "Tell me a story", "max_output_tokens": 12}
@@ -384,3 +387,31 @@ async def test_chat_stream_usage_is_requested_and_charged_exactly(
     await gw.gw.ledger.flush()
     row = (await gw.gw.ledger.report(None, None, ("team",)))[0]
     assert row.output_tokens == 5 and row.estimated_requests == 0
+
+
+async def test_response_ownership_survives_a_restart(upstream: Upstream, tmp_path: Path) -> None:
+    settings = make_settings(upstream.url, tmp_path / "state")
+    first = await start_gateway(settings)
+    try:
+        _, _, body = await post(f"{first.url}/v1/responses", RESP)
+        stream_status, _, raw = await post(f"{first.url}/v1/responses", {**RESP, "stream": True})
+        assert stream_status == 200
+    finally:
+        await first.stop()
+    rid = orjson.loads(body)["id"]
+    streamed = raw.split(b'"id":"', 2)[1].split(b'"', 1)[0].decode()
+    second = await start_gateway(settings)  # nothing in memory: the ledger knows the owners
+    try:
+        calls = len(upstream.state.requests)
+        async with aiohttp.ClientSession() as s:
+            for key, want in ((BETA_KEY, 404), (ALPHA_KEY, 200)):
+                for r_id in (rid, streamed):
+                    async with s.get(f"{second.url}/v1/responses/{r_id}", headers=auth(key)) as r:
+                        assert r.status == want, (key, r_id)
+            async with s.delete(
+                f"{second.url}/v1/responses/resp_never_made_here", headers=auth()
+            ) as r:
+                assert r.status == 404 and error_of(await r.read())["code"] == "not_found"
+        assert len(upstream.state.requests) == calls + 2  # only alpha's two GETs went upstream
+    finally:
+        await second.stop()

@@ -37,6 +37,7 @@ class LedgerRecord:
     duration_ms: float
     ttft_ms: float | None
     saved_tokens: int = 0
+    response_id: str = ""  # the id of a response this request created (POST /v1/responses)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +78,10 @@ class Ledger(Protocol):
 
     async def charged_since(self, since: float) -> dict[str, Charge]:
         """Per team: charged tokens and cost of records with ts >= since."""
+        ...
+
+    async def owner(self, response_id: str) -> tuple[str, str] | None:
+        """(team, upstream) of the request that created `response_id`, if one did."""
         ...
 
     async def report(

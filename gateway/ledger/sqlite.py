@@ -44,11 +44,17 @@ _SCHEMA = (
         estimated INTEGER NOT NULL,
         duration_ms REAL NOT NULL,
         ttft_ms REAL,
-        saved_tokens INTEGER NOT NULL DEFAULT 0
+        saved_tokens INTEGER NOT NULL DEFAULT 0,
+        response_id TEXT NOT NULL DEFAULT ''
     )
     """,
     "CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts)",
     "CREATE INDEX IF NOT EXISTS ledger_team_ts ON ledger (team, ts)",
+)
+# columns added after the first release, for databases created before them
+_ADDED_COLUMNS = {"response_id": "TEXT NOT NULL DEFAULT ''"}
+_INDEX_RESPONSE = (
+    "CREATE INDEX IF NOT EXISTS ledger_response ON ledger (response_id) WHERE response_id != ''"
 )
 _GROUP_EXPR = {
     "team": "team",
@@ -157,6 +163,18 @@ class SqliteLedger:
             (since,),
         )
         return {str(team): Charge(tokens=int(tokens), usd=float(usd)) for team, tokens, usd in rows}
+
+    async def owner(self, response_id: str) -> tuple[str, str] | None:
+        """(team, upstream) of the first request that recorded `response_id` (buffer included)."""
+        if not response_id:
+            return None
+        await self.flush()
+        rows = await self._run(
+            self._query,
+            "SELECT team, upstream FROM ledger WHERE response_id = ? ORDER BY id LIMIT 1",
+            (response_id,),
+        )
+        return (str(rows[0][0]), str(rows[0][1])) if rows else None
 
     async def report(
         self, since: float | None, until: float | None, by: Sequence[str]
@@ -271,6 +289,11 @@ class SqliteLedger:
                 conn.execute("PRAGMA synchronous=NORMAL")
                 for statement in _SCHEMA:
                     conn.execute(statement)
+                have = {row[1] for row in conn.execute("PRAGMA table_info(ledger)")}
+                for column, decl in _ADDED_COLUMNS.items():
+                    if column not in have:
+                        conn.execute(f"ALTER TABLE ledger ADD COLUMN {column} {decl}")
+                conn.execute(_INDEX_RESPONSE)
             except BaseException:
                 conn.close()
                 raise
