@@ -7,14 +7,26 @@ reported as ``PATH: key.path: what is wrong``; secrets never appear in a repr or
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
+from gateway.config_reader import (
+    SHA256,
+    WHOLE_VAR,
+    Reader,
+    as_bool,
+    as_choice,
+    as_globs,
+    as_int,
+    as_num,
+    as_str,
+    placeholders,
+    tree_placeholders,
+)
 from gateway.settings import (
     ALL_MODELS,
     AUTH_HEADERS,
@@ -63,15 +75,6 @@ __all__ = [
     "parse",
 ]
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-# references are swapped for plain-scalar placeholders before YAML parsing, so that
-# `{key: ${VAR:-}}` in a flow mapping parses; values are resolved per key afterwards
-_REF = re.compile(r"__GATEWAY_ENV_(\d+)__")
-_WHOLE_VAR = re.compile(r"^__GATEWAY_ENV_\d+__$")
-_SHA256 = re.compile(r"^sha256:([0-9a-f]{64})$")
-
-T = TypeVar("T")
-
 
 class ConfigError(Exception):
     """Raised with every problem found; `problems` holds ``key.path: what is wrong`` lines."""
@@ -82,128 +85,14 @@ class ConfigError(Exception):
         super().__init__("\n".join(f"{source}: {p}" for p in problems))
 
 
-class _Reader:
-    """Walks the raw YAML tree, substituting variables and collecting problems by key path."""
-
-    def __init__(self, env: Mapping[str, str], refs: list[tuple[str, str | None]]) -> None:
-        self.env = env
-        self.refs = refs
-        self.problems: list[str] = []
-
-    def problem(self, path: str, what: str) -> None:
-        self.problems.append(f"{path}: {what}")
-
-    def substitute(self, value: Any, path: str) -> Any:
-        if not isinstance(value, str) or "__GATEWAY_ENV_" not in value:
-            return value
-        whole = bool(_WHOLE_VAR.match(value))
-
-        def repl(m: re.Match[str]) -> str:
-            name, default = self.refs[int(m.group(1))]
-            found = self.env.get(name)
-            if found is None or (found == "" and default is not None):
-                if default is None:
-                    self.problem(path, f"environment variable {name} is not set")
-                    return ""
-                return default
-            return found
-
-        out = _REF.sub(repl, value)
-        if whole and out != "":
-            # a value that is only a reference takes the YAML type of what it expands to
-            try:
-                return yaml.safe_load(out) if not out.startswith(("{", "[")) else out
-            except yaml.YAMLError:
-                return out
-        return out
-
-    def section(self, raw: Any, path: str, allowed: tuple[str, ...]) -> dict[str, Any]:
-        if raw is None:
-            return {}
-        if not isinstance(raw, dict):
-            self.problem(path, "must be a mapping")
-            return {}
-        out: dict[str, Any] = {}
-        for key, value in raw.items():
-            sub = f"{path}.{key}" if path else str(key)
-            if key not in allowed:
-                self.problem(sub, f"unknown key (expected one of: {', '.join(allowed)})")
-                continue
-            out[str(key)] = value
-        return out
-
-    def get(
-        self,
-        data: dict[str, Any],
-        path: str,
-        key: str,
-        kind: Callable[[Any], T | None],
-        default: T,
-        what: str,
-    ) -> T:
-        if key not in data:
-            return default
-        sub = f"{path}.{key}" if path else key
-        value = self.substitute(data[key], sub)
-        result = kind(value)
-        if result is None:
-            self.problem(sub, f"must be {what} (got {_describe(value)})")
-            return default
-        return result
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, str):
-        return "a string" if len(value) > 40 else repr(value)
-    return type(value).__name__
-
-
-def _int(lo: int = 0) -> Callable[[Any], int | None]:
-    def conv(v: Any) -> int | None:
-        return v if isinstance(v, int) and not isinstance(v, bool) and v >= lo else None
-
-    return conv
-
-
-def _num(lo: float = 0.0, hi: float | None = None) -> Callable[[Any], float | None]:
-    def conv(v: Any) -> float | None:
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            return None
-        f = float(v)
-        return f if f >= lo and (hi is None or f <= hi) else None
-
-    return conv
-
-
-def _str(v: Any) -> str | None:
-    return v if isinstance(v, str) else None
-
-
-def _bool(v: Any) -> bool | None:
-    return v if isinstance(v, bool) else None
-
-
-def _choice(*options: str) -> Callable[[Any], str | None]:
-    def conv(v: Any) -> str | None:
-        return v if isinstance(v, str) and v in options else None
-
-    return conv
-
-
-def _globs(v: Any) -> tuple[str, ...] | None:
-    if isinstance(v, list) and v and all(isinstance(x, str) and x for x in v):
-        return tuple(v)
-    return None
-
-
-def _read_upstream(r: _Reader, name: str, raw: Any) -> Upstream | None:
+def _read_upstream(r: Reader, name: str, raw: Any) -> Upstream | None:
     path = f"upstreams.{name}"
     d = r.section(
         raw, path, ("base_url", "api_key", "api_keys", "auth_header", "models", "timeouts")
     )
     if not d and raw is not None and not isinstance(raw, dict):
         return None
-    base_url = r.get(d, path, "base_url", _str, "", "a URL string")
+    base_url = r.get(d, path, "base_url", as_str, "", "a URL string")
     if not base_url:
         r.problem(f"{path}.base_url", "is required")
     elif not base_url.startswith(("http://", "https://")):
@@ -232,19 +121,19 @@ def _read_upstream(r: _Reader, name: str, raw: Any) -> Upstream | None:
         d,
         path,
         "auth_header",
-        _choice(*AUTH_HEADERS),
+        as_choice(*AUTH_HEADERS),
         "authorization",
         "x-api-key or authorization",
     )
-    models = r.get(d, path, "models", _globs, ALL_MODELS, "a non-empty list of glob patterns")
+    models = r.get(d, path, "models", as_globs, ALL_MODELS, "a non-empty list of glob patterns")
     tpath = f"{path}.timeouts"
     t = r.section(d.get("timeouts"), tpath, ("connect", "first_byte", "idle"))
     timeouts = Timeouts(
-        connect=r.get(t, tpath, "connect", _num(0.001), 5.0, "a positive number of seconds"),
+        connect=r.get(t, tpath, "connect", as_num(0.001), 5.0, "a positive number of seconds"),
         first_byte=r.get(
-            t, tpath, "first_byte", _num(0.001), 120.0, "a positive number of seconds"
+            t, tpath, "first_byte", as_num(0.001), 120.0, "a positive number of seconds"
         ),
-        idle=r.get(t, tpath, "idle", _num(0.001), 60.0, "a positive number of seconds"),
+        idle=r.get(t, tpath, "idle", as_num(0.001), 60.0, "a positive number of seconds"),
     )
     return Upstream(
         name=name,
@@ -256,7 +145,7 @@ def _read_upstream(r: _Reader, name: str, raw: Any) -> Upstream | None:
     )
 
 
-def _read_team(r: _Reader, name: str, raw: Any) -> Team:
+def _read_team(r: Reader, name: str, raw: Any) -> Team:
     path = f"teams.{name}"
     d = r.section(raw, path, ("keys", "models", "budgets"))
     digests: list[bytes] = []
@@ -266,13 +155,13 @@ def _read_team(r: _Reader, name: str, raw: Any) -> Team:
     else:
         for i, item in enumerate(raw_keys):
             kp = f"{path}.keys[{i}]"
-            if isinstance(item, str) and _WHOLE_VAR.match(item):
+            if isinstance(item, str) and WHOLE_VAR.match(item):
                 value = r.substitute(item, kp)
                 if isinstance(value, str | int) and str(value):
                     digests.append(hash_key(str(value)))
                 elif not r.problems or not r.problems[-1].startswith(kp):
                     r.problem(kp, "the referenced variable is empty")
-            elif isinstance(item, str) and (m := _SHA256.match(item)):
+            elif isinstance(item, str) and (m := SHA256.match(item)):
                 digests.append(bytes.fromhex(m.group(1)))
             else:
                 r.problem(
@@ -280,7 +169,7 @@ def _read_team(r: _Reader, name: str, raw: Any) -> Team:
                     "must be 'sha256:<64 lowercase hex>' or an env reference "
                     "like ${TEAM_KEY} (plain keys are not allowed in the file)",
                 )
-    models = r.get(d, path, "models", _globs, ALL_MODELS, "a non-empty list of glob patterns")
+    models = r.get(d, path, "models", as_globs, ALL_MODELS, "a non-empty list of glob patterns")
     budgets: list[BudgetRule] = []
     raw_budgets = d.get("budgets", [])
     if not isinstance(raw_budgets, list):
@@ -289,11 +178,11 @@ def _read_team(r: _Reader, name: str, raw: Any) -> Team:
     for i, item in enumerate(raw_budgets):
         bp = f"{path}.budgets[{i}]"
         b = r.section(item, bp, ("tokens", "usd", "per"))
-        per = r.get(b, bp, "per", _choice(*WINDOWS), "", " | ".join(WINDOWS))
+        per = r.get(b, bp, "per", as_choice(*WINDOWS), "", " | ".join(WINDOWS))
         if "per" not in b:
             r.problem(f"{bp}.per", f"is required ({' | '.join(WINDOWS)})")
-        tokens = r.get(b, bp, "tokens", _int(1), 0, "a positive integer")
-        usd = r.get(b, bp, "usd", _num(0.0), -1.0, "a non-negative number")
+        tokens = r.get(b, bp, "tokens", as_int(1), 0, "a positive integer")
+        usd = r.get(b, bp, "usd", as_num(0.0), -1.0, "a non-negative number")
         if ("tokens" in b) == ("usd" in b):
             r.problem(bp, "set exactly one of tokens or usd")
         elif per:
@@ -312,35 +201,17 @@ def _read_team(r: _Reader, name: str, raw: Any) -> Team:
     return Team(name=name, key_digests=tuple(digests), models=models, budgets=tuple(budgets))
 
 
-def _read_price(r: _Reader, model: str, raw: Any) -> Price | None:
+def _read_price(r: Reader, model: str, raw: Any) -> Price | None:
     path = f"prices.{model}"
     d = r.section(raw, path, ("input", "cached_input", "output"))
     for req in ("input", "output"):
         if req not in d:
             r.problem(f"{path}.{req}", "is required (USD per million tokens)")
     money = "a non-negative number (USD per million tokens)"
-    inp = r.get(d, path, "input", _num(0.0), 0.0, money)
-    out = r.get(d, path, "output", _num(0.0), 0.0, money)
-    cached = r.get(d, path, "cached_input", _num(0.0), -1.0, money)
+    inp = r.get(d, path, "input", as_num(0.0), 0.0, money)
+    out = r.get(d, path, "output", as_num(0.0), 0.0, money)
+    cached = r.get(d, path, "cached_input", as_num(0.0), -1.0, money)
     return Price(input=inp, output=out, cached_input=None if cached < 0 else cached)
-
-
-def _placeholders(text: str, refs: list[tuple[str, str | None]]) -> str:
-    def sub(m: re.Match[str]) -> str:
-        refs.append((m.group(1), m.group(2)))
-        return f"__GATEWAY_ENV_{len(refs) - 1}__"
-
-    return _VAR.sub(sub, text)
-
-
-def _tree_placeholders(raw: Any, refs: list[tuple[str, str | None]]) -> Any:
-    if isinstance(raw, str):
-        return _placeholders(raw, refs)
-    if isinstance(raw, dict):
-        return {k: _tree_placeholders(v, refs) for k, v in raw.items()}
-    if isinstance(raw, list):
-        return [_tree_placeholders(v, refs) for v in raw]
-    return raw
 
 
 def parse(
@@ -352,8 +223,8 @@ def parse(
     """Validate a raw YAML tree into Settings, or raise ConfigError listing every problem."""
     if refs is None:
         refs = []
-        raw = _tree_placeholders(raw, refs)
-    r = _Reader(env, refs)
+        raw = tree_placeholders(raw, refs)
+    r = Reader(env, refs)
     top = r.section(
         raw,
         "",
@@ -375,14 +246,14 @@ def parse(
 
     ld = r.section(top.get("listen"), "listen", ("host", "port"))
     listen = Listen(
-        host=r.get(ld, "listen", "host", _str, "127.0.0.1", "a host string"),
-        port=r.get(ld, "listen", "port", _int(0), 8080, "a port number"),
+        host=r.get(ld, "listen", "host", as_str, "127.0.0.1", "a host string"),
+        port=r.get(ld, "listen", "port", as_int(0), 8080, "a port number"),
     )
     ad = r.section(top.get("admin"), "admin", ("host", "port", "key"))
-    admin_key = r.get(ad, "admin", "key", lambda v: "" if v is None else _str(v), "", "a string")
+    admin_key = r.get(ad, "admin", "key", lambda v: "" if v is None else as_str(v), "", "a string")
     admin = Admin(
-        host=r.get(ad, "admin", "host", _str, "127.0.0.1", "a host string"),
-        port=r.get(ad, "admin", "port", _int(0), 9464, "a port number"),
+        host=r.get(ad, "admin", "host", as_str, "127.0.0.1", "a host string"),
+        port=r.get(ad, "admin", "port", as_int(0), 9464, "a port number"),
         key=Secret(admin_key) if admin_key else None,
     )
     lm = r.section(
@@ -392,12 +263,14 @@ def parse(
     )
     limits = Limits(
         max_body_bytes=r.get(
-            lm, "limits", "max_body_bytes", _int(1), 10 * 1024 * 1024, "a positive integer"
+            lm, "limits", "max_body_bytes", as_int(1), 10 * 1024 * 1024, "a positive integer"
         ),
         default_max_output_tokens=r.get(
-            lm, "limits", "default_max_output_tokens", _int(1), 4096, "a positive integer"
+            lm, "limits", "default_max_output_tokens", as_int(1), 4096, "a positive integer"
         ),
-        drain_timeout=r.get(lm, "limits", "drain_timeout", _num(0.0), 30.0, "a number of seconds"),
+        drain_timeout=r.get(
+            lm, "limits", "drain_timeout", as_num(0.0), 30.0, "a number of seconds"
+        ),
     )
 
     upstreams: list[Upstream] = []
@@ -442,26 +315,28 @@ def parse(
         top.get("cache"), "cache", ("enabled", "ttl", "max_bytes", "scope", "max_entry_bytes")
     )
     cache = Cache(
-        enabled=r.get(cd, "cache", "enabled", _bool, True, "true or false"),
-        ttl=r.get(cd, "cache", "ttl", _num(0.001), 3600.0, "a positive number of seconds"),
-        max_bytes=r.get(cd, "cache", "max_bytes", _int(1), 256 * 1024 * 1024, "a positive integer"),
-        scope=r.get(cd, "cache", "scope", _choice("team", "shared"), "team", "team or shared"),
+        enabled=r.get(cd, "cache", "enabled", as_bool, True, "true or false"),
+        ttl=r.get(cd, "cache", "ttl", as_num(0.001), 3600.0, "a positive number of seconds"),
+        max_bytes=r.get(
+            cd, "cache", "max_bytes", as_int(1), 256 * 1024 * 1024, "a positive integer"
+        ),
+        scope=r.get(cd, "cache", "scope", as_choice("team", "shared"), "team", "team or shared"),
         max_entry_bytes=r.get(
-            cd, "cache", "max_entry_bytes", _int(1), 8 * 1024 * 1024, "a positive integer"
+            cd, "cache", "max_entry_bytes", as_int(1), 8 * 1024 * 1024, "a positive integer"
         ),
     )
     sd = r.section(top.get("state"), "state", ("store", "path"))
-    store = r.get(sd, "state", "store", _str, "local", "local or redis://host:port/db")
+    store = r.get(sd, "state", "store", as_str, "local", "local or redis://host:port/db")
     if store != "local" and not store.startswith(("redis://", "rediss://")):
         r.problem("state.store", "must be local or a redis:// URL")
     state = State(
-        store=store, path=r.get(sd, "state", "path", _str, "./gateway-state", "a directory path")
+        store=store, path=r.get(sd, "state", "path", as_str, "./gateway-state", "a directory path")
     )
     ledd = r.section(top.get("ledger"), "ledger", ("url", "flush_interval"))
     ledger = LedgerSettings(
-        url=r.get(ledd, "ledger", "url", lambda v: "" if v is None else _str(v), "", "a string"),
+        url=r.get(ledd, "ledger", "url", lambda v: "" if v is None else as_str(v), "", "a string"),
         flush_interval=r.get(
-            ledd, "ledger", "flush_interval", _num(0.01), 0.5, "a positive number of seconds"
+            ledd, "ledger", "flush_interval", as_num(0.01), 0.5, "a positive number of seconds"
         ),
     )
     td = r.section(
@@ -472,13 +347,13 @@ def parse(
     )
     lgd = r.section(td.get("logs"), "telemetry.logs", ("level", "format"))
     telemetry = Telemetry(
-        service_name=r.get(td, "telemetry", "service_name", _str, "llm-gateway", "a string"),
+        service_name=r.get(td, "telemetry", "service_name", as_str, "llm-gateway", "a string"),
         traces=Traces(
             endpoint=r.get(
                 trd,
                 "telemetry.traces",
                 "endpoint",
-                lambda v: "" if v is None else _str(v),
+                lambda v: "" if v is None else as_str(v),
                 "",
                 "a URL string",
             ),
@@ -486,12 +361,12 @@ def parse(
                 trd,
                 "telemetry.traces",
                 "sample_ratio",
-                _num(0.0, 1.0),
+                as_num(0.0, 1.0),
                 1.0,
                 "a number between 0 and 1",
             ),
             capture_content=r.get(
-                trd, "telemetry.traces", "capture_content", _bool, False, "true or false"
+                trd, "telemetry.traces", "capture_content", as_bool, False, "true or false"
             ),
         ),
         logs=Logs(
@@ -499,7 +374,7 @@ def parse(
                 lgd,
                 "telemetry.logs",
                 "level",
-                _choice("debug", "info", "warning", "error"),
+                as_choice("debug", "info", "warning", "error"),
                 "info",
                 "debug | info | warning | error",
             ),
@@ -507,13 +382,13 @@ def parse(
                 lgd,
                 "telemetry.logs",
                 "format",
-                _choice("json", "console"),
+                as_choice("json", "console"),
                 "json",
                 "json or console",
             ),
         ),
         max_model_labels=r.get(
-            td, "telemetry", "max_model_labels", _int(1), 100, "a positive integer"
+            td, "telemetry", "max_model_labels", as_int(1), 100, "a positive integer"
         ),
     )
     if not telemetry.traces.endpoint:
@@ -553,7 +428,7 @@ def load(path: str | Path, env: Mapping[str, str] | None = None) -> Settings:
 def loads(text: str, env: Mapping[str, str] | None = None, source: str = "<config>") -> Settings:
     refs: list[tuple[str, str | None]] = []
     try:
-        raw = yaml.safe_load(_placeholders(text, refs))
+        raw = yaml.safe_load(placeholders(text, refs))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "(file)"
