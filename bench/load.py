@@ -59,8 +59,14 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-async def one_request(session: aiohttp.ClientSession, url: str, body: bytes,
-                      headers: dict[str, str], stream: bool, phase: Phase) -> None:
+async def one_request(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    stream: bool,
+    phase: Phase,
+) -> None:
     start = time.perf_counter()
     ttfb: float | None = None
     chunks: list[bytes] = []
@@ -90,8 +96,14 @@ async def one_request(session: aiohttp.ClientSession, url: str, body: bytes,
         phase.ttfbs.append(ttfb)
 
 
-async def run_phase(session: aiohttp.ClientSession, args: argparse.Namespace, body: bytes,
-                    headers: dict[str, str], seconds: float, phase: Phase) -> float:
+async def run_phase(
+    session: aiohttp.ClientSession,
+    args: argparse.Namespace,
+    body: bytes,
+    headers: dict[str, str],
+    seconds: float,
+    phase: Phase,
+) -> float:
     """All workers loop until the deadline, then finish their request in flight."""
     started = time.perf_counter()
     deadline = started + seconds
@@ -121,8 +133,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         if args.warmup > 0:
             await run_phase(session, args, body, headers, args.warmup, warm)
         if args.handshake:
-            print(json.dumps({"event": "warm", "warmup_requests": len(warm.latencies),
-                              "warmup_errors": warm.errors}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "event": "warm",
+                        "warmup_requests": len(warm.latencies),
+                        "warmup_errors": warm.errors,
+                    }
+                ),
+                flush=True,
+            )
             await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
         phase = Phase(record=True)
         cpu = time.process_time()
@@ -160,8 +180,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--timeout", type=float, default=30.0, help="per-request timeout, seconds")
-    p.add_argument("--handshake", action="store_true",
-                   help='print {"event": "warm"} after warm-up and wait for a stdin line')
+    p.add_argument(
+        "--handshake",
+        action="store_true",
+        help='print {"event": "warm"} after warm-up and wait for a stdin line',
+    )
     return p.parse_args(argv)
 
 

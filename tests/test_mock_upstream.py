@@ -18,7 +18,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from gateway import mock_upstream
 from gateway.mock_upstream import MOCK_STATE, MockOptions, create_mock_app, start_mock
 
 MODEL = "nusantara-base"
@@ -619,7 +618,7 @@ async def test_records_every_request(aiohttp_client: AiohttpClient) -> None:
 async def test_recording_is_bounded(
     aiohttp_client: AiohttpClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(mock_upstream, "_MAX_RECORDED", 3)
+    monkeypatch.setattr("gateway.mock_upstream.state._MAX_RECORDED", 3)
     client = await _client(aiohttp_client)
     for i in range(5):
         async with client.get(f"/v1/models?i={i}") as resp:

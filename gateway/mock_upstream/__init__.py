@@ -1,0 +1,34 @@
+"""A fake OpenAI-compatible provider for the demo, the tests and the benchmark.
+
+The mock serves the Responses API, Chat Completions, the model list and a catch-all echo,
+with deterministic text and usage, realistic SSE event sequences, per-request fault knobs
+(``x-mock-*`` request headers) and a request recorder (``MockState`` under ``MOCK_STATE``).
+
+Output text is a pure function of the input text: the same request always gets the same words
+and usage, only the ids differ. Usage arithmetic:
+``input_tokens = max(1, ceil(chars / 4))`` over instructions plus every input text,
+``output_tokens = N + reasoning`` where ``N`` is the number of words produced.
+
+Modules:
+    state      options, per-app state and runtime, the request recorder
+    text       the word list, hashing, token counting (deterministic text and usage)
+    knobs      the ``x-mock-*`` headers and the record-and-faults middleware
+    replies    ids, JSON and error replies, body and model checks
+    stream     SSE framing and the paced stream writer
+    responses  the Responses API: objects, the SSE event sequence, the routes
+    chat       Chat Completions: JSON and chunk stream
+    app        the app factory, the models and echo routes, and the runners
+"""
+
+from gateway.mock_upstream.app import create_mock_app, run_mock, start_mock
+from gateway.mock_upstream.state import MOCK_STATE, MockOptions, MockState, RecordedRequest
+
+__all__ = [
+    "MOCK_STATE",
+    "MockOptions",
+    "MockState",
+    "RecordedRequest",
+    "create_mock_app",
+    "run_mock",
+    "start_mock",
+]
