@@ -295,7 +295,7 @@ Try it:
   client = OpenAI(base_url="{base}/v1", api_key="{search}")
   print(client.responses.create(model="nusantara-base", input="Hello").output_text)
   PY
-""".replace("\n  python - <<'PY'", "\n  python - <<'PY'")
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:

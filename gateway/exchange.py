@@ -106,9 +106,6 @@ async def finish(gw: Gateway, ex: Exchange) -> None:
             ex.estimated = True
             charged, cost = ex.reservation.tokens, ex.reservation.usd
         await gw.budget.settle(ex.reservation, charged, cost, now)
-        team = policy.teams.get(ex.team)
-        if team is not None and team.budgets:
-            await gw.refresh_budget_gauges(team)
     elif ex.metered and ex.usage is not None:
         cost = policy.prices.cost(ex.model, ex.usage)
     usage = ex.usage if ex.metered else None

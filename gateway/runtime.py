@@ -114,9 +114,10 @@ class Gateway:
         await self.budget.restore(teams, charged, now)
         await self.refresh_budget_gauges()
 
-    async def refresh_budget_gauges(self, team: Team | None = None) -> None:
+    async def refresh_budget_gauges(self) -> None:
+        """Set every token budget's limit and spend gauges (at start, reload and scrape)."""
         now = self.clock()
-        for t in [team] if team is not None else list(self.policy.teams.values()):
+        for t in list(self.policy.teams.values()):
             for w in await self.budget.windows(t, now):
                 if w.unit == "tokens":
                     self.metrics.budget_limit.labels(t.name, w.per).set(w.limit)
