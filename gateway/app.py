@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway import errors
 from gateway.admin import add_admin_routes
+from gateway.edge import edge
 from gateway.proxy import GATEWAY, handle
 from gateway.runtime import Gateway
+from gateway.server import GatewayRunner, http_logger
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -26,12 +26,12 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _no_route(request: web.Request) -> web.Response:
-    return errors.not_found(request.path).response()
+    return errors.not_found().response()
 
 
 def create_app(gw: Gateway, *, manage_lifecycle: bool = True) -> web.Application:
     """The client-facing app. With manage_lifecycle the app starts and closes the Gateway."""
-    app = web.Application(client_max_size=gw.settings.limits.max_body_bytes)
+    app = web.Application(client_max_size=gw.settings.limits.max_body_bytes, middlewares=[edge])
     app[GATEWAY] = gw
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
@@ -48,30 +48,13 @@ def create_app(gw: Gateway, *, manage_lifecycle: bool = True) -> web.Application
     return app
 
 
-class _NoRawRequests(logging.Filter):
-    """aiohttp logs a malformed request with the raw bytes it choked on, which can hold a
-    client's key: keep the event, drop the bytes."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], HttpProcessingError):
-            kind = type(record.exc_info[1]).__name__
-            record.msg, record.args = "rejected a malformed HTTP request (%s)", (kind,)
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-def http_logger() -> logging.Logger:
-    logger = logging.getLogger("gateway.http")
-    if not any(isinstance(f, _NoRawRequests) for f in logger.filters):
-        logger.addFilter(_NoRawRequests())
-    return logger
-
-
 def make_runner(app: web.Application, shutdown_timeout: float = 60.0) -> web.AppRunner:
-    """The runner every listener uses: no access log (the gateway writes its own line), and
-    a server logger that never prints request bytes."""
-    return web.AppRunner(
+    """The runner every listener uses: no access log (the gateway writes its own line), a
+    server logger that never prints request bytes, JSON for aiohttp's own error answers, and
+    the request-head deadline of `limits.header_timeout` (gateway.server)."""
+    return GatewayRunner(
         app,
+        header_timeout=app[GATEWAY].settings.limits.header_timeout,
         access_log=None,
         handle_signals=False,
         shutdown_timeout=shutdown_timeout,
@@ -80,7 +63,7 @@ def make_runner(app: web.Application, shutdown_timeout: float = 60.0) -> web.App
 
 
 def create_admin_app(gw: Gateway) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[edge])
     app[GATEWAY] = gw
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)

@@ -259,7 +259,15 @@ def parse(
     lm = r.section(
         top.get("limits"),
         "limits",
-        ("max_body_bytes", "default_max_output_tokens", "drain_timeout"),
+        (
+            "max_body_bytes",
+            "default_max_output_tokens",
+            "drain_timeout",
+            "header_timeout",
+            "body_timeout",
+            "max_connections",
+            "max_json_depth",
+        ),
     )
     limits = Limits(
         max_body_bytes=r.get(
@@ -270,6 +278,19 @@ def parse(
         ),
         drain_timeout=r.get(
             lm, "limits", "drain_timeout", as_num(0.0), 30.0, "a number of seconds"
+        ),
+        header_timeout=r.get(
+            lm, "limits", "header_timeout", as_num(0.001), 10.0, "a positive number of seconds"
+        ),
+        body_timeout=r.get(
+            lm, "limits", "body_timeout", as_num(0.001), 30.0, "a positive number of seconds"
+        ),
+        max_connections=r.get(
+            lm, "limits", "max_connections", as_int(1), 10000, "a positive integer"
+        ),
+        # orjson encodes at most 254 levels, and the gateway re-encodes request bodies
+        max_json_depth=r.get(
+            lm, "limits", "max_json_depth", as_int(1, 200), 64, "an integer from 1 to 200"
         ),
     )
 

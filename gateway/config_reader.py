@@ -94,9 +94,11 @@ def describe(value: Any) -> str:
     return type(value).__name__
 
 
-def as_int(lo: int = 0) -> Callable[[Any], int | None]:
+def as_int(lo: int = 0, hi: int | None = None) -> Callable[[Any], int | None]:
     def conv(v: Any) -> int | None:
-        return v if isinstance(v, int) and not isinstance(v, bool) and v >= lo else None
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            return None
+        return v if hi is None or v <= hi else None
 
     return conv
 

@@ -55,6 +55,10 @@ class Limits:
     max_body_bytes: int = 10 * 1024 * 1024
     default_max_output_tokens: int = 4096
     drain_timeout: float = 30.0
+    header_timeout: float = 10.0  # seconds from a request head's first byte to its end
+    body_timeout: float = 30.0  # longest pause between chunks of a request body
+    max_connections: int = 10000  # open client connections; more wait in the listen backlog
+    max_json_depth: int = 64
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,8 @@ from aiohttp import web
 
 from gateway.app import create_admin_app, create_app, make_runner
 from gateway.config import Settings, loads
+from gateway.ledger.sqlite import SqliteLedger
+from gateway.listener import LimitedSite
 from gateway.mock_upstream import MOCK_STATE, MockOptions, MockState, create_mock_app
 from gateway.runtime import Gateway
 
@@ -27,7 +29,13 @@ UPSTREAM_KEY = "sk-upstream-secret-0123456789abcdef"
 BASE_CONFIG = """
 listen: {{host: 127.0.0.1, port: 0}}
 admin: {{host: 127.0.0.1, port: 0, key: ${{ADMIN_KEY}}}}
-limits: {{max_body_bytes: {max_body}, default_max_output_tokens: 64, drain_timeout: {drain}}}
+limits:
+  max_body_bytes: {max_body}
+  default_max_output_tokens: 64
+  drain_timeout: {drain}
+  header_timeout: {header_timeout}
+  body_timeout: {body_timeout}
+  max_connections: {max_connections}
 upstreams:
   mock:
     base_url: {upstream}
@@ -103,6 +111,9 @@ def make_settings(upstream: str, state: Path, **kw: Any) -> Settings:
         "models": '["*"]',
         "drain": 5,
         "max_body": 1_000_000,
+        "header_timeout": 10,
+        "body_timeout": 30,
+        "max_connections": 10000,
         "cache": "false",
         "alpha_budgets": "[]",
         "beta_budgets": "[]",
@@ -145,7 +156,9 @@ async def start_gateway(settings: Settings, gw: Gateway | None = None) -> Runnin
     admin_runner = make_runner(create_admin_app(gw))
     await runner.setup()
     await admin_runner.setup()
-    port = await serve_on_free_port(runner)
+    sock = bound_socket()
+    await LimitedSite(runner, sock=sock, max_connections=settings.limits.max_connections).start()
+    port: int = sock.getsockname()[1]
     admin_port = await serve_on_free_port(admin_runner)
     return Running(
         gw, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", runner, admin_runner
@@ -208,6 +221,16 @@ async def gateway_factory(upstream: Upstream, tmp_path: Path) -> AsyncIterator[G
 @pytest.fixture
 async def gateway(gateway_factory: GatewayFactory) -> Running:
     return await gateway_factory()
+
+
+async def ledger_rows(running: Running) -> list[dict[str, Any]]:
+    """Every ledger record written so far, as dicts by column name (SQLite ledger)."""
+    ledger = running.gw.ledger
+    assert isinstance(ledger, SqliteLedger)
+    await ledger.flush()
+    rows = await ledger._run(ledger._query, "SELECT * FROM ledger ORDER BY id", ())
+    names = [c[1] for c in await ledger._run(ledger._query, "PRAGMA table_info(ledger)", ())]
+    return [dict(zip(names, r, strict=True)) for r in rows]
 
 
 def auth(key: str = ALPHA_KEY) -> dict[str, str]:

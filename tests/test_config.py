@@ -161,3 +161,42 @@ def test_one_budget_per_window_and_unit() -> None:
     with pytest.raises(ConfigError) as e:
         loads(text, {"NEOSANTARA_API_KEY": "k", "SEARCH_KEY": "t"}, "g.yaml")
     assert "g.yaml: teams.search.budgets: two tokens budgets per month" in str(e.value)
+
+
+def test_server_limits_defaults_and_values() -> None:
+    """The HTTP server limits have production defaults and take values from `limits`."""
+    env = {"NEOSANTARA_API_KEY": "k", "SEARCH_KEY": "t"}
+    limits = loads(GOOD, env).limits
+    assert (limits.header_timeout, limits.body_timeout) == (10.0, 30.0)
+    assert (limits.max_connections, limits.max_json_depth) == (10000, 64)
+    text = GOOD + (
+        "limits: {header_timeout: 2.5, body_timeout: 7, max_connections: 50, max_json_depth: 8}\n"
+    )
+    limits = loads(text, env).limits
+    assert (limits.header_timeout, limits.body_timeout) == (2.5, 7.0)
+    assert (limits.max_connections, limits.max_json_depth) == (50, 8)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "what"),
+    [
+        ("header_timeout", "0", "a positive number of seconds"),
+        ("header_timeout", "ten", "a positive number of seconds"),
+        ("body_timeout", "-1", "a positive number of seconds"),
+        ("body_timeout", "true", "a positive number of seconds"),
+        ("max_connections", "0", "a positive integer"),
+        ("max_connections", "1.5", "a positive integer"),
+        ("max_json_depth", "0", "an integer from 1 to 200"),
+        ("max_json_depth", "[64]", "an integer from 1 to 200"),
+        ("max_json_depth", "255", "an integer from 1 to 200"),
+    ],
+)
+def test_server_limits_are_validated(key: str, value: str, what: str) -> None:
+    """A wrong server limit is reported with its path, like every other limit."""
+    with pytest.raises(ConfigError) as e:
+        loads(
+            GOOD + f"limits: {{{key}: {value}}}\n",
+            {"NEOSANTARA_API_KEY": "k", "SEARCH_KEY": "t"},
+            "g.yaml",
+        )
+    assert f"g.yaml: limits.{key}: must be {what}" in str(e.value)

@@ -1,0 +1,297 @@
+"""The HTTP server layer under both apps: aiohttp's connection handling, made to keep the
+contract where aiohttp answers on its own, and bounded in time and in connections.
+
+- `GatewayRunner` serves an app with `GatewayRequestHandler`: aiohttp's own answers (a
+  request its parser refuses, a handler that raised) are OpenAI-shaped JSON with a fixed
+  message, never the parser's message, which quotes request bytes (a client's key among them).
+- A request head must arrive within `header_timeout` of its first byte; an idle keep-alive
+  connection is closed after `KEEPALIVE_IDLE`.
+- `read_body` reads a request body with an idle limit between chunks.
+
+aiohttp internals relied on (aiohttp 3.14; re-check on upgrade):
+- `AppRunner._make_server` returns a `web_server.Server` whose `__call__` is the protocol
+  factory; `Server._loop` and `Server._kwargs` hold what it builds a `RequestHandler` with.
+- `RequestHandler.handle_error(request, status, exc, message)` builds every answer aiohttp
+  makes itself (parser errors via `_make_error_handler`, 500 and 504 from `_handle_request`).
+- `RequestHandler` attributes `_request_count` (one per parsed head, counted in
+  `data_received`), `_messages` (parsed heads and their bodies, appended there), `_waiter`,
+  `_request_in_progress`, `_close`/`_force_close` and `_lingering_time` (read once per request
+  in `start`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    BadStatusLine,
+    ContentEncodingError,
+    ContentLengthError,
+    HttpProcessingError,
+    InvalidHeader,
+    InvalidURLError,
+    LineTooLong,
+    TransferEncodingError,
+)
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_server import Server
+
+from gateway import errors
+from gateway.errors import GatewayError, error_body
+
+__all__ = [
+    "KEEPALIVE_IDLE",
+    "BodyTimeout",
+    "GatewayRequestHandler",
+    "GatewayRunner",
+    "http_logger",
+    "read_body",
+]
+
+# Longer than the idle timeouts of common load balancers (AWS ALB 60 s, GCP 600 s is the
+# exception): the balancer, not the gateway, should close an idle pooled connection, or it
+# may send a request on a connection the gateway is closing.
+KEEPALIVE_IDLE = 75.0
+
+_BAD_REQUEST = "The request is not valid HTTP/1.1."
+# Fixed messages by parser exception type, then by what the parser's message starts with
+# (llhttp's wording); the parser's own message is never sent, it quotes request bytes.
+_BY_TYPE: tuple[tuple[type[HttpProcessingError], str], ...] = (
+    (BadHttpMethod, "The request method is not valid."),
+    (InvalidURLError, "The request target is not valid."),
+    (LineTooLong, "The request line or a request header is too long."),
+    (InvalidHeader, "A request header is not valid."),
+    (TransferEncodingError, "The request body's chunked framing is not valid."),
+    (ContentLengthError, "The request body is shorter than its Content-Length."),
+    (ContentEncodingError, "The request body's Content-Encoding could not be decoded."),
+    (BadStatusLine, "The request line is not valid."),
+)
+_BY_MESSAGE: tuple[tuple[str, str], ...] = (
+    ("too many headers", "The request has too many headers."),
+    ("duplicate content-length", "The request has more than one Content-Length."),
+    ("present with content-length", "The request has both Transfer-Encoding and Content-Length."),
+    ("transfer-encoding", "The request's Transfer-Encoding is not supported."),
+    ("content-length", "The request's Content-Length is not valid."),
+    ("chunk", "The request body's chunked framing is not valid."),
+    ("header", "A request header is not valid."),
+    ("url", "The request target is not valid."),
+)
+
+
+def _bad_request_message(exc: BaseException | None) -> str:
+    """A fixed description of why the parser refused a request."""
+    for kind, text in _BY_TYPE:
+        if isinstance(exc, kind):
+            return text
+    if isinstance(exc, HttpProcessingError):
+        # the wording before the first colon; the quoted request bytes come after it
+        said = exc.message.split("\n", 1)[0].split(":", 1)[0].lower()
+        for words, text in _BY_MESSAGE:
+            if words in said:
+                return text
+    return _BAD_REQUEST
+
+
+def _error_answer(status: int, exc: BaseException | None) -> tuple[str, str, str]:
+    """(type, code, message) for an answer aiohttp gives itself."""
+    if status == 400:
+        return "invalid_request_error", "bad_request", _bad_request_message(exc)
+    if status == 504:
+        return "server_error", "timeout", "The gateway timed out handling this request."
+    if status < 500:
+        return "invalid_request_error", "bad_request", _BAD_REQUEST
+    return "server_error", "internal_error", "The gateway failed to handle this request."
+
+
+def _head_timeout_response() -> bytes:
+    body = error_body(
+        "The request head did not arrive in time.", "invalid_request_error", "request_timeout"
+    )
+    head = (
+        b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+    )
+    return head + body
+
+
+class _NoRawRequests(logging.Filter):
+    """aiohttp logs a malformed request with the raw bytes it choked on, which can hold a
+    client's key: keep the event, drop the bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], HttpProcessingError):
+            kind = type(record.exc_info[1]).__name__
+            record.msg, record.args = "rejected a malformed HTTP request (%s)", (kind,)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def http_logger() -> logging.Logger:
+    logger = logging.getLogger("gateway.http")
+    if not any(isinstance(f, _NoRawRequests) for f in logger.filters):
+        logger.addFilter(_NoRawRequests())
+    return logger
+
+
+class GatewayRequestHandler(RequestHandler):
+    """aiohttp's connection handler with JSON error answers and a request-head deadline."""
+
+    __slots__ = ("_body", "_head_timer", "_header_timeout", "_on_lost")
+
+    def __init__(self, manager: Server, *, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._header_timeout = header_timeout
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._body: StreamReader | None = None  # the body of the last parsed head
+        self._on_lost: Callable[[], None] | None = None
+
+    def on_lost(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once, when this connection ends (a listener frees its slot)."""
+        self._on_lost = callback
+
+    def lost(self) -> None:
+        callback, self._on_lost = self._on_lost, None
+        if callback is not None:
+            callback()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        # aiohttp's version logs (through the logger's _NoRawRequests filter) and raises if a
+        # response is already under way; only its text/plain answer is replaced
+        super().handle_error(request, status, exc, None)
+        type_, code, text = _error_answer(status, exc)
+        resp = web.Response(
+            status=status, body=error_body(text, type_, code), content_type="application/json"
+        )
+        resp.force_close()
+        return resp
+
+    def data_received(self, data: bytes) -> None:
+        if self._force_close or self._close or self._upgraded:
+            super().data_received(data)
+            return
+        if data and self._head_timer is None and (self._body is None or self._body.is_eof()):
+            # the first byte of a head: bytes while the last body is incomplete are body bytes;
+            # a chunk that ends one body and starts a head arms the deadline on the next chunk
+            self._head_timer = self._loop.call_later(self._header_timeout, self._head_late)
+        heads = self._request_count
+        super().data_received(data)
+        if self._request_count != heads:
+            self._body = self._messages[-1][1] if self._messages else None
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if self.transport is None or self._force_close:
+            return
+        if self._request_in_progress or self._messages:
+            self.close()  # a late pipelined head: answer what came before it, then close
+            return
+        self.transport.write(_head_timeout_response())
+        self.force_close()  # the transport sends what it holds before closing
+
+    def end_after_response(self) -> None:
+        """Close once the current response is sent, without lingering to read a body the
+        client stopped sending (aiohttp would wait `lingering_time` for it)."""
+        self._lingering_time = 0.0
+        self.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        try:
+            super().connection_lost(exc)
+        finally:
+            self.lost()
+
+
+class _Server(Server):
+    def __call__(self) -> RequestHandler:
+        return GatewayRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class GatewayRunner(web.AppRunner):
+    """An AppRunner whose connections are `GatewayRequestHandler`s with the given head deadline."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        header_timeout: float,
+        keepalive_timeout: float = KEEPALIVE_IDLE,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            app, header_timeout=header_timeout, keepalive_timeout=keepalive_timeout, **kwargs
+        )
+
+    async def _make_server(self) -> Server:
+        # Application._make_handler builds a plain Server (and runs the app's startup first):
+        # rebuild it with the same handler, factory and keyword arguments
+        base = await super()._make_server()
+        return _Server(
+            base.request_handler,
+            request_factory=base.request_factory,
+            handler_cancellation=base.handler_cancellation,
+            loop=base._loop,
+            **base._kwargs,
+        )
+
+
+class BodyTimeout(GatewayError):
+    """The client paused longer than the idle limit while sending its request body."""
+
+    def __init__(self, idle: float) -> None:
+        super().__init__(
+            408,
+            "invalid_request_error",
+            "request_timeout",
+            f"The request body stalled: nothing arrived for {idle:g} s.",
+            headers={"connection": "close"},
+        )
+
+
+async def read_body(request: web.BaseRequest, limit: int, idle: float) -> bytes:
+    """The whole request body, at most `limit` bytes, with at most `idle` seconds between
+    chunks. Raises `BodyTimeout` (408; the connection closes after the answer),
+    `errors.request_too_large` (413) or `errors.invalid_json` (400: broken chunking or
+    Content-Encoding). A client that disconnects raises the ConnectionError aiohttp sets."""
+    if request.content_length is not None and request.content_length > limit:
+        raise errors.request_too_large(limit)
+    content = request.content
+    # as request.read() does: compressed bodies decompress in large chunks, not small
+    # pause/resume cycles; reading never pauses below the limit, so only the client's pace counts
+    content.set_read_chunk_size(limit)
+    body = bytearray()
+    try:
+        while True:
+            async with asyncio.timeout(idle):
+                chunk = await content.readany()
+            if not chunk:
+                return bytes(body)
+            body += chunk
+            if len(body) > limit:
+                raise errors.request_too_large(limit)
+    except TimeoutError:
+        protocol = request.protocol
+        if isinstance(protocol, GatewayRequestHandler):
+            protocol.end_after_response()
+        else:
+            protocol.close()
+        raise BodyTimeout(idle) from None
+    except (web.RequestPayloadError, HttpProcessingError):
+        raise errors.invalid_json("the body could not be read") from None
