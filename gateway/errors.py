@@ -18,6 +18,7 @@ class GatewayError(Exception):
         code: str,
         message: str,
         headers: Mapping[str, str] | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -25,10 +26,11 @@ class GatewayError(Exception):
         self.code = code
         self.message = message
         self.headers = dict(headers or {})
+        self.param = param
         self.reached = False  # an upstream failure after the request may have reached it
 
     def body(self) -> bytes:
-        return error_body(self.message, self.type, self.code)
+        return error_body(self.message, self.type, self.code, self.param)
 
     def response(self, extra_headers: Mapping[str, str] | None = None) -> web.Response:
         headers = {**self.headers, **(extra_headers or {})}
@@ -40,8 +42,10 @@ class GatewayError(Exception):
         )
 
 
-def error_body(message: str, type_: str, code: str | None) -> bytes:
-    return orjson.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}})
+def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
+    return orjson.dumps(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    )
 
 
 def invalid_api_key() -> GatewayError:
@@ -54,15 +58,27 @@ def invalid_api_key() -> GatewayError:
     )
 
 
+def _quoted(model: str) -> str:
+    """A client's model name as an error message shows it: short, printable, quoted."""
+    cut = model if len(model) <= 100 else model[:100] + "..."
+    return repr(cut) if not cut.isprintable() or "'" in cut else f"'{cut}'"
+
+
 def model_not_allowed(model: str, team: str) -> GatewayError:
     return GatewayError(
-        403, "permission_error", "model_not_allowed", f"Team '{team}' may not use model '{model}'."
+        403,
+        "permission_error",
+        "model_not_allowed",
+        f"Team '{team}' may not use model {_quoted(model)}.",
     )
 
 
 def model_not_found(model: str) -> GatewayError:
     return GatewayError(
-        404, "invalid_request_error", "model_not_found", f"No upstream serves model '{model}'."
+        404,
+        "invalid_request_error",
+        "model_not_found",
+        f"No upstream serves model {_quoted(model)}.",
     )
 
 
@@ -72,6 +88,26 @@ def invalid_json(detail: str) -> GatewayError:
         "invalid_request_error",
         "invalid_json",
         f"The request body is not valid JSON: {detail}",
+    )
+
+
+def invalid_value(param: str, message: str) -> GatewayError:
+    return GatewayError(400, "invalid_request_error", "invalid_value", message, param=param)
+
+
+def json_too_deep(limit: int) -> GatewayError:
+    return GatewayError(
+        400,
+        "invalid_request_error",
+        "invalid_json",
+        f"The request body nests JSON deeper than {limit} levels.",
+    )
+
+
+def client_disconnected() -> GatewayError:
+    """Not an answer anyone reads: the client left while sending its request."""
+    return GatewayError(
+        499, "invalid_request_error", "client_disconnected", "The client closed the connection."
     )
 
 
@@ -118,7 +154,7 @@ def model_not_priced(model: str, team: str) -> GatewayError:
         403,
         "permission_error",
         "model_not_priced",
-        f"Team '{team}' has a USD budget and model '{model}' has no price in the gateway's "
+        f"Team '{team}' has a USD budget and model {_quoted(model)} has no price in the gateway's "
         "prices table, so its cost could not be counted; ask the gateway's operators to add one.",
     )
 
@@ -157,66 +193,23 @@ def shutting_down() -> GatewayError:
     )
 
 
-def not_found(path: str) -> GatewayError:
-    return GatewayError(404, "invalid_request_error", "not_found", f"No route for {path}.")
+def not_found() -> GatewayError:
+    # the path is not echoed: an answer never repeats request bytes
+    return GatewayError(404, "invalid_request_error", "not_found", "No route for this path.")
 
 
-def stream_interrupted_event(sequence_number: int, message: str) -> bytes:
-    """The SSE `error` event that ends a client's stream when the upstream broke it."""
+def stream_interrupted_event(
+    sequence_number: int, message: str, code: str = "upstream_stream_interrupted"
+) -> bytes:
+    """The SSE `error` event that ends a client's stream when it cannot go on (the upstream
+    broke it, or the gateway stopped)."""
     payload = orjson.dumps(
         {
             "type": "error",
-            "code": "upstream_stream_interrupted",
+            "code": code,
             "message": message,
             "param": None,
             "sequence_number": sequence_number,
         }
     )
     return b"event: error\ndata: " + payload + b"\n\n"
-
-
-def mask_secrets(body: bytes, secrets: tuple[bytes, ...]) -> bytes:
-    """Replace any echoed upstream key in a body with a masked form."""
-    for secret in secrets:
-        if secret and secret in body:
-            body = body.replace(secret, mask(secret))
-    return body
-
-
-class StreamMasker:
-    """Masks secrets in a byte stream whose chunks may split a secret anywhere.
-
-    A chunk's tail is held back only while it could be the start of a secret, so in practice
-    (chunks ending in a line break) nothing is delayed.
-    """
-
-    __slots__ = ("_held", "_secrets")
-
-    def __init__(self, secrets: tuple[bytes, ...]) -> None:
-        self._secrets = tuple(s for s in secrets if s)
-        self._held = b""
-
-    def feed(self, chunk: bytes) -> bytes:
-        if not self._secrets:
-            return chunk
-        data = self._held + chunk if self._held else chunk
-        data = mask_secrets(data, self._secrets)
-        hold = 0
-        for s in self._secrets:
-            for k in range(min(len(s) - 1, len(data)), hold, -1):
-                if data.endswith(s[:k]):
-                    hold = k
-                    break
-        if hold:
-            self._held = data[-hold:]
-            return data[:-hold]
-        self._held = b""
-        return data
-
-    def flush(self) -> bytes:
-        held, self._held = self._held, b""
-        return held
-
-
-def mask(secret: bytes) -> bytes:
-    return secret[:3] + b"****" if len(secret) > 12 else b"****"

@@ -63,6 +63,7 @@ class Exchange:
     cache: str = ""
     usage: Usage | None = None
     metered: bool = False  # a generation route: its usage is charged
+    output_estimate: int = 0  # most output tokens a metered request can produce
     estimated: bool = False
     saved: Usage | None = None  # a cache hit or coalesced answer: what it would have cost
     ttft: float | None = None  # seconds from start to the first output event
@@ -181,8 +182,8 @@ def _observe(
         tokens.labels(team, model, "output").inc(usage.output_tokens)
         tokens.labels(team, model, "cached").inc(usage.cached_tokens)
         tokens.labels(team, model, "reasoning").inc(usage.reasoning_tokens)
-        if cost:
-            m.cost.labels(team, model).inc(cost)
+    if cost:  # what was charged, a marked estimate included: the ledger and budgets agree
+        m.cost.labels(team, model).inc(cost)
     if ex.saved is not None:
         m.cache_saved_tokens.labels(team, model).inc(ex.saved.total_tokens)
 

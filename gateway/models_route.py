@@ -10,6 +10,7 @@ from aiohttp import web
 
 from gateway import errors
 from gateway.exchange import Exchange
+from gateway.masking import mask_body
 from gateway.relay import send_whole
 from gateway.upstream import UpstreamClient, request_headers
 
@@ -54,7 +55,10 @@ async def list_models(gw: Gateway, request: web.Request, ex: Exchange) -> web.St
     return await send_whole(
         request,
         web.Response(
-            body=orjson.dumps({"object": "list", "data": list(seen.values())}),
+            # entries are the upstreams' own JSON: mask a key one of them echoes
+            body=mask_body(
+                orjson.dumps({"object": "list", "data": list(seen.values())}), gw.secrets
+            ),
             content_type="application/json",
             headers=ex.response_headers(),
         ),

@@ -11,18 +11,21 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 from opentelemetry.trace import Span
 
-from gateway import errors
+from gateway import errors, jsonbody
+from gateway.budget import estimate
 from gateway.budget.admission import budget_headers, reserve
 from gateway.cache.entry import CacheEntry
 from gateway.cache.key import cache_key
+from gateway.edge import TARGET
 from gateway.errors import GatewayError
 from gateway.exchange import Exchange, finish, request_id, route_of
 from gateway.models_route import list_models
 from gateway.relay import relay_body, relay_raw, relay_stream, replay, send_whole
 from gateway.runtime import Gateway
+from gateway.server import read_body
+from gateway.settings import Limits
 from gateway.telemetry.tracing import trace_id_hex
 from gateway.upstream import UpstreamClient, request_headers
 
@@ -44,9 +47,8 @@ ID_ROUTES = frozenset(
 
 async def handle(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
-    ex = Exchange(
-        request_id(request.headers.get("x-request-id")), request.method, route_of(request.path)
-    )
+    path = request[TARGET][0]
+    ex = Exchange(request_id(request.headers.get("x-request-id")), request.method, route_of(path))
     ex.span = span = gw.tracing.server_span(f"{request.method} {ex.route}", request.headers)
     ex.trace_id = trace_id_hex(span)
     ex.sampled = span.is_recording()
@@ -55,13 +57,14 @@ async def handle(request: web.Request) -> web.StreamResponse:
             {
                 "http.request.method": request.method,
                 "http.route": ex.route,
-                "url.path": request.path,
+                "url.path": path,
                 "url.scheme": request.scheme,
                 "server.port": _local_port(request),
                 "user_agent.original": request.headers.get("user-agent", ""),
             }
         )
     gw.metrics.inflight.inc()
+    gw.inflight += 1
     try:
         return await _pipeline(gw, request, ex)
     except GatewayError as e:
@@ -82,18 +85,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
         )
         return await send_whole(request, err.response(ex.response_headers()))
     finally:
+        gw.inflight -= 1
         gw.metrics.inflight.dec()
         try:
             await finish(gw, ex)
         except Exception:
             gw.log.exception("finishing a request failed", request_id=ex.request_id)
-
-
-def _escapes_v1(request: web.Request) -> bool:
-    """A path with `.` or `..` segments (also percent-encoded) would be resolved by the upstream
-    to somewhere outside /v1, and reach it with the gateway's provider key: refuse it."""
-    segments = request.path.split("/")  # aiohttp has decoded %2e already
-    return "." in segments or ".." in segments
 
 
 def _local_port(request: web.Request) -> int:
@@ -102,35 +99,31 @@ def _local_port(request: web.Request) -> int:
     return int(sockname[1]) if isinstance(sockname, tuple) and len(sockname) > 1 else 0
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
-        raise errors.request_too_large(limit)
+async def _read_body(request: web.Request, limits: Limits) -> bytes:
     try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise errors.request_too_large(limit) from None
-    except (web.RequestPayloadError, HttpProcessingError):  # broken gzip or chunking
-        raise errors.invalid_json("the body could not be read") from None
+        return await read_body(request, limits.max_body_bytes, limits.body_timeout)
+    except ConnectionError:  # the client left mid-upload: nobody to answer, nothing to charge
+        raise errors.client_disconnected() from None
 
 
 async def _pipeline(gw: Gateway, request: web.Request, ex: Exchange) -> web.StreamResponse:
     if gw.draining:
         raise errors.shutting_down()
-    if _escapes_v1(request):
-        raise errors.not_found(request.path)
     policy = gw.policy
     principal = policy.auth.authenticate(request.headers)
     team = principal.team
     ex.team, ex.key_id = team.name, principal.key_id
     settings = policy.settings
-    body = await _read_body(request, settings.limits.max_body_bytes)
+    body = await _read_body(request, settings.limits)
 
     method = request.method
     needs_model = method == "POST" and ex.route in MODEL_ROUTES
     parsed: Any = None
     if method == "POST" and body and (needs_model or "json" in request.content_type):
         try:
-            parsed = orjson.loads(body)
+            parsed = jsonbody.loads(body, settings.limits.max_json_depth)
+        except jsonbody.TooDeep:
+            raise errors.json_too_deep(settings.limits.max_json_depth) from None
         except orjson.JSONDecodeError as e:
             if needs_model:
                 raise errors.invalid_json(str(e)) from None
@@ -143,11 +136,18 @@ async def _pipeline(gw: Gateway, request: web.Request, ex: Exchange) -> web.Stre
     if isinstance(model, str) and model:
         ex.model = model
         if not policy.team_models[team.name](model):
-            raise errors.model_not_allowed(model, team.name)
+            raise errors.model_not_allowed(gw.redactor(model), team.name)
         upstream_name = policy.router.route(model)
         if upstream_name is None:
-            raise errors.model_not_found(model)
+            raise errors.model_not_found(gw.redactor(model))
         ex.metered = method == "POST" and ex.route != "/v1/responses/input_tokens"
+        if ex.metered:
+            try:
+                ex.output_estimate = estimate.output_tokens(
+                    parsed, settings.limits.default_max_output_tokens
+                )
+            except estimate.InvalidValue as e:
+                raise errors.invalid_value(e.param, str(e)) from None
         ex.creates_response = method == "POST" and ex.route == "/v1/responses"
     else:
         upstream_name = await _route_without_model(gw, request, ex)
@@ -185,7 +185,7 @@ async def _route_without_model(gw: Gateway, request: web.Request, ex: Exchange) 
     """Requests about a stored response go where it was created, and only for the team that
     created it; other requests without a model go to the first upstream."""
     if ex.route in ID_ROUTES:
-        rid = request.path.split("/")[3]
+        rid = request[TARGET][0].split("/")[3]
         owner = gw.owners.get(rid)
         if owner is None:
             owner = await gw.ledger.owner(rid)
@@ -305,7 +305,9 @@ async def _call(
     headers.update(carrier)
     ex.upstream_started = t0 = time.perf_counter()
     try:
-        up = await client.send(request.method, request.path_qs, headers, body)
+        path, query = request[TARGET]
+        target = f"{path}?{query}" if query else path
+        up = await client.send(request.method, target, headers, body)
     except GatewayError as e:
         ex.upstream_status = 0
         ex.upstream_reached = e.reached
@@ -376,5 +378,5 @@ def _client_span(gw: Gateway, ex: Exchange, client: UpstreamClient) -> Span:
             if isinstance(v, int | float) and not isinstance(v, bool):
                 attrs[dst] = v
         if gw.tracing.capture_content:
-            attrs.update(gw.tracing.content_attributes(body, gw.secrets))
+            attrs.update(gw.tracing.content_attributes(body))
     return gw.tracing.client_span(ex.span, name, attrs)

@@ -146,7 +146,8 @@ class UpstreamClient:
         session = self._session
         if session is None:
             raise errors.upstream_unavailable(self.name)
-        url = self.cfg.base_url + path_qs
+        # sent as is: the edge checked the path canonical, and re-quoting could change it
+        url = URL(self.cfg.base_url + path_qs, encoded=True)
         try:
             async with asyncio.timeout(self.cfg.timeouts.first_byte):
                 return await session.request(

@@ -25,11 +25,11 @@ from conftest import (
     Upstream,
     auth,
     free_port,
+    ledger_rows,
     make_settings,
     start_gateway,
 )
 
-from gateway.ledger.sqlite import SqliteLedger
 from gateway.runtime import Gateway
 
 BODY: dict[str, Any] = {
@@ -53,15 +53,6 @@ async def admin_teams(gw: Running) -> dict[str, Any]:
     ):
         assert r.status == 200
         return {t["team"]: t for t in (await r.json())["teams"]}
-
-
-async def ledger_rows(gw: Running) -> list[dict[str, Any]]:
-    await gw.gw.ledger.flush()
-    ledger = gw.gw.ledger
-    assert isinstance(ledger, SqliteLedger)
-    rows = await ledger._run(ledger._query, "SELECT * FROM ledger ORDER BY id", ())
-    names = [c[1] for c in await ledger._run(ledger._query, "PRAGMA table_info(ledger)", ())]
-    return [dict(zip(names, r, strict=True)) for r in rows]
 
 
 async def test_200_concurrent_never_overshoot_and_no_false_429(

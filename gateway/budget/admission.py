@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from gateway import errors
+from gateway.budget import estimate
 from gateway.budget.store import Rejection
 from gateway.budget.windows import seconds_until
 from gateway.exchange import Exchange
@@ -29,19 +30,10 @@ async def budget_headers(gw: Gateway, ex: Exchange) -> dict[str, str]:
 async def reserve(gw: Gateway, ex: Exchange, body_len: int) -> None:
     team = gw.policy.teams[ex.team]  # the caller checked it is there
     if gw.policy.prices.price(ex.model) is None and any(b.usd is not None for b in team.budgets):
-        raise errors.model_not_priced(ex.model, team.name)  # fail closed, never count it as free
-    parsed = ex.request_body if isinstance(ex.request_body, dict) else {}
-    out = (
-        parsed.get("max_output_tokens")
-        or parsed.get("max_completion_tokens")
-        or parsed.get("max_tokens")
-    )
-    if not isinstance(out, int) or isinstance(out, bool) or out <= 0:
-        out = gw.settings.limits.default_max_output_tokens
-    choices = parsed.get("n")  # Chat Completions: n choices, each up to the output limit
-    if isinstance(choices, int) and not isinstance(choices, bool) and choices > 1:
-        out *= choices
-    input_est = -(-body_len // 4)
+        # fail closed: never count it as free
+        raise errors.model_not_priced(gw.redactor(ex.model), team.name)
+    out = ex.output_estimate  # the pipeline checked the body's output caps
+    input_est = estimate.input_tokens(body_len)
     tokens = input_est + out
     usd = gw.policy.prices.estimate(ex.model, input_est, out)
     got = await gw.budget.reserve(team, tokens, usd, gw.clock())

@@ -1,0 +1,44 @@
+"""Decoding a request body as JSON within one nesting limit. Pure, no I/O.
+
+orjson decodes up to 1024 levels but encodes only 254, and the gateway re-encodes bodies (the
+cache key, the Chat stream rewrite): a body between those depths would fail deep in the
+pipeline. One limit, checked right after decoding, refuses it up front.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+class TooDeep(ValueError):
+    pass
+
+
+def loads(body: bytes, max_depth: int) -> Any:
+    """Decode `body`; raises orjson.JSONDecodeError, or TooDeep past `max_depth` levels."""
+    obj = orjson.loads(body)
+    # every level opens a bracket: a body with few brackets cannot be deep (a C-speed count
+    # that spares the walk for almost every request)
+    if body.count(b"[") + body.count(b"{") > max_depth and depth(obj) > max_depth:
+        raise TooDeep(f"deeper than {max_depth} levels")
+    return obj
+
+
+def depth(obj: Any) -> int:
+    """Nesting depth of a decoded JSON value: a scalar is 0, `[]` and `{}` are 1."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(obj, 0)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        level += 1
+        deepest = max(deepest, level)
+        stack.extend((child, level) for child in children if isinstance(child, dict | list))
+    return deepest
