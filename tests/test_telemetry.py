@@ -278,7 +278,10 @@ async def test_openmetrics_exemplars_carry_trace_ids(traced: Running) -> None:
 
 
 async def test_model_label_is_bounded(upstream: Upstream, tmp_path: Path) -> None:
-    settings = make_settings(upstream.url, tmp_path / "s")
+    # the models the config names by pattern get labels (a bare "*" names none)
+    settings = make_settings(
+        upstream.url, tmp_path / "s", models='["nusantara-*", "garda-*", "gpt-*"]'
+    )
     settings = settings.__class__(
         **{
             **{f: getattr(settings, f) for f in settings.__slots__},

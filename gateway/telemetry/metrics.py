@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from gateway.routing import GlobSet
+from gateway.settings import Settings
 
 # GenAI semantic-convention advisory buckets for operation durations, in seconds
 DURATION_BUCKETS = (
@@ -42,21 +48,51 @@ TTFT_BUCKETS = (
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 
 
+# fnmatch's wildcards: `*`, `?` and a `[...]` class. A pattern made of nothing else names no model.
+_WILDCARDS = re.compile(r"\*|\?|\[!?\]?[^\]]*\]")
+# a label value is stored per series and echoed in every scrape: printable ASCII and short
+_SANE = re.compile(r"[\x20-\x7e]{1,128}")
+
+
+def named_models(settings: Settings) -> tuple[str, ...]:
+    """The model names and patterns the config knows: upstreams' `models` and the prices table."""
+    return (*(p for u in settings.upstreams for p in u.models), *settings.prices)
+
+
+def _naming(patterns: Iterable[str]) -> GlobSet:
+    return GlobSet(p for p in patterns if _WILDCARDS.sub("", p))
+
+
 class ModelLabels:
-    """Bounds the `model` label: past `limit` distinct values, new ones become `other`."""
+    """Bounds the `model` label, which comes from the client: only models the config names.
 
-    __slots__ = ("_limit", "_seen")
+    A model matched by an exact name or a glob with some literal part (`gpt-4o*`) keeps its
+    name, up to `limit` distinct values; a catch-all (`*`) names nothing, so a model only it
+    matches is `other`, as is anything not printable ASCII or longer than 128 characters, and
+    every new model past `limit`. An empty model is `unknown`. `know()` follows a reload;
+    labels already given stay.
+    """
 
-    def __init__(self, limit: int) -> None:
+    __slots__ = ("_known", "_limit", "_seen")
+
+    def __init__(self, limit: int, known: Iterable[str] = ()) -> None:
         self._limit = limit
         self._seen: set[str] = set()
+        self._known = _naming(known)
+
+    def know(self, patterns: Iterable[str]) -> None:
+        self._known = _naming(patterns)
 
     def __call__(self, model: str) -> str:
         if model in self._seen:
             return model
         if not model:
             return "unknown"
-        if len(self._seen) >= self._limit:
+        if (
+            len(self._seen) >= self._limit
+            or not _SANE.fullmatch(model)  # before the glob match: bounds its cost too
+            or not self._known(model)
+        ):
             return "other"
         self._seen.add(model)
         return model
@@ -65,9 +101,14 @@ class ModelLabels:
 class Metrics:
     """The gateway's metric objects. One instance per app, on its own registry."""
 
-    def __init__(self, max_model_labels: int, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        max_model_labels: int,
+        registry: CollectorRegistry | None = None,
+        known_models: Iterable[str] = (),
+    ) -> None:
         r = self.registry = registry or CollectorRegistry(auto_describe=True)
-        self.model = ModelLabels(max_model_labels)
+        self.model = ModelLabels(max_model_labels, known_models)
         self.requests = Counter(
             "gateway_requests",
             "Requests answered, by outcome.",

@@ -3,25 +3,38 @@
 The provider is owned by this object (never the global one). With no exporter configured the
 sampler records nothing, but spans still carry real ids: every response gets a trace id and
 the upstream gets a `traceparent` either way.
+
+A slow or silent collector costs bounded memory and a bounded wait at exit: at most
+`QUEUE_SPANS` spans wait (more are dropped, ending a span never blocks), attribute values are
+cut at `ATTRIBUTE_CHARS`, and shutdown flushes for at most `SHUTDOWN_SECONDS`.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping, MutableMapping
+import threading
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import orjson
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Span, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from gateway.redact import Redactor
 from gateway.settings import Telemetry
+
+# Worst case held while the collector does not answer: QUEUE_SPANS spans of a few KB each, or
+# about 20 KB for a client span with captured content cut at ATTRIBUTE_CHARS: a few MB.
+QUEUE_SPANS = 512
+EXPORT_BATCH = 128
+ATTRIBUTE_CHARS = 8 * 1024
+# The final flush's share of a stop: well inside any orchestrator's grace period.
+SHUTDOWN_SECONDS = 3.0
 
 
 class Tracing:
@@ -31,13 +44,15 @@ class Tracing:
         self,
         provider: TracerProvider,
         capture_content: bool = False,
-        processor: SpanProcessor | None = None,
+        exporter: CuttableExporter | None = None,
     ) -> None:
         self.provider = provider
         self.tracer = provider.get_tracer("gateway")
         self.capture_content = capture_content
         self.propagator = TraceContextTextMapPropagator()
-        self._processor = processor
+        # shapes only until the Gateway hands over the one built from its settings
+        self.redactor = Redactor()
+        self._exporter = exporter
 
     @classmethod
     def from_settings(cls, tel: Telemetry, exporter: SpanExporter | None = None) -> Tracing:
@@ -52,15 +67,30 @@ class Tracing:
                 else endpoint.rstrip("/") + "/v1/traces"
             )
             exporter = OTLPSpanExporter(endpoint=url, timeout=5)
+        # not the SDK's atexit hook: it would wait up to 30 s on a silent collector; the
+        # Gateway's close calls our bounded `shutdown` instead
         if exporter is None:
-            return cls(TracerProvider(resource=resource, sampler=ALWAYS_OFF))
+            return cls(
+                TracerProvider(resource=resource, sampler=ALWAYS_OFF, shutdown_on_exit=False)
+            )
         provider = TracerProvider(
-            resource=resource, sampler=ParentBased(TraceIdRatioBased(tel.traces.sample_ratio))
+            resource=resource,
+            sampler=ParentBased(TraceIdRatioBased(tel.traces.sample_ratio)),
+            shutdown_on_exit=False,
+            span_limits=SpanLimits(max_span_attribute_length=ATTRIBUTE_CHARS),
         )
-        # a batch processor: export happens on its own thread, a dead collector costs nothing
-        processor = BatchSpanProcessor(exporter, max_queue_size=8192, schedule_delay_millis=1000)
-        provider.add_span_processor(processor)
-        return cls(provider, tel.traces.capture_content, processor)
+        cuttable = CuttableExporter(exporter)
+        # a batch processor: export happens on its own thread and a full queue drops spans,
+        # so a dead collector never slows a request
+        provider.add_span_processor(
+            BatchSpanProcessor(
+                cuttable,
+                max_queue_size=QUEUE_SPANS,
+                max_export_batch_size=EXPORT_BATCH,
+                schedule_delay_millis=1000,
+            )
+        )
+        return cls(provider, tel.traces.capture_content, cuttable)
 
     def server_span(self, name: str, headers: Mapping[str, str]) -> Span:
         parent = self.propagator.extract(headers) if "traceparent" in headers else None
@@ -77,41 +107,74 @@ class Tracing:
             carrier, context=trace.set_span_in_context(span, otel_context.Context())
         )
 
-    def content_attributes(
-        self, body: Mapping[str, Any], secrets: tuple[bytes, ...]
-    ) -> dict[str, str]:
-        """Opt-in message content, as GenAI JSON attributes, with secrets redacted."""
+    def content_attributes(self, body: Mapping[str, Any]) -> dict[str, str]:
+        """Opt-in message content, as GenAI JSON attributes, with keys redacted."""
         out: dict[str, str] = {}
         instructions = body.get("instructions")
         if isinstance(instructions, str):
-            out["gen_ai.system_instructions"] = redact(
-                orjson.dumps([{"type": "text", "content": instructions}]).decode(), secrets
+            out["gen_ai.system_instructions"] = self.redactor(
+                orjson.dumps([{"type": "text", "content": instructions}]).decode()
             )
         messages = input_messages(body)
         if messages:
-            out["gen_ai.input.messages"] = redact(orjson.dumps(messages).decode(), secrets)
+            out["gen_ai.input.messages"] = self.redactor(orjson.dumps(messages).decode())
         return out
 
-    def flush(self) -> None:
-        if self._processor is not None:
-            self._processor.force_flush(5000)
+    def flush(self, deadline: float = 5.0) -> None:
+        """Export what is queued, waiting at most `deadline` seconds."""
+        if self._exporter is not None:
+            _bounded(self.provider.force_flush, deadline)
+
+    def shutdown(self, deadline: float = SHUTDOWN_SECONDS) -> None:
+        """Flush for at most `deadline` seconds, then stop exporting for good.
+
+        The SDK's shutdown waits up to 30 s for an export stuck on a silent collector, and
+        this runs in an executor thread that interpreter exit joins: so the SDK's shutdown
+        runs on a daemon thread, and past the deadline the exporter is cut off. A send still
+        blocked on its socket then ends with the process.
+        """
+        _bounded(self.provider.shutdown, deadline)
+        if self._exporter is not None:
+            self._exporter.cut()
+
+
+class CuttableExporter(SpanExporter):
+    """Wraps the real exporter with a switch that ends exporting at once and for good."""
+
+    def __init__(self, inner: SpanExporter) -> None:
+        self._inner = inner
+        self._cut = threading.Event()
+        self._lock = threading.Lock()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if self._cut.is_set():  # batches still queued after the deadline are dropped
+            return SpanExportResult.FAILURE
+        return self._inner.export(spans)
+
+    def cut(self) -> None:
+        with self._lock:
+            if self._cut.is_set():
+                return
+            self._cut.set()
+        # the OTLP exporter's shutdown wakes its retry back-off and closes its session
+        self._inner.shutdown()
 
     def shutdown(self) -> None:
-        self.provider.shutdown()
+        self.cut()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+
+def _bounded(work: Callable[[], object], seconds: float) -> None:
+    """Run blocking SDK work on a daemon thread and wait for it at most `seconds`."""
+    thread = threading.Thread(target=work, name="gateway-tracing", daemon=True)
+    thread.start()
+    thread.join(seconds)
 
 
 def trace_id_hex(span: Span) -> str:
     return format(span.get_span_context().trace_id, "032x")
-
-
-_KEYLIKE = re.compile(r"(sk-[A-Za-z0-9_\-]{8,}|Bearer\s+[A-Za-z0-9._\-]{8,})")
-
-
-def redact(text: str, secrets: tuple[bytes, ...]) -> str:
-    for s in secrets:
-        if s:
-            text = text.replace(s.decode(), "[REDACTED]")
-    return _KEYLIKE.sub("[REDACTED]", text)
 
 
 def input_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -1,0 +1,149 @@
+"""The one redactor: keys found in free text (prompts, errors, captures) become `[REDACTED]`.
+
+Three kinds of key are found:
+
+- secrets the gateway holds in clear (upstream keys, the admin key), by value, anywhere;
+- client keys, which the config holds only as SHA-256 digests: every key-like token of the
+  text is hashed and looked up, so a client key is found by value without the gateway ever
+  holding it;
+- common key shapes (OpenAI, Anthropic, AWS, Google, GitHub, Slack, `gw-` keys, `Bearer`),
+  plus any extra regular expressions the operator adds.
+
+There is deliberately no "long random-looking token" rule: response and message ids, UUIDs,
+trace ids and digests would all match it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from hashlib import sha256
+
+from gateway.settings import Settings
+
+__all__ = ["MARK", "MIN_TOKEN", "SHAPES", "Redactor"]
+
+MARK = "[REDACTED]"
+
+# Client keys shorter than this are not looked for by digest: hashing every short word of a
+# prompt costs time and a key that short is guessable anyway.
+MIN_TOKEN = 8
+
+# Key shapes. All share one guard, compiled in front of them: a shape never starts inside a
+# longer word ("risk-assessment-..." holds no `sk-` key). One guard behind a look-ahead on
+# the first letter, not one guard per shape: 3 ms instead of 48 ms on 100 KB of words.
+SHAPES: tuple[str, ...] = (
+    r"sk-[A-Za-z0-9_\-]{20,}",  # OpenAI (sk-, sk-proj-), Anthropic (sk-ant-)
+    r"gw-[A-Za-z0-9_\-]{20,}",  # `gateway keys new`: gw- + token_urlsafe(32)
+    r"(?:AKIA|ASIA)[0-9A-Z]{16}(?![0-9A-Za-z])",  # AWS access key id
+    r"AIza[0-9A-Za-z_\-]{35}",  # Google API key
+    r"gh[pousr]_[A-Za-z0-9]{36,}",  # GitHub tokens
+    r"github_pat_[A-Za-z0-9_]{22,}",  # GitHub fine-grained token
+    r"xox[abposr]-[A-Za-z0-9\-]{10,}",  # Slack
+    r"[Bb]earer\s+[A-Za-z0-9._~+/=\-]{8,}",  # whatever follows `Bearer`
+)
+# ...unless that word is a JSON escape: `\nsk-...` is a key at the start of a line
+_GUARD = r"(?:(?<![A-Za-z0-9])|(?<=\\[nrtbf])|(?<=\\u[0-9A-Fa-f]{4}))"
+# Every shape starts with one of these letters: keep in step with SHAPES.
+_FIRST = "ABbgsx"
+
+# A token ends at whitespace, quotes, brackets, commas and backslashes: keys do not contain
+# them, and JSON or prose puts them around a key.
+_TOKEN = re.compile(r"[^\s\"'`<>()\[\]{},;|\\]{" + str(MIN_TOKEN) + ",}")
+# Inside a token these may be glue ("key=...", "...key.", "?k=...&") or part of a key
+# (base64 `/`, `+`, `=`): the token is cut into pieces at them and runs of pieces are tried.
+_SOFT = re.compile(r"[.:=&?/@!#+*%$~^]")
+# A key glued to its neighbours is found only if it spans at most _MAX_SPAN pieces, and only
+# in tokens of at most _MAX_PIECES pieces: past that a token is a blob (base64 image data has
+# a `/` or `+` every few characters) and trying every run would cost seconds per megabyte.
+_MAX_SPAN = 4
+_MAX_PIECES = 64
+# JSON (and Python) escapes glue a letter to the key that follows: `\nKEY`, `\u00a0KEY`.
+_ESCAPE = re.compile(r"u[0-9A-Fa-f]{4}|[nrtbf/]")
+
+
+class Redactor:
+    """Replaces every key it can recognise in a text with `[REDACTED]`."""
+
+    __slots__ = ("_digests", "_extra", "_known")
+
+    def __init__(
+        self,
+        values: Iterable[str] = (),
+        digests: Iterable[bytes] = (),
+        extra: tuple[str, ...] = (),
+    ) -> None:
+        # longest value first: a key that contains another key is replaced whole
+        literals = sorted({v for v in values if v}, key=len, reverse=True)
+        shapes = f"(?=[{_FIRST}]){_GUARD}(?:{'|'.join(SHAPES)})"
+        self._known = re.compile("|".join([*(re.escape(v) for v in literals), shapes]))
+        self._digests = frozenset(digests)
+        # compiled apart from the rest: their group numbers and flags must not clash
+        self._extra = tuple(re.compile(p) for p in extra)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, extra: tuple[str, ...] = ()) -> Redactor:
+        return cls(
+            settings.secrets(),
+            (d for team in settings.teams for d in team.key_digests),
+            extra,
+        )
+
+    def __call__(self, text: str) -> str:
+        if self._digests:
+            text = self._client_keys(text)
+        text = self._known.sub(MARK, text)
+        for pattern in self._extra:
+            text = pattern.sub(MARK, text)
+        return text
+
+    def _client_keys(self, text: str) -> str:
+        out: list[str] = []
+        done = 0
+        for m in _TOKEN.finditer(text):
+            start = m.start()
+            for a, b in self._spans(m.group(), escaped=start > 0 and text[start - 1] == "\\"):
+                out.append(text[done : start + a])
+                out.append(MARK)
+                done = start + b
+        if not out:
+            return text
+        out.append(text[done:])
+        return "".join(out)
+
+    def _spans(self, token: str, escaped: bool) -> list[tuple[int, int]]:
+        """The parts of a token that hash to a client key's digest, in order, not overlapping."""
+        digests = self._digests
+        raw = _utf8(token)
+        if sha256(raw).digest() in digests:
+            return [(0, len(token))]
+        seps = [s.span() for s in _SOFT.finditer(token)]
+        if (not seps and not escaped) or len(seps) > _MAX_PIECES:
+            return []
+        ascii_only = len(raw) == len(token)  # then a str offset is a byte offset
+        # piece k runs from starts[k] to ends[k]; a candidate is a run of up to _MAX_SPAN pieces
+        starts = [0, *(b for _, b in seps)]
+        ends = [*(a for a, _ in seps), len(token)]
+        firsts = [(a, k) for k, a in enumerate(starts)]
+        if escaped and (e := _ESCAPE.match(token)):
+            firsts.insert(1, (e.end(), 0))  # `\nKEY` in JSON text: the token reads "nKEY"
+        found: list[tuple[int, int]] = []
+        for a, k in firsts:
+            if found and a < found[-1][1]:
+                continue
+            for b in ends[k : k + _MAX_SPAN]:
+                if b - a < MIN_TOKEN or b - a == len(token):
+                    continue
+                part = raw[a:b] if ascii_only else _utf8(token[a:b])
+                if sha256(part).digest() in digests:
+                    found.append((a, b))
+                    break
+        return found
+
+
+def _utf8(text: str) -> bytes:
+    # surrogateescape: how aiohttp decodes a header's bytes, so digests match `auth.py`'s
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate no header could carry: never a key
+        return text.encode("utf-8", "surrogatepass")
