@@ -67,8 +67,8 @@ class Server:
         return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK  # utime, stime
 
     def unusual_log_lines(self) -> list[str]:
-        """Log lines other than per-request records and the start-up line (errors, warnings,
-        tracebacks, shutdown messages)."""
+        """Log lines other than per-request records and the start-up and drain lines (errors,
+        warnings, tracebacks, shutdown messages)."""
         with contextlib.suppress(OSError):
             return [
                 line
@@ -76,6 +76,7 @@ class Server:
                 if line.strip()
                 and '"event":"request"' not in line
                 and '"event":"listening"' not in line
+                and '"event":"draining"' not in line
             ]
         return []
 

@@ -19,8 +19,11 @@ from aiohttp import web
 from gateway import config
 from gateway.admin import CONFIG_PATH
 from gateway.app import create_admin_app, create_app, make_runner
+from gateway.listener import LimitedSite
 from gateway.runtime import Gateway
 from gateway.telemetry.logging import configure_logging
+
+STOP_GRACE = 2.0  # seconds a request still running after the drain gets before it is cancelled
 
 
 def _use_uvloop() -> None:
@@ -44,11 +47,14 @@ async def run_gateway(
     admin = create_admin_app(gw)
     if config_path:
         admin[CONFIG_PATH] = config_path
-    runner = make_runner(app, shutdown_timeout=settings.limits.drain_timeout)
+    # the drain happens before the runner stops (gw.drain): what is left by then is cut
+    runner = make_runner(app, shutdown_timeout=STOP_GRACE)
     admin_runner = make_runner(admin, shutdown_timeout=5)
     await runner.setup()  # starts the Gateway (cleanup_ctx)
     await admin_runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=2048)
+    site = LimitedSite(
+        runner, host, port, max_connections=settings.limits.max_connections, reuse_port=reuse_port
+    )
     await site.start()
     admin_site = web.TCPSite(
         admin_runner, settings.admin.host, settings.admin.port, reuse_port=reuse_port or None
@@ -71,9 +77,13 @@ async def run_gateway(
             admin=f"http://{settings.admin.host}:{settings.admin.port}",
         )
     await stop.wait()
-    gw.draining = True  # /readyz turns 503 so a load balancer stops sending
+    # both listeners stay open while requests in flight finish: /readyz answers 503 and new
+    # requests 503 shutting_down, so a load balancer sees the drain and clients go elsewhere
+    gw.draining = True
+    gw.log.info("draining", inflight=gw.inflight, timeout=settings.limits.drain_timeout)
+    await gw.drain(settings.limits.drain_timeout)
+    await runner.cleanup()  # closes the listener and what is left, then the Gateway
     await admin_runner.cleanup()
-    await runner.cleanup()  # waits for requests in flight, then closes the Gateway
 
 
 async def _reload(gw: Gateway, path: str) -> None:

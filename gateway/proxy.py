@@ -64,7 +64,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
             }
         )
     gw.metrics.inflight.inc()
-    gw.inflight += 1
+    # a drain waits for requests admitted before it, not for the 503s it answers meanwhile
+    counted = 0 if gw.draining else 1
+    gw.inflight += counted
     try:
         return await _pipeline(gw, request, ex)
     except GatewayError as e:
@@ -85,7 +87,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         )
         return await send_whole(request, err.response(ex.response_headers()))
     finally:
-        gw.inflight -= 1
+        gw.inflight -= counted
         gw.metrics.inflight.dec()
         try:
             await finish(gw, ex)

@@ -22,9 +22,10 @@ from aiohttp import web
 from gateway import errors
 from gateway.cache.entry import KEPT_HEADERS, CacheEntry
 from gateway.cache.flight import Flight
-from gateway.errors import StreamMasker
 from gateway.exchange import Exchange
+from gateway.masking import Secrets, StreamMasker, mask_body, mask_headers
 from gateway.sse import SSEDecoder
+from gateway.sse_masking import SSEMasker
 from gateway.upstream import response_headers
 from gateway.usage import StreamTracker, finish_reason, usage_from_body
 
@@ -48,11 +49,16 @@ async def send_whole(request: web.Request, resp: web.Response) -> web.StreamResp
     return resp
 
 
-def _headers(up: aiohttp.ClientResponse, extra: Mapping[str, str]) -> dict[str, str]:
+def _headers(
+    up: aiohttp.ClientResponse, extra: Mapping[str, str], secrets: Secrets
+) -> dict[str, str]:
+    """The client's headers: the upstream's (an echoed key masked, so also in cache entries and
+    for coalesced followers, which take theirs from here), then the gateway's own."""
     out = dict(response_headers(up.headers.items()))
     rid = up.headers.get("x-request-id")
     if rid:
         out["x-upstream-request-id"] = rid
+    out = mask_headers(out, secrets)
     out.update(extra)
     return out
 
@@ -102,9 +108,9 @@ async def relay_body(
         raise errors.upstream_timeout(ex.upstream, idle) from None
     except UPSTREAM_BROKEN:
         raise errors.upstream_unavailable(ex.upstream, reached=True) from None
-    data = errors.mask_secrets(b"".join(parts), gw.secrets)
+    data = mask_body(b"".join(parts), gw.secrets)
     ex.status = up.status
-    headers = _headers(up, extra)
+    headers = _headers(up, extra, gw.secrets)
     entry: CacheEntry | None = None
     if up.status == 200 and (
         ex.metered or ex.route in ("/v1/responses/{id}", "/v1/responses/{id}/cancel")
@@ -163,7 +169,9 @@ async def relay_raw(
     ex.status = up.status
     idle = gw.upstreams[ex.upstream].cfg.timeouts.idle
     masker = StreamMasker(gw.secrets)
-    resp = ex.started_response = web.StreamResponse(status=up.status, headers=_headers(up, extra))
+    resp = ex.started_response = web.StreamResponse(
+        status=up.status, headers=_headers(up, extra, gw.secrets)
+    )
     try:
         await resp.prepare(request)
         while chunk := await _read_chunk(up, ex, idle):
@@ -201,8 +209,27 @@ class StreamPump:
         self.record: list[bytes] | None = [] if store_key is not None and up.status == 200 else None
         self.decoder = SSEDecoder()
         self.tracker = StreamTracker()
-        self.masker = StreamMasker(gw.secrets)
+        self.masker = SSEMasker(gw.secrets)
         self.broken: str | None = None
+        self.cutting = False  # a graceful stop ran out of time: end the stream now
+        self._reading: asyncio.Timeout | None = None
+
+    def cut(self) -> None:
+        """End this stream now, with the contract's error event (a graceful stop calls it
+        when `drain_timeout` has passed)."""
+        self.cutting = True
+        if self._reading is not None:
+            self._reading.reschedule(-1.0)  # a deadline in the past: the read ends at once
+
+    async def _read(self, within: float) -> bytes:
+        """One chunk of the upstream body within `within` seconds (idle time, not total)."""
+        t0 = time.perf_counter()
+        try:
+            async with asyncio.timeout(within) as self._reading:
+                return await self.up.content.readany()
+        finally:
+            self._reading = None
+            self.ex.upstream_wait += time.perf_counter() - t0
 
     async def run(self, emit: Callable[[bytes], Any], readers: Callable[[], int]) -> None:
         """`emit(chunk)` may be a coroutine function; `readers()` counts clients still there."""
@@ -215,8 +242,12 @@ class StreamPump:
         deadline = float("inf")  # after a terminal event, or once every client left
         size = 0
         gw.metrics.active_streams.inc()
+        gw.streams.add(self)
         try:
             while True:
+                if self.cutting:
+                    self.broken = "the gateway is shutting down"
+                    break
                 now = loop.time()
                 if readers() == 0:
                     if summary.terminal and self.record is None:
@@ -231,9 +262,11 @@ class StreamPump:
                         self.broken = "drain timeout"
                     break
                 try:
-                    chunk = await _read_chunk(self.up, ex, timeout)
+                    chunk = await self._read(timeout)
                 except TimeoutError:
-                    if not summary.terminal and deadline - loop.time() > 0:
+                    if self.cutting:
+                        self.broken = "the gateway is shutting down"
+                    elif not summary.terminal and deadline - loop.time() > 0:
                         self.broken = "upstream idle timeout"
                     elif not summary.terminal:
                         self.broken = "drain timeout"
@@ -264,6 +297,7 @@ class StreamPump:
                     break  # nothing follows [DONE]
             await self._end(emit)
         finally:
+            gw.streams.discard(self)
             gw.metrics.active_streams.dec()
             await self._settle()
 
@@ -273,11 +307,18 @@ class StreamPump:
         if not summary.terminal and self.broken is None and ex.metered:
             self.broken = "upstream ended the stream before a terminal event"
         if self.broken is not None and not summary.terminal and self.up.status == 200:
-            if self.broken != "drain timeout":  # not the upstream's fault: nobody was reading
-                ex.error = ex.error or "upstream_stream_interrupted"
+            code, message = (
+                "upstream_stream_interrupted",
+                f"The upstream stream broke: {self.broken}.",
+            )
+            if self.cutting:  # the upstream did nothing wrong: the gateway is stopping
+                code, message = "shutting_down", "The gateway shut down during this stream."
+                ex.error = "shutting_down"
+            elif self.broken != "drain timeout":  # not the upstream's fault: nobody was reading
+                ex.error = ex.error or code
                 gw.metrics.upstream_errors.labels(ex.upstream, "stream_interrupted").inc()
             tail += self.decoder.terminator() + errors.stream_interrupted_event(
-                summary.next_sequence, f"The upstream stream broke: {self.broken}."
+                summary.next_sequence, message, code
             )
         if tail:
             if self.record is not None:
@@ -329,7 +370,7 @@ async def relay_stream(
 ) -> web.StreamResponse:
     ex.stream = True
     ex.status = up.status
-    headers = _headers(up, extra)
+    headers = _headers(up, extra, gw.secrets)
     pump = StreamPump(gw, ex, up, headers, store_key, flight)
     resp = ex.started_response = web.StreamResponse(status=up.status, headers=headers)
     idle = gw.upstreams[ex.upstream].cfg.timeouts.idle

@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from cachetools import LRUCache
@@ -19,12 +19,19 @@ from gateway.cache.flight import Flights
 from gateway.cache.store import CacheStore, MemoryCacheStore
 from gateway.ledger.records import Charge, Ledger
 from gateway.ledger.sqlite import SqliteLedger
+from gateway.masking import Secrets
 from gateway.prices import PriceBook
+from gateway.redact import Redactor
 from gateway.routing import GlobSet, Router
 from gateway.settings import Settings, Team
-from gateway.telemetry.metrics import Metrics
+from gateway.telemetry.metrics import Metrics, named_models
 from gateway.telemetry.tracing import Tracing
 from gateway.upstream import UpstreamClient
+
+if TYPE_CHECKING:
+    from gateway.relay import StreamPump
+
+CUT_GRACE = 2.0  # seconds cut streams get to send their error event and finish
 
 
 class Policy:
@@ -64,8 +71,11 @@ class Gateway:
         self.policy = Policy(settings)
         self.clock = clock
         self.upstreams = {u.name: UpstreamClient(u) for u in settings.upstreams}
-        self.metrics = Metrics(settings.telemetry.max_model_labels)
+        self.metrics = Metrics(
+            settings.telemetry.max_model_labels, known_models=named_models(settings)
+        )
         self.tracing = tracing or Tracing.from_settings(settings.telemetry)
+        self.redactor = self.tracing.redactor = Redactor.from_settings(settings)
         self.budget: BudgetStore = budget or LocalBudgetStore()
         self.ledger: Ledger = ledger or SqliteLedger(
             Path(settings.state.path) / "ledger.sqlite3", settings.ledger.flush_interval
@@ -76,13 +86,15 @@ class Gateway:
         )
         self.flights = Flights()
         self.cache_counts = CacheCounters()
-        self.secrets = tuple(s.encode() for s in settings.secrets())
+        self.secrets = Secrets(tuple(s.encode() for s in settings.secrets()))
         # response id -> (team, upstream), in front of the ledger, which has them all: routes
         # requests by id to the upstream that made the response and keeps teams apart
         self.owners: LRUCache[str, tuple[str, str]] = LRUCache(maxsize=200_000)
         self.log = structlog.get_logger("gateway")
         self.ready = False
         self.draining = False
+        self.inflight = 0  # client requests being handled
+        self.streams: set[StreamPump] = set()  # upstream streams being read
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
@@ -141,7 +153,9 @@ class Gateway:
         retired.extend(c for name, c in old.items() if name not in fresh)
         self.upstreams = fresh
         self.policy = Policy(settings)
-        self.secrets = tuple(s.encode() for s in settings.secrets())
+        self.secrets = Secrets(tuple(s.encode() for s in settings.secrets()))
+        self.redactor = self.tracing.redactor = Redactor.from_settings(settings)
+        self.metrics.model.know(named_models(settings))
         await self.refresh_budget_gauges()
         if retired:
             self.spawn(self._retire(retired, settings.limits.drain_timeout))
@@ -151,6 +165,26 @@ class Gateway:
         await asyncio.sleep(grace)  # requests already using the old pool finish first
         for client in clients:
             await client.close()
+
+    async def drain(self, within: float) -> None:
+        """Let requests in flight finish, for at most `within` seconds; then cut the streams
+        still running (each ends with an error event) and give them a moment to end.
+
+        The caller has set `draining` first: meanwhile /readyz answers 503 and new requests
+        503 `shutting_down`, so a load balancer sees the drain and clients retry elsewhere.
+        """
+        await self._until_idle(within)
+        if self.streams:
+            for pump in list(self.streams):
+                pump.cut()
+            await self._until_idle(CUT_GRACE)
+
+    async def _until_idle(self, within: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        # polling, once a stop: cheaper to read than an event set from every request's end
+        while (self.inflight or self.streams) and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
 
     async def close(self) -> None:
         self.ready = False
