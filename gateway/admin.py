@@ -10,6 +10,7 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from gateway import config
+from gateway.edge import expect
 from gateway.errors import GatewayError
 from gateway.ledger.report import parse_by, parse_when, row_to_dict
 from gateway.proxy import GATEWAY
@@ -151,9 +152,9 @@ def _metrics_handler() -> Handler:
 
 
 def add_admin_routes(app: web.Application) -> None:
-    app.router.add_get("/metrics", _metrics_handler())
-    app.router.add_get("/admin/teams", _guard(teams))
-    app.router.add_get("/admin/usage", _guard(usage))
-    app.router.add_get("/admin/cache", _guard(cache_stats))
-    app.router.add_delete("/admin/cache", _guard(cache_purge))
-    app.router.add_post("/admin/reload", _guard(reload))
+    app.router.add_get("/metrics", _metrics_handler(), expect_handler=expect)
+    app.router.add_get("/admin/teams", _guard(teams), expect_handler=expect)
+    app.router.add_get("/admin/usage", _guard(usage), expect_handler=expect)
+    app.router.add_get("/admin/cache", _guard(cache_stats), expect_handler=expect)
+    app.router.add_delete("/admin/cache", _guard(cache_purge), expect_handler=expect)
+    app.router.add_post("/admin/reload", _guard(reload), expect_handler=expect)

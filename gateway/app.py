@@ -8,7 +8,7 @@ from aiohttp import web
 
 from gateway import errors
 from gateway.admin import add_admin_routes
-from gateway.edge import edge
+from gateway.edge import edge, expect
 from gateway.proxy import GATEWAY, handle
 from gateway.runtime import Gateway
 from gateway.server import GatewayRunner, http_logger
@@ -33,10 +33,10 @@ def create_app(gw: Gateway, *, manage_lifecycle: bool = True) -> web.Application
     """The client-facing app. With manage_lifecycle the app starts and closes the Gateway."""
     app = web.Application(client_max_size=gw.settings.limits.max_body_bytes, middlewares=[edge])
     app[GATEWAY] = gw
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
-    app.router.add_route("*", "/v1/{tail:.*}", handle)
-    app.router.add_route("*", "/{tail:.*}", _no_route)
+    app.router.add_get("/healthz", _healthz, expect_handler=expect)
+    app.router.add_get("/readyz", _readyz, expect_handler=expect)
+    app.router.add_route("*", "/v1/{tail:.*}", handle, expect_handler=expect)
+    app.router.add_route("*", "/{tail:.*}", _no_route, expect_handler=expect)
     if manage_lifecycle:
 
         async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -65,7 +65,7 @@ def make_runner(app: web.Application, shutdown_timeout: float = 60.0) -> web.App
 def create_admin_app(gw: Gateway) -> web.Application:
     app = web.Application(middlewares=[edge])
     app[GATEWAY] = gw
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/healthz", _healthz, expect_handler=expect)
+    app.router.add_get("/readyz", _readyz, expect_handler=expect)
     add_admin_routes(app)
     return app

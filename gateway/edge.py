@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from gateway import errors
 from gateway.errors import GatewayError
@@ -41,6 +41,23 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         if e.status < 400:
             raise
         return http_error(e.status).response()
+
+
+async def expect(request: web.Request) -> None:
+    """Every route's `Expect` handler: `100-continue` as aiohttp answers it; any other
+    expectation 417 in JSON (aiohttp's own answer is text quoting the header, and comes
+    before any middleware)."""
+    value = request.headers.get(hdrs.EXPECT, "")
+    if request.version != (1, 1):
+        return
+    if value.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer's head is still to come
+        return
+    err = GatewayError(
+        417, "invalid_request_error", "expectation_failed", "Only 'Expect: 100-continue' is known."
+    )
+    raise web.HTTPExpectationFailed(text=err.body().decode(), content_type="application/json")
 
 
 def http_error(status: int) -> GatewayError:

@@ -58,9 +58,10 @@ def invalid_api_key() -> GatewayError:
     )
 
 
-def _quoted(model: str) -> str:
-    """A client's model name as an error message shows it: short, printable, quoted."""
-    cut = model if len(model) <= 100 else model[:100] + "..."
+def quoted(text: str) -> str:
+    """Client input (a model name, an id) as an error message shows it: short, printable,
+    quoted."""
+    cut = text if len(text) <= 100 else text[:100] + "..."
     return repr(cut) if not cut.isprintable() or "'" in cut else f"'{cut}'"
 
 
@@ -69,7 +70,7 @@ def model_not_allowed(model: str, team: str) -> GatewayError:
         403,
         "permission_error",
         "model_not_allowed",
-        f"Team '{team}' may not use model {_quoted(model)}.",
+        f"Team '{team}' may not use model {quoted(model)}.",
     )
 
 
@@ -78,7 +79,7 @@ def model_not_found(model: str) -> GatewayError:
         404,
         "invalid_request_error",
         "model_not_found",
-        f"No upstream serves model {_quoted(model)}.",
+        f"No upstream serves model {quoted(model)}.",
     )
 
 
@@ -154,7 +155,7 @@ def model_not_priced(model: str, team: str) -> GatewayError:
         403,
         "permission_error",
         "model_not_priced",
-        f"Team '{team}' has a USD budget and model {_quoted(model)} has no price in the gateway's "
+        f"Team '{team}' has a USD budget and model {quoted(model)} has no price in the gateway's "
         "prices table, so its cost could not be counted; ask the gateway's operators to add one.",
     )
 

@@ -19,17 +19,25 @@ from gateway.usage import Usage
 if TYPE_CHECKING:
     from gateway.runtime import Gateway
 
-_ROUTES = (
-    (re.compile(r"^/v1/responses$"), "/v1/responses"),
-    (re.compile(r"^/v1/responses/input_tokens$"), "/v1/responses/input_tokens"),
-    (re.compile(r"^/v1/responses/[^/]+$"), "/v1/responses/{id}"),
-    (re.compile(r"^/v1/responses/[^/]+/cancel$"), "/v1/responses/{id}/cancel"),
-    (re.compile(r"^/v1/responses/[^/]+/input_items$"), "/v1/responses/{id}/input_items"),
-    (re.compile(r"^/v1/chat/completions$"), "/v1/chat/completions"),
-    (re.compile(r"^/v1/completions$"), "/v1/completions"),
-    (re.compile(r"^/v1/embeddings$"), "/v1/embeddings"),
-    (re.compile(r"^/v1/models$"), "/v1/models"),
-    (re.compile(r"^/v1/models/.+$"), "/v1/models/{model}"),
+# Matched without regard to case: an upstream that routes case-insensitively must not be
+# reached past an ownership check or a budget by `/v1/Responses/...`.
+_ROUTES = tuple(
+    (re.compile(pattern, re.IGNORECASE), name)
+    for pattern, name in (
+        (r"^/v1/responses$", "/v1/responses"),
+        (r"^/v1/responses/input_tokens$", "/v1/responses/input_tokens"),
+        (r"^/v1/responses/compact$", "/v1/responses/compact"),
+        (r"^/v1/responses/[^/]+$", "/v1/responses/{id}"),
+        (r"^/v1/responses/[^/]+/cancel$", "/v1/responses/{id}/cancel"),
+        (r"^/v1/responses/[^/]+/input_items$", "/v1/responses/{id}/input_items"),
+        # anything else about a stored response: refused, never passed through unchecked
+        (r"^/v1/responses/", "/v1/responses/*"),
+        (r"^/v1/chat/completions$", "/v1/chat/completions"),
+        (r"^/v1/completions$", "/v1/completions"),
+        (r"^/v1/embeddings$", "/v1/embeddings"),
+        (r"^/v1/models$", "/v1/models"),
+        (r"^/v1/models/.+$", "/v1/models/{model}"),
+    )
 )
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -110,6 +118,7 @@ async def finish(gw: Gateway, ex: Exchange) -> None:
     elif ex.metered and ex.usage is not None:
         cost = policy.prices.cost(ex.model, ex.usage)
     usage = ex.usage if ex.metered else None
+    shown = gw.shown(ex.model) if ex.model else ""  # never a key, never 5,000 characters
     if ex.team:
         saved = ex.saved.total_tokens if ex.saved is not None else 0
         gw.ledger.append(
@@ -118,7 +127,7 @@ async def finish(gw: Gateway, ex: Exchange) -> None:
                 request_id=ex.request_id,
                 team=ex.team,
                 key_id=ex.key_id,
-                model=ex.model,
+                model=shown,
                 upstream=ex.upstream,
                 route=ex.route,
                 status=ex.status,
@@ -145,7 +154,7 @@ async def finish(gw: Gateway, ex: Exchange) -> None:
         request_id=ex.request_id,
         trace_id=ex.trace_id,
         team=ex.team,
-        model=ex.model,
+        model=shown,
         upstream=ex.upstream,
         route=ex.route,
         status=ex.status,

@@ -16,6 +16,12 @@ class TooDeep(ValueError):
     pass
 
 
+class AmbiguousKeys(ValueError):
+    """Two top-level keys that differ only in case: some upstreams (Go's encoding/json, so
+    Ollama) match keys without regard to case and take the last, others take the exact one,
+    so `{"model": "a", "MODEL": "b"}` would be checked as one model and served as another."""
+
+
 def loads(body: bytes, max_depth: int) -> Any:
     """Decode `body`; raises orjson.JSONDecodeError, or TooDeep past `max_depth` levels."""
     obj = orjson.loads(body)
@@ -42,3 +48,16 @@ def depth(obj: Any) -> int:
         deepest = max(deepest, level)
         stack.extend((child, level) for child in children if isinstance(child, dict | list))
     return deepest
+
+
+def fields(obj: dict[str, Any]) -> dict[str, Any]:
+    """A body's top-level fields by lower-cased name, as a case-insensitive upstream reads
+    them; raises AmbiguousKeys if two names differ only in case."""
+    out = {k.lower(): v for k, v in obj.items()}
+    if len(out) != len(obj):
+        seen: dict[str, str] = {}
+        for k in obj:
+            if k.lower() in seen:
+                raise AmbiguousKeys(f"'{seen[k.lower()]}' and '{k}' differ only in case")
+            seen[k.lower()] = k
+    return out

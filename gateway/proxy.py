@@ -35,6 +35,7 @@ MODEL_ROUTES = frozenset(
     {
         "/v1/responses",
         "/v1/responses/input_tokens",
+        "/v1/responses/compact",
         "/v1/chat/completions",
         "/v1/completions",
         "/v1/embeddings",
@@ -57,10 +58,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
             {
                 "http.request.method": request.method,
                 "http.route": ex.route,
-                "url.path": path,
+                "url.path": gw.redactor(path),
                 "url.scheme": request.scheme,
                 "server.port": _local_port(request),
-                "user_agent.original": request.headers.get("user-agent", ""),
+                "user_agent.original": gw.redactor(request.headers.get("user-agent", "")[:512]),
             }
         )
     gw.metrics.inflight.inc()
@@ -129,33 +130,44 @@ async def _pipeline(gw: Gateway, request: web.Request, ex: Exchange) -> web.Stre
         except orjson.JSONDecodeError as e:
             if needs_model:
                 raise errors.invalid_json(str(e)) from None
-    model = parsed.get("model") if isinstance(parsed, dict) else None
+    # fields as every upstream reads them, whatever the case of their names
+    try:
+        top = jsonbody.fields(parsed) if isinstance(parsed, dict) else {}
+    except jsonbody.AmbiguousKeys as e:
+        raise errors.invalid_json(str(e)) from None
+    model = top.get("model")
     if needs_model and (not isinstance(model, str) or not model):
         raise errors.missing_model()
     if method == "GET" and ex.route == "/v1/models":
         return await list_models(gw, request, ex)
 
-    if isinstance(model, str) and model:
+    if ex.route in ID_ROUTES:
+        # a stored response: only its creating team reaches it, whatever the body says
+        upstream_name = await _owner_upstream(gw, request, ex)
+    elif ex.route == "/v1/responses/*":
+        raise errors.not_found()
+    elif isinstance(model, str) and model:
         ex.model = model
         if not policy.team_models[team.name](model):
             raise errors.model_not_allowed(gw.redactor(model), team.name)
-        upstream_name = policy.router.route(model)
-        if upstream_name is None:
+        routed = policy.router.route(model)
+        if routed is None:
             raise errors.model_not_found(gw.redactor(model))
+        upstream_name = routed
         ex.metered = method == "POST" and ex.route != "/v1/responses/input_tokens"
         if ex.metered:
             try:
                 ex.output_estimate = estimate.output_tokens(
-                    parsed, settings.limits.default_max_output_tokens
+                    top, settings.limits.default_max_output_tokens
                 )
             except estimate.InvalidValue as e:
                 raise errors.invalid_value(e.param, str(e)) from None
         ex.creates_response = method == "POST" and ex.route == "/v1/responses"
     else:
-        upstream_name = await _route_without_model(gw, request, ex)
+        upstream_name = next(iter(gw.upstreams))
     ex.upstream = upstream_name
     if isinstance(parsed, dict):
-        ex.stream = parsed.get("stream") is True
+        ex.stream = top.get("stream") is True
         ex.request_body = parsed
     client = gw.upstreams[upstream_name]
 
@@ -164,7 +176,7 @@ async def _pipeline(gw: Gateway, request: web.Request, ex: Exchange) -> web.Stre
     store = False
     if method == "POST" and ex.route == "/v1/responses":
         cc = request.headers.get("cache-control", "").lower()
-        if not settings.cache.enabled or parsed.get("background") is True or "no-store" in cc:
+        if not settings.cache.enabled or top.get("background") is True or "no-store" in cc:
             ex.cache = "bypass"
         else:
             scope = "shared" if settings.cache.scope == "shared" else f"team:{team.name}"
@@ -183,25 +195,25 @@ async def _pipeline(gw: Gateway, request: web.Request, ex: Exchange) -> web.Stre
     return await _call(gw, request, ex, client, body, key if store else None, None)
 
 
-async def _route_without_model(gw: Gateway, request: web.Request, ex: Exchange) -> str:
-    """Requests about a stored response go where it was created, and only for the team that
-    created it; other requests without a model go to the first upstream."""
-    if ex.route in ID_ROUTES:
-        rid = request[TARGET][0].split("/")[3]
-        owner = gw.owners.get(rid)
-        if owner is None:
-            owner = await gw.ledger.owner(rid)
-            if owner is not None:
-                gw.owners[rid] = owner
-        if owner is None or owner[0] != ex.team:
-            # every response made through the gateway is in the ledger with its team: one
-            # that is not, or is another team's, does not exist for this team
-            raise GatewayError(
-                404, "invalid_request_error", "not_found", f"No response found with id '{rid}'."
-            )
-        if owner[1] in gw.upstreams:
-            return owner[1]
-    return next(iter(gw.upstreams))
+async def _owner_upstream(gw: Gateway, request: web.Request, ex: Exchange) -> str:
+    """A request about a stored response goes where it was created, and only for the team
+    that created it."""
+    rid = request[TARGET][0].split("/")[3]
+    owner = gw.owners.get(rid)
+    if owner is None:
+        owner = await gw.ledger.owner(rid)
+        if owner is not None:
+            gw.owners[rid] = owner
+    if owner is None or owner[0] != ex.team:
+        # every response made through the gateway is in the ledger with its team: one that
+        # is not, or is another team's, does not exist for this team
+        raise GatewayError(
+            404,
+            "invalid_request_error",
+            "not_found",
+            f"No response found with id {errors.quoted(gw.redactor(rid))}.",
+        )
+    return owner[1] if owner[1] in gw.upstreams else next(iter(gw.upstreams))
 
 
 def _count_lookup(gw: Gateway, result: str) -> None:
@@ -354,7 +366,8 @@ def _with_stream_usage(ex: Exchange, body: bytes) -> bytes:
 
 
 def _client_span(gw: Gateway, ex: Exchange, client: UpstreamClient) -> Span:
-    name = f"chat {ex.model}" if ex.model else f"{ex.method} {ex.route}"
+    model = gw.shown(ex.model) if ex.model else ""
+    name = f"chat {model}" if model else f"{ex.method} {ex.route}"
     assert ex.span is not None
     if not ex.sampled:  # the parent-based sampler drops it too: skip building attributes
         return gw.tracing.client_span(ex.span, name, {})
@@ -368,7 +381,7 @@ def _client_span(gw: Gateway, ex: Exchange, client: UpstreamClient) -> Span:
     if client.port is not None:
         attrs["server.port"] = client.port
     if ex.model:
-        attrs["gen_ai.request.model"] = ex.model
+        attrs["gen_ai.request.model"] = model
         attrs["gen_ai.request.stream"] = ex.stream
         for src, dst in (
             ("max_output_tokens", "gen_ai.request.max_tokens"),

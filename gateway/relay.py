@@ -37,16 +37,33 @@ if TYPE_CHECKING:
 CLIENT_GONE = (ConnectionError, aiohttp.ClientConnectionResetError)
 UPSTREAM_BROKEN = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)
 POST_TERMINAL_GRACE = 1.0  # seconds an upstream may keep a finished stream open
+WHOLE_WRITE_IDLE = 30.0  # seconds a client may take to start taking in a whole answer
+WHOLE_WRITE_PIECE = 256 * 1024  # a whole body larger than this is written in pieces
 
 
 async def send_whole(request: web.Request, resp: web.Response) -> web.StreamResponse:
     """Write a whole response now, so the request's end is known when it is finished."""
-    try:
-        await resp.prepare(request)
-        await resp.write_eof()
-    except CLIENT_GONE:
-        pass
+    await deliver(request, resp, WHOLE_WRITE_IDLE)
     return resp
+
+
+async def deliver(request: web.Request, resp: web.Response, within: float) -> bool:
+    """Write a whole response; whether the client got it. A client that does not take it in
+    within `within` seconds, plus a second per 64 KiB of body, is cut off: one that never
+    reads must not hold the request (and a drain) forever."""
+    body = resp.body
+    size = len(body) if isinstance(body, bytes | bytearray) else 0
+    try:
+        async with asyncio.timeout(within + size / 65536):
+            await resp.prepare(request)
+            await resp.write_eof()
+    except CLIENT_GONE:
+        return False
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.close()
+        return False
+    return True
 
 
 def _headers(
@@ -138,12 +155,26 @@ async def relay_body(
         if flight.stream:  # streamed followers cannot take a JSON answer
             flight.publish_head(up.status, (), shared=False)
         flight.finish(entry, ex.usage)
-    resp = web.Response(status=up.status, body=data, headers=headers)
+    if len(data) <= WHOLE_WRITE_PIECE:
+        whole = web.Response(status=up.status, body=data, headers=headers)
+        if not await deliver(request, whole, idle):
+            ex.error = "client_disconnected"
+        return whole
+    # a large body goes in pieces, each within `idle`: a client that stops reading is cut off
+    # however long the whole transfer may take at its pace
+    resp = web.StreamResponse(status=up.status, headers=headers)
+    resp.content_length = len(data)
     try:
-        await resp.prepare(request)
-        await resp.write_eof()
-    except CLIENT_GONE:
+        async with asyncio.timeout(idle):
+            await resp.prepare(request)
+        for i in range(0, len(data), WHOLE_WRITE_PIECE):
+            await _write(resp, data[i : i + WHOLE_WRITE_PIECE], ex, idle)
+        async with asyncio.timeout(idle):
+            await resp.write_eof()
+    except (TimeoutError, *CLIENT_GONE):
         ex.error = "client_disconnected"
+        if request.transport is not None:
+            request.transport.close()
     return resp
 
 
@@ -288,7 +319,8 @@ class StreamPump:
                     else:
                         self.record.append(out)
                 was_terminal = summary.terminal
-                for event in self.decoder.feed(chunk):
+                # what the client got, masked: a key in an event must not reach a span or a log
+                for event in self.decoder.feed(out):
                     if self.tracker.observe(event) and ex.ttft is None:
                         ex.ttft = perf() - ex.started
                 if summary.terminal and not was_terminal:
@@ -304,6 +336,9 @@ class StreamPump:
     async def _end(self, emit: Callable[[bytes], Any]) -> None:
         gw, ex, summary = self.gw, self.ex, self.tracker.summary
         tail = self.masker.flush()
+        for event in self.decoder.feed(tail):  # what the masker held to the end
+            if self.tracker.observe(event) and ex.ttft is None:
+                ex.ttft = time.perf_counter() - ex.started
         if not summary.terminal and self.broken is None and ex.metered:
             self.broken = "upstream ended the stream before a terminal event"
         if self.broken is not None and not summary.terminal and self.up.status == 200:

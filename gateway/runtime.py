@@ -76,6 +76,7 @@ class Gateway:
         )
         self.tracing = tracing or Tracing.from_settings(settings.telemetry)
         self.redactor = self.tracing.redactor = Redactor.from_settings(settings)
+        self._shown: LRUCache[str, str] = LRUCache(maxsize=1024)
         self.budget: BudgetStore = budget or LocalBudgetStore()
         self.ledger: Ledger = ledger or SqliteLedger(
             Path(settings.state.path) / "ledger.sqlite3", settings.ledger.flush_interval
@@ -96,6 +97,15 @@ class Gateway:
         self.inflight = 0  # client requests being handled
         self.streams: set[StreamPump] = set()  # upstream streams being read
         self._tasks: set[asyncio.Task[Any]] = set()
+
+    def shown(self, text: str) -> str:
+        """Client input (a model name) as logs and spans show it: cut to 128 characters, keys
+        redacted. Cached: a request's model is nearly always one seen before."""
+        cut = text[:128]
+        out = self._shown.get(cut)
+        if out is None:
+            out = self._shown[cut] = self.redactor(cut)
+        return out
 
     @property
     def settings(self) -> Settings:
@@ -155,6 +165,7 @@ class Gateway:
         self.policy = Policy(settings)
         self.secrets = Secrets(tuple(s.encode() for s in settings.secrets()))
         self.redactor = self.tracing.redactor = Redactor.from_settings(settings)
+        self._shown = LRUCache(maxsize=1024)  # keys may have changed
         self.metrics.model.know(named_models(settings))
         await self.refresh_budget_gauges()
         if retired:

@@ -158,6 +158,14 @@ HOSTILE = [
     ("GET", "/v1/responses%2F{id}"),
     ("GET", "/v1/responses\\{id}"),
     ("GET", "/v1/models/../responses/{id}"),
+    # case: an upstream that routes without regard to case would serve these
+    ("GET", "/v1/Responses/{id}"),
+    ("DELETE", "/v1/RESPONSES/{id}"),
+    ("POST", "/v1/responses/{id}/CANCEL"),
+    ("GET", "/v1/responses/{id}/Input_Items"),
+    # any other sub-resource of a stored response
+    ("GET", "/v1/responses/{id}/input_items/x"),
+    ("POST", "/v1/responses/{id}/steer"),
 ]
 
 
@@ -184,6 +192,17 @@ async def test_another_teams_response_is_unreachable_by_any_path_form(
         )
         assert status_of(raw) == 404, target
         assert b'"code":"not_found"' in raw and b"application/json" in raw
+    # a model in the body does not turn a request about a stored response into a new one
+    async with aiohttp.ClientSession(headers=auth(BETA_KEY)) as s:
+        for method, form in [
+            ("POST", "/v1/responses/{id}/cancel"),
+            ("DELETE", "/v1/responses/{id}"),
+            ("GET", "/v1/responses/{id}/input_items"),
+        ]:
+            body = {"model": "garda-beta-mini", "input": "x"}
+            async with s.request(method, gateway.url + form.format(id=rid), json=body) as r:
+                assert r.status == 404, form
+                assert (await r.json())["error"]["code"] == "not_found"
     assert len(upstream.state.requests) == before  # nothing reached the upstream
 
 
@@ -404,5 +423,169 @@ async def test_models_listing_masks_an_echoed_key(gateway_factory: GatewayFactor
             assert r.status == 200
             raw = await r.read()
         assert UPSTREAM_KEY.encode() not in raw and b"sk-****" in raw
+    finally:
+        await runner.cleanup()
+
+
+async def test_compact_still_reaches_the_upstream(gateway_factory: GatewayFactory) -> None:
+    """`POST /v1/responses/compact` is a generation route, not a stored response's id."""
+    seen: list[str] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        seen.append(request.path)
+        return web.json_response(
+            {"id": "cmp_1", "object": "response.compaction", "output": [],
+             "usage": {"input_tokens": 7, "output_tokens": 3, "total_tokens": 10}}
+        )  # fmt: skip
+
+    url, runner = await start_app(handler)
+    try:
+        gw = await gateway_factory(url, alpha_budgets="[{tokens: 100000, per: day}]")
+        async with (
+            aiohttp.ClientSession(headers=auth()) as s,
+            s.post(gw.url + "/v1/responses/compact", json={"model": "m", "input": "x"}) as r,
+        ):
+            assert r.status == 200
+        assert seen == ["/v1/responses/compact"]
+        assert [r["charged_tokens"] for r in await ledger_rows(gw)] == [10]
+    finally:
+        await runner.cleanup()
+
+
+# -- what a review of the fixes found --------------------------------------------------------
+
+
+async def test_an_unknown_expectation_is_json_and_echoes_nothing(gateway: Running) -> None:
+    for path in ("/v1/responses", "/healthz"):
+        raw = await raw_request(
+            gateway.url,
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nExpect: {ALPHA_KEY}\r\n"
+            "Content-Length: 0\r\nConnection: close\r\n\r\n".encode(),
+        )
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert status_of(raw) == 417 and b"application/json" in head
+        assert ALPHA_KEY.encode() not in raw
+        assert orjson.loads(body)["error"]["code"] == "expectation_failed"
+    # 100-continue still works
+    async with (
+        aiohttp.ClientSession(headers=auth()) as s,
+        s.post(
+            gateway.url + "/v1/responses",
+            json={"model": "nusantara-base", "input": "x"},
+            expect100=True,
+        ) as r,
+    ):
+        assert r.status == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"model": "m", "prompt": "x", "max_tokens": 900, "best_of": 20}, 429),
+        ({"model": "m", "prompt": "x", "MAX_TOKENS": 5000}, 429),
+        ({"model": "m", "prompt": "x", "max_tokens": 1, "MAX_TOKENS": 5000}, 400),
+        ({"model": "m", "prompt": "x", "Max_Tokens": 1, "max_tokens": 5000}, 400),
+        ({"model": "m", "prompt": "x", "best_of": 0}, 400),
+    ],
+)
+async def test_caps_under_other_spellings_and_best_of_count(
+    gateway_factory: GatewayFactory, upstream: Upstream, body: dict[str, Any], status: int
+) -> None:
+    """An upstream that reads keys without regard to case (Go's encoding/json) or honours
+    best_of would spend far past the estimate: both count, ambiguous spellings are refused."""
+    gw = await gateway_factory(alpha_budgets="[{tokens: 1000, per: day}]")
+    async with (
+        aiohttp.ClientSession(headers=auth()) as s,
+        s.post(gw.url + "/v1/completions", json=body) as r,
+    ):
+        assert r.status == status
+    assert upstream.state.requests == []
+
+
+async def test_a_model_spelt_twice_cannot_pass_the_allowlist(
+    gateway: Running, upstream: Upstream
+) -> None:
+    for path in ("/v1/responses", "/v1/audio/speech"):
+        async with (
+            aiohttp.ClientSession(headers=auth(BETA_KEY)) as s,
+            s.post(gateway.url + path, json={"model": "garda-x", "MODEL": "nusantara-base"}) as r,
+        ):
+            assert r.status == 400
+            assert (await r.json())["error"]["code"] == "invalid_json"
+        async with (
+            aiohttp.ClientSession(headers=auth(BETA_KEY)) as s,
+            s.post(gateway.url + path, json={"MODEL": "nusantara-base", "input": "x"}) as r,
+        ):
+            assert r.status == 403  # read as the model it is, and refused
+    assert upstream.state.requests == []
+
+
+async def test_keys_in_stream_fields_and_client_input_stay_out_of_logs(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """A key the upstream puts in a stream's model or error code, and a client key a client
+    puts in its model, path or user agent, reach neither the log line nor the ledger."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        created = {
+            "type": "response.created",
+            "sequence_number": 0,
+            "response": {"id": "resp_k", "model": UPSTREAM_KEY, "status": "in_progress"},
+        }
+        failed = {"type": "error", "sequence_number": 1, "code": UPSTREAM_KEY, "message": "x"}
+        for ev in (created, failed):  # fmt: skip
+            await resp.write(f"event: {ev['type']}\ndata: ".encode() + orjson.dumps(ev) + b"\n\n")
+        return resp
+
+    url, runner = await start_app(handler)
+    try:
+        gw = await gateway_factory(url)
+        with structlog.testing.capture_logs() as logs:
+            async with aiohttp.ClientSession(
+                headers={**auth(), "user-agent": f"agent {ALPHA_KEY}"}
+            ) as s:
+                body = {"model": ALPHA_KEY, "input": "x", "stream": True}
+                async with s.post(gw.url + "/v1/responses", json=body) as r:
+                    streamed = await r.read()
+                async with s.get(f"{gw.url}/v1/responses/{ALPHA_KEY}") as r:
+                    assert r.status == 404
+                    assert ALPHA_KEY not in (await r.json())["error"]["message"]
+        assert UPSTREAM_KEY.encode() not in streamed
+        text = repr(logs) + repr(await ledger_rows(gw))
+        assert UPSTREAM_KEY not in text, text[text.find(UPSTREAM_KEY) - 300 :][:400]
+        assert ALPHA_KEY not in text, text[text.find(ALPHA_KEY) - 300 :][:400]
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_client_that_never_reads_a_large_answer_is_let_go(
+    gateway_factory: GatewayFactory,
+) -> None:
+    big = b'{"object": "list", "data": "' + b"x" * 24_000_000 + b'"}'
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=big, content_type="application/json")
+
+    url, runner = await start_app(handler)
+    try:
+        gw = await gateway_factory(url, idle=1)
+        with structlog.testing.capture_logs() as logs:
+            host, port = gw.url.split("//")[1].split(":")
+            _, writer = await asyncio.open_connection(host, int(port))
+            writer.write(
+                f"GET /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALPHA_KEY}\r\n"
+                "\r\n".encode()
+            )
+            await writer.drain()  # and never read
+            for _ in range(100):  # bounded: the gateway lets go within about idle seconds
+                if any(e["event"] == "request" for e in logs):
+                    break
+                await asyncio.sleep(0.1)
+            writer.close()
+        (line,) = [e for e in logs if e["event"] == "request"]
+        assert line["error"] == "client_disconnected"
+        assert gw.gw.inflight == 0
     finally:
         await runner.cleanup()

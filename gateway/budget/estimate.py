@@ -32,10 +32,12 @@ def _positive_int(body: Mapping[str, Any], name: str) -> int | None:
 
 
 def output_tokens(body: Mapping[str, Any], default: int) -> int:
-    """The most output tokens the request can produce: its largest cap (or `default`),
-    times `n` choices. Raises InvalidValue for a cap or `n` that is not a positive integer."""
+    """The most output tokens the request can produce: its largest cap (or `default`), times
+    the completions it asks for (`n`, or `best_of` of the legacy Completions API, which are
+    generated and billed though only `n` come back). Raises InvalidValue for any of those
+    fields that is not a positive integer. `body` maps lower-cased field names."""
     caps = [c for c in (_positive_int(body, name) for name in OUTPUT_CAPS) if c is not None]
-    choices = _positive_int(body, "n") or 1
+    choices = max(_positive_int(body, "n") or 1, _positive_int(body, "best_of") or 1)
     return (max(caps) if caps else default) * choices
 
 
