@@ -39,6 +39,7 @@ UPSTREAM_BROKEN = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)
 POST_TERMINAL_GRACE = 1.0  # seconds an upstream may keep a finished stream open
 WHOLE_WRITE_IDLE = 30.0  # seconds a client may take to start taking in a whole answer
 WHOLE_WRITE_PIECE = 256 * 1024  # a whole body larger than this is written in pieces
+SMALL_WRITE = 32 * 1024  # well under aiohttp's 64 KiB write-buffer limit, headers included
 
 
 async def send_whole(request: web.Request, resp: web.Response) -> web.StreamResponse:
@@ -53,6 +54,14 @@ async def deliver(request: web.Request, resp: web.Response, within: float) -> bo
     reads must not hold the request (and a drain) forever."""
     body = resp.body
     size = len(body) if isinstance(body, bytes | bytearray) else 0
+    if size <= SMALL_WRITE:
+        # below aiohttp's write-buffer limit the writer never waits on the client: no timer
+        try:
+            await resp.prepare(request)
+            await resp.write_eof()
+        except CLIENT_GONE:
+            return False
+        return True
     try:
         async with asyncio.timeout(within + size / 65536):
             await resp.prepare(request)

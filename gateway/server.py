@@ -26,7 +26,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import (
     BadHttpMethod,
     BadStatusLine,
@@ -142,12 +142,14 @@ def http_logger() -> logging.Logger:
 class GatewayRequestHandler(RequestHandler):
     """aiohttp's connection handler with JSON error answers and a request-head deadline."""
 
-    __slots__ = ("_body", "_head_timer", "_header_timeout", "_on_lost")
+    __slots__ = ("_body", "_head_due", "_header_timeout", "_on_lost")
 
     def __init__(self, manager: Server, *, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._header_timeout = header_timeout
-        self._head_timer: asyncio.TimerHandle | None = None
+        # loop time by which the head being received must be complete; checked by the
+        # server's sweep (a timer per request would cost every request a few microseconds)
+        self._head_due: float | None = None
         self._body: StreamReader | None = None  # the body of the last parsed head
         self._on_lost: Callable[[], None] | None = None
 
@@ -181,20 +183,24 @@ class GatewayRequestHandler(RequestHandler):
         if self._force_close or self._close or self._upgraded:
             super().data_received(data)
             return
-        if data and self._head_timer is None and (self._body is None or self._body.is_eof()):
+        if data and self._head_due is None and (self._body is None or self._body.is_eof()):
             # the first byte of a head: bytes while the last body is incomplete are body bytes;
             # a chunk that ends one body and starts a head arms the deadline on the next chunk
-            self._head_timer = self._loop.call_later(self._header_timeout, self._head_late)
+            self._head_due = self._loop.time() + self._header_timeout
         heads = self._request_count
         super().data_received(data)
         if self._request_count != heads:
             self._body = self._messages[-1][1] if self._messages else None
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
+            self._head_due = None
+
+    def check_head(self, now: float) -> None:
+        """Called by the server's sweep: past the deadline, the head is late."""
+        due = self._head_due
+        if due is not None and now >= due:
+            self._head_due = None
+            self._head_late()
 
     def _head_late(self) -> None:
-        self._head_timer = None
         if self.transport is None or self._force_close:
             return
         if self._request_in_progress or self._messages:
@@ -210,9 +216,7 @@ class GatewayRequestHandler(RequestHandler):
         self.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._head_due = None
         try:
             super().connection_lost(exc)
         finally:
@@ -220,8 +224,31 @@ class GatewayRequestHandler(RequestHandler):
 
 
 class _Server(Server):
+    """Builds `GatewayRequestHandler`s, and sweeps them for late request heads while it has
+    connections (a few times per `header_timeout`, at most every second)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sweep: asyncio.TimerHandle | None = None
+        timeout = float(self._kwargs.get("header_timeout", 10.0))
+        self._every = min(1.0, max(0.05, timeout / 4))
+
     def __call__(self) -> RequestHandler:
         return GatewayRequestHandler(self, loop=self._loop, **self._kwargs)
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        if self._sweep is None:
+            self._sweep = self._loop.call_later(self._every, self._check_heads)
+
+    def _check_heads(self) -> None:
+        self._sweep = None
+        now = self._loop.time()
+        for handler in list(self._connections):
+            if isinstance(handler, GatewayRequestHandler):
+                handler.check_head(now)
+        if self._connections:
+            self._sweep = self._loop.call_later(self._every, self._check_heads)
 
 
 class GatewayRunner(web.AppRunner):
@@ -273,6 +300,16 @@ async def read_body(request: web.BaseRequest, limit: int, idle: float) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise errors.request_too_large(limit)
     content = request.content
+    try:
+        # the whole body came with the head (most requests): no waiting, so no timer; not for
+        # an encoded body, which `read()` would decompress whole before its size is checked
+        if content.is_eof() and hdrs.CONTENT_ENCODING not in request.headers:
+            whole = await content.read()
+            if len(whole) > limit:
+                raise errors.request_too_large(limit)
+            return whole
+    except (web.RequestPayloadError, HttpProcessingError):
+        raise errors.invalid_json("the body could not be read") from None
     # as request.read() does: compressed bodies decompress in large chunks, not small
     # pause/resume cycles; reading never pauses below the limit, so only the client's pace counts
     content.set_read_chunk_size(limit)
