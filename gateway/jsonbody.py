@@ -58,6 +58,7 @@ def fields(obj: dict[str, Any]) -> dict[str, Any]:
         seen: dict[str, str] = {}
         for k in obj:
             if k.lower() in seen:
-                raise AmbiguousKeys(f"'{seen[k.lower()]}' and '{k}' differ only in case")
+                name = k.lower()[:40]
+                raise AmbiguousKeys(f"two top-level fields named {name!r} differ only in case")
             seen[k.lower()] = k
     return out
