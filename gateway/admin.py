@@ -10,10 +10,10 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from gateway import config
-from gateway.edge import expect
+from gateway.envelope import expect
 from gateway.errors import GatewayError
 from gateway.ledger.report import parse_by, parse_when, row_to_dict
-from gateway.proxy import GATEWAY
+from gateway.runtime import GATEWAY
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CONFIG_PATH: web.AppKey[str] = web.AppKey("config_path", str)

@@ -8,9 +8,10 @@ from aiohttp import web
 
 from gateway import errors
 from gateway.admin import add_admin_routes
-from gateway.edge import edge, expect
-from gateway.proxy import GATEWAY, handle
-from gateway.runtime import Gateway
+from gateway.envelope import envelope, expect
+from gateway.pipeline import handle
+from gateway.routes import PASSTHROUGH, ROUTES
+from gateway.runtime import GATEWAY, Gateway
 from gateway.server import GatewayRunner, http_logger
 
 
@@ -26,16 +27,19 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _no_route(request: web.Request) -> web.Response:
-    return errors.not_found().response()
+    raise errors.not_found()
 
 
 def create_app(gw: Gateway, *, manage_lifecycle: bool = True) -> web.Application:
     """The client-facing app. With manage_lifecycle the app starts and closes the Gateway."""
-    app = web.Application(client_max_size=gw.settings.limits.max_body_bytes, middlewares=[edge])
+    app = web.Application(client_max_size=gw.settings.limits.max_body_bytes, middlewares=[envelope])
     app[GATEWAY] = gw
     app.router.add_get("/healthz", _healthz, expect_handler=expect)
     app.router.add_get("/readyz", _readyz, expect_handler=expect)
-    app.router.add_route("*", "/v1/{tail:.*}", handle, expect_handler=expect)
+    for route in ROUTES:
+        if route.path:
+            app.router.add_route("*", route.path, handle, expect_handler=expect)
+    app.router.add_route("*", PASSTHROUGH.path, handle, expect_handler=expect)
     app.router.add_route("*", "/{tail:.*}", _no_route, expect_handler=expect)
     if manage_lifecycle:
 
@@ -63,7 +67,7 @@ def make_runner(app: web.Application, shutdown_timeout: float = 60.0) -> web.App
 
 
 def create_admin_app(gw: Gateway) -> web.Application:
-    app = web.Application(middlewares=[edge])
+    app = web.Application(middlewares=[envelope])
     app[GATEWAY] = gw
     app.router.add_get("/healthz", _healthz, expect_handler=expect)
     app.router.add_get("/readyz", _readyz, expect_handler=expect)

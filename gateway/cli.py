@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
-import os
 import secrets
 import signal
 import socket
@@ -38,7 +37,6 @@ async def run_gateway(
     host: str,
     port: int,
     config_path: str | None = None,
-    reuse_port: bool = False,
     announce: bool = True,
 ) -> None:
     """Serve until SIGTERM/SIGINT; SIGHUP reloads the config. A stop drains and flushes."""
@@ -52,13 +50,9 @@ async def run_gateway(
     admin_runner = make_runner(admin, shutdown_timeout=5)
     await runner.setup()  # starts the Gateway (cleanup_ctx)
     await admin_runner.setup()
-    site = LimitedSite(
-        runner, host, port, max_connections=settings.limits.max_connections, reuse_port=reuse_port
-    )
+    site = LimitedSite(runner, host, port, max_connections=settings.limits.max_connections)
     await site.start()
-    admin_site = web.TCPSite(
-        admin_runner, settings.admin.host, settings.admin.port, reuse_port=reuse_port or None
-    )
+    admin_site = web.TCPSite(admin_runner, settings.admin.host, settings.admin.port)
     await admin_site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -119,35 +113,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(settings.telemetry.logs.level, settings.telemetry.logs.format)
     host = args.host or settings.listen.host
     port = args.port if args.port is not None else settings.listen.port
-    if args.workers > 1:
-        return _fork_workers(args.workers, settings, host, port, path)
     _use_uvloop()
     asyncio.run(run_gateway(settings, host, port, path))
     return 0
-
-
-def _fork_workers(n: int, settings: config.Settings, host: str, port: int, path: str) -> int:
-    children = []
-    for _ in range(n):
-        pid = os.fork()
-        if pid == 0:
-            _use_uvloop()
-            asyncio.run(run_gateway(settings, host, port, path, reuse_port=True))
-            os._exit(0)
-        children.append(pid)
-
-    def forward(signum: int, _frame: object) -> None:
-        for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signum)
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
-    code = 0
-    for child in children:
-        _, status = os.waitpid(child, 0)
-        code = code or os.waitstatus_to_exitcode(status)
-    return code
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

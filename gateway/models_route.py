@@ -3,29 +3,32 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from aiohttp import web
 
 from gateway import errors
-from gateway.exchange import Exchange
+from gateway.context import Envelope
 from gateway.masking import mask_body
-from gateway.relay import send_whole
-from gateway.upstream import UpstreamClient, request_headers
+from gateway.policy import Policy
+from gateway.relay.sink import send_whole
+from gateway.runtime import Gateway
+from gateway.upstream.client import UpstreamClient
+from gateway.upstream.headers import request_headers
 
-if TYPE_CHECKING:
-    from gateway.runtime import Gateway
 
-
-async def list_models(gw: Gateway, request: web.Request, ex: Exchange) -> web.StreamResponse:
+async def list_models(
+    gw: Gateway, request: web.Request, env: Envelope, policy: Policy
+) -> web.StreamResponse:
     """The union of the upstreams' models that this team may use and that route to them."""
-    policy = gw.policy
-    allowed = policy.team_models[ex.team]
+    assert env.principal is not None
+    allowed = policy.team_models[env.principal.team.name]
+    clients = list(policy.upstreams.values())
 
     async def fetch(client: UpstreamClient) -> list[dict[str, Any]]:
-        headers = request_headers([], {"x-request-id": ex.request_id, **client.auth_header()})
-        up = await client.send("GET", "/v1/models", headers, b"")
+        extra = {"x-request-id": env.request_id, **client.auth_header(client.next_key())}
+        up = await client.send("GET", "/v1/models", request_headers([], extra), b"")
         try:
             data = orjson.loads(await up.read()) if up.status == 200 else {}
         finally:
@@ -40,26 +43,28 @@ async def list_models(gw: Gateway, request: web.Request, ex: Exchange) -> web.St
             and allowed(m["id"])
         ]
 
-    ex.upstream = ",".join(gw.upstreams)
-    results = await asyncio.gather(
-        *(fetch(c) for c in gw.upstreams.values()), return_exceptions=True
-    )
+    for client in clients:  # a reload closes no pool this request uses
+        client.hold()
+    try:
+        results = await asyncio.gather(*(fetch(c) for c in clients), return_exceptions=True)
+    finally:
+        for client in clients:
+            await client.release()
     if all(isinstance(r, BaseException) for r in results):
-        raise errors.upstream_unavailable(ex.upstream)
+        raise errors.upstream_unavailable(",".join(c.name for c in clients))
     seen: dict[str, dict[str, Any]] = {}
     for r in results:
         if not isinstance(r, BaseException):
             for m in r:
                 seen.setdefault(m["id"], m)
-    ex.status = 200
+    env.outcome.status = 200
+    listing = orjson.dumps({"object": "list", "data": list(seen.values())})
     return await send_whole(
         request,
         web.Response(
             # entries are the upstreams' own JSON: mask a key one of them echoes
-            body=mask_body(
-                orjson.dumps({"object": "list", "data": list(seen.values())}), gw.secrets
-            ),
+            body=mask_body(listing, policy.secrets),
             content_type="application/json",
-            headers=ex.response_headers(),
+            headers=env.headers(),
         ),
     )

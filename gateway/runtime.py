@@ -6,53 +6,33 @@ import asyncio
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
+from aiohttp import web
 from cachetools import LRUCache
 
-from gateway.auth import Authenticator
 from gateway.budget.local import LocalBudgetStore
 from gateway.budget.store import BudgetStore
 from gateway.budget.windows import window_bounds
 from gateway.cache.flight import Flights
+from gateway.cache.lookup import CacheCounters
 from gateway.cache.store import CacheStore, MemoryCacheStore
 from gateway.ledger.records import Charge, Ledger
 from gateway.ledger.sqlite import SqliteLedger
-from gateway.masking import Secrets
-from gateway.prices import PriceBook
+from gateway.policy import Policy, next_clients
 from gateway.redact import Redactor
-from gateway.routing import GlobSet, Router
-from gateway.settings import Settings, Team
+from gateway.settings import Settings
 from gateway.telemetry.metrics import Metrics, named_models
 from gateway.telemetry.tracing import Tracing
-from gateway.upstream import UpstreamClient
+from gateway.upstream.client import UpstreamClient
 
-if TYPE_CHECKING:
-    from gateway.relay import StreamPump
+
+class Cuttable(Protocol):
+    def cut(self) -> None: ...
+
 
 CUT_GRACE = 2.0  # seconds cut streams get to send their error event and finish
-
-
-class Policy:
-    """What a config reload swaps at once: teams, keys, routes and prices."""
-
-    __slots__ = ("auth", "prices", "router", "settings", "team_models", "teams")
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.auth = Authenticator(settings.teams)
-        self.router = Router((u.name, u.models) for u in settings.upstreams)
-        self.teams: dict[str, Team] = {t.name: t for t in settings.teams}
-        self.team_models = {t.name: GlobSet(t.models) for t in settings.teams}
-        self.prices = PriceBook(settings.prices)
-
-
-class CacheCounters:
-    __slots__ = ("bypass", "coalesced", "hits", "misses")
-
-    def __init__(self) -> None:
-        self.hits = self.misses = self.coalesced = self.bypass = 0
 
 
 class Gateway:
@@ -68,15 +48,14 @@ class Gateway:
         cache_store: CacheStore | None = None,
         tracing: Tracing | None = None,
     ) -> None:
-        self.policy = Policy(settings)
         self.clock = clock
-        self.upstreams = {u.name: UpstreamClient(u) for u in settings.upstreams}
         self.metrics = Metrics(
             settings.telemetry.max_model_labels, known_models=named_models(settings)
         )
         self.tracing = tracing or Tracing.from_settings(settings.telemetry)
-        self.redactor = self.tracing.redactor = Redactor.from_settings(settings)
-        self._shown: LRUCache[str, str] = LRUCache(maxsize=1024)
+        redactor = self.tracing.redactor = Redactor.from_settings(settings)
+        clients = {u.name: UpstreamClient(u) for u in settings.upstreams}
+        self.policy = Policy(settings, clients, redactor)
         self.budget: BudgetStore = budget or LocalBudgetStore()
         self.ledger: Ledger = ledger or SqliteLedger(
             Path(settings.state.path) / "ledger.sqlite3", settings.ledger.flush_interval
@@ -87,7 +66,6 @@ class Gateway:
         )
         self.flights = Flights()
         self.cache_counts = CacheCounters()
-        self.secrets = Secrets(tuple(s.encode() for s in settings.secrets()))
         # response id -> (team, upstream), in front of the ledger, which has them all: routes
         # requests by id to the upstream that made the response and keeps teams apart
         self.owners: LRUCache[str, tuple[str, str]] = LRUCache(maxsize=200_000)
@@ -95,21 +73,16 @@ class Gateway:
         self.ready = False
         self.draining = False
         self.inflight = 0  # client requests being handled
-        self.streams: set[StreamPump] = set()  # upstream streams being read
+        self.streams: set[Cuttable] = set()  # upstream streams being read
         self._tasks: set[asyncio.Task[Any]] = set()
-
-    def shown(self, text: str) -> str:
-        """Client input (a model name) as logs and spans show it: cut to 128 characters, keys
-        redacted. Cached: a request's model is nearly always one seen before."""
-        cut = text[:128]
-        out = self._shown.get(cut)
-        if out is None:
-            out = self._shown[cut] = self.redactor(cut)
-        return out
 
     @property
     def settings(self) -> Settings:
         return self.policy.settings
+
+    @property
+    def redactor(self) -> Redactor:
+        return self.policy.redactor
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run work that must finish even if the request that started it goes away."""
@@ -119,7 +92,7 @@ class Gateway:
         return task
 
     async def start(self) -> None:
-        for client in self.upstreams.values():
+        for client in self.policy.upstreams.values():
             await client.start()
         await self.ledger.start()
         await self.restore_budgets()
@@ -146,36 +119,18 @@ class Gateway:
                     self.metrics.budget_used.labels(t.name, w.per).set(w.used)
 
     async def reload(self, settings: Settings) -> None:
-        """Swap teams, keys, routes and prices; upstreams whose settings changed get a new pool."""
-        old = self.upstreams
-        fresh: dict[str, UpstreamClient] = {}
-        retired: list[UpstreamClient] = []
-        for u in settings.upstreams:
-            current = old.get(u.name)
-            if current is not None and current.cfg == u:
-                fresh[u.name] = current
-            else:
-                client = UpstreamClient(u)
+        """Swap in a new policy. Requests already admitted keep theirs to their end; an
+        upstream client that the new settings replace closes when its last request ends."""
+        clients, retired = next_clients(settings, self.policy.upstreams)
+        for client in clients.values():
+            if not client.started:
                 await client.start()
-                fresh[u.name] = client
-                if current is not None:
-                    retired.append(current)
-        retired.extend(c for name, c in old.items() if name not in fresh)
-        self.upstreams = fresh
-        self.policy = Policy(settings)
-        self.secrets = Secrets(tuple(s.encode() for s in settings.secrets()))
-        self.redactor = self.tracing.redactor = Redactor.from_settings(settings)
-        self._shown = LRUCache(maxsize=1024)  # keys may have changed
+        redactor = self.tracing.redactor = Redactor.from_settings(settings)
+        self.policy = Policy(settings, clients, redactor)
         self.metrics.model.know(named_models(settings))
         await self.refresh_budget_gauges()
-        if retired:
-            self.spawn(self._retire(retired, settings.limits.drain_timeout))
-
-    @staticmethod
-    async def _retire(clients: list[UpstreamClient], grace: float) -> None:
-        await asyncio.sleep(grace)  # requests already using the old pool finish first
-        for client in clients:
-            await client.close()
+        for client in retired:
+            await client.retire()
 
     async def drain(self, within: float) -> None:
         """Let requests in flight finish, for at most `within` seconds; then cut the streams
@@ -203,8 +158,11 @@ class Gateway:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=self.settings.limits.drain_timeout)
         await self.ledger.close()
-        for client in self.upstreams.values():
+        for client in self.policy.upstreams.values():
             await client.close()
         await self.cache.close()
         # the exporter's last flush blocks on network I/O: keep it off the event loop
         await asyncio.to_thread(self.tracing.shutdown)
+
+
+GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)

@@ -37,7 +37,7 @@ limits:
   body_timeout: {body_timeout}
   max_connections: {max_connections}
 upstreams:
-  mock:
+  {upstream_name}:
     base_url: {upstream}
     api_key: ${{UPSTREAM_KEY}}
     auth_header: {auth_header}
@@ -104,6 +104,7 @@ def free_port() -> int:
 def make_settings(upstream: str, state: Path, **kw: Any) -> Settings:
     params: dict[str, Any] = {
         "upstream": upstream,
+        "upstream_name": "mock",
         "state": str(state),
         "auth_header": "authorization",
         "first_byte": 5,

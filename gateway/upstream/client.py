@@ -1,92 +1,20 @@
-"""One pooled HTTP client per upstream: header filtering, key injection, timeouts."""
+"""One pooled HTTP client per upstream: one attempt per call, the key it is given, timeouts.
+
+A client is shared by every request admitted under a policy that has it. A reload that
+replaces it retires it: it closes when the last request holding it ends.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import aiohttp
-from multidict import CIMultiDict
 from yarl import URL
 
 from gateway import errors
-from gateway.auth import CLIENT_CREDENTIAL_HEADERS
-from gateway.settings import Upstream
-
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-# never forwarded upstream: hop-by-hop, client credentials, what the gateway sets itself
-_DROP_REQUEST = (
-    HOP_BY_HOP
-    | CLIENT_CREDENTIAL_HEADERS
-    | {
-        "host",
-        "content-length",
-        "accept-encoding",
-        "cookie",
-        "traceparent",
-        "tracestate",
-        "x-request-id",
-        "expect",
-        # aiohttp has already decoded a compressed request body: the bytes sent are plain
-        "content-encoding",
-    }
-)
-# never forwarded to the client: hop-by-hop, framing the gateway redoes, upstream cookies
-_DROP_RESPONSE = HOP_BY_HOP | {
-    "content-length",
-    "content-encoding",
-    "set-cookie",
-    "x-request-id",
-    "server",
-    "date",
-}
-
-
-def request_headers(
-    incoming: Iterable[tuple[str, str]], extra: Mapping[str, str]
-) -> CIMultiDict[str]:
-    """Client headers minus what must not travel upstream, plus the gateway's own."""
-    pairs = list(incoming)
-    named = _connection_named(pairs)
-    out: CIMultiDict[str] = CIMultiDict()
-    for k, v in pairs:
-        lk = k.lower()
-        if lk not in _DROP_REQUEST and lk not in named:
-            out.add(k, v)
-    out["accept-encoding"] = "identity"
-    out.update(extra)
-    return out
-
-
-def response_headers(incoming: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
-    """Upstream headers minus hop-by-hop ones (also those named in `Connection`) and any
-    `x-gateway-*` an upstream might send: those are the gateway's to set."""
-    pairs = list(incoming)
-    named = _connection_named(pairs)
-    out: CIMultiDict[str] = CIMultiDict()
-    for k, v in pairs:
-        lk = k.lower()
-        if lk not in _DROP_RESPONSE and lk not in named and not lk.startswith("x-gateway-"):
-            out.add(k, v)
-    return out
-
-
-def _connection_named(pairs: list[tuple[str, str]]) -> set[str]:
-    return {t.strip().lower() for k, v in pairs if k.lower() == "connection" for t in v.split(",")}
+from gateway.settings import Secret, Upstream
 
 
 class UpstreamClient:
@@ -97,6 +25,8 @@ class UpstreamClient:
         self.name = cfg.name
         self._session: aiohttp.ClientSession | None = None
         self._keys = itertools.cycle(cfg.api_keys) if cfg.api_keys else None
+        self.users = 0  # requests holding this client
+        self.retired = False  # replaced by a reload: close once no request holds it
         url = URL(cfg.base_url)
         self.host = url.host or ""
         self.port = url.port
@@ -122,18 +52,39 @@ class UpstreamClient:
             trust_env=False,
         )
 
+    @property
+    def started(self) -> bool:
+        return self._session is not None
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
 
-    def auth_header(self) -> dict[str, str]:
-        if self._keys is None:
+    def next_key(self) -> Secret | None:
+        """The key the next attempt uses: the configured keys in turn."""
+        return next(self._keys) if self._keys is not None else None
+
+    def auth_header(self, key: Secret | None) -> dict[str, str]:
+        if key is None:
             return {}
-        key = next(self._keys).get()
         if self.cfg.auth_header == "authorization":
-            return {"Authorization": f"Bearer {key}"}
-        return {"x-api-key": key}
+            return {"Authorization": f"Bearer {key.get()}"}
+        return {"x-api-key": key.get()}
+
+    def hold(self) -> None:
+        self.users += 1
+
+    async def release(self) -> None:
+        self.users -= 1
+        if self.retired and self.users == 0:
+            await self.close()
+
+    async def retire(self) -> None:
+        """No new request will use this client: close it now, or when the last one ends."""
+        self.retired = True
+        if self.users == 0:
+            await self.close()
 
     async def send(
         self, method: str, path_qs: str, headers: Mapping[str, str], body: bytes

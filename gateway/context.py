@@ -1,0 +1,137 @@
+"""What one request is and what became of it.
+
+- `Envelope`: made by the envelope middleware for every request: its id, trace and start;
+  the pipeline adds who asked and, once admitted, the `RequestContext`.
+- `RequestContext`: frozen at admission. Principal, the policy snapshot it runs under, route,
+  model, body and the attempt plan. No step after admission reads live settings.
+- `Outcome`: what happened, written as it happens: by the cache step (`cache`, `saved`),
+  the reservation (`reservation`), each attempt (`attempts`), the relay (`status`, `error`,
+  `response`) and the usage tap (`usage`, `ttft`, the response's id and model). `finish`
+  reads it once, at the end.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from opentelemetry.trace import Span
+
+from gateway.auth import Principal
+from gateway.budget.store import Reservation
+from gateway.policy import Policy
+from gateway.routes import Route
+from gateway.settings import Secret
+from gateway.upstream.client import UpstreamClient
+from gateway.usage import Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One way to answer a request: an upstream and the key to use there."""
+
+    client: UpstreamClient
+    key: Secret | None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    method: str
+    route: Route
+    target: str  # path and query, sent upstream as they are
+    principal: Principal
+    policy: Policy
+    model: str  # "" when the request names none
+    body: bytes  # as the client sent it
+    send: bytes  # as the upstream gets it
+    parsed: Any  # the body's JSON (a dict) when it is JSON
+    stream: bool  # the client asked for a stream
+    output_estimate: int  # most output tokens a metered request can produce
+    plan: tuple[Candidate, ...]  # tried in order; one for now
+
+    @property
+    def team(self) -> str:
+        return self.principal.team.name
+
+    @property
+    def metered(self) -> bool:
+        """A generation: its usage is charged."""
+        return self.route.metered and self.method == "POST" and bool(self.model)
+
+    @property
+    def cacheable(self) -> bool:
+        return self.route.cacheable and self.method == "POST"
+
+    @property
+    def creates_response(self) -> bool:
+        return self.route.creates_response and self.method == "POST"
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One call to an upstream."""
+
+    upstream: str
+    started: float  # perf_counter
+    status: int = 0  # the upstream's HTTP status; 0 when none arrived
+    reached: bool = False  # failed after the request may have reached the upstream
+    ended: float = 0.0
+
+
+@dataclass(slots=True)
+class Outcome:
+    status: int = 0
+    error: str | None = None
+    streamed: bool = False  # the answer is an SSE stream
+    cache: str = ""  # hit | miss | bypass | coalesced | "" (not cacheable)
+    saved: Usage | None = None  # a cache hit or coalesced answer: what it would have cost
+    reservation: Reservation | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+    usage: Usage | None = None
+    ttft: float | None = None  # seconds from start to the first output event
+    response_id: str | None = None
+    response_model: str | None = None
+    finish_reasons: tuple[str, ...] = ()
+    upstream_wait: float = 0.0  # seconds spent waiting on the upstream or the client
+    response: web.StreamResponse | None = None  # headers sent: no other answer possible
+    client_span: Span | None = None
+
+    @property
+    def upstream(self) -> str:
+        return self.attempts[-1].upstream if self.attempts else ""
+
+    @property
+    def upstream_status(self) -> int:
+        return self.attempts[-1].status if self.attempts else 0
+
+
+_SANE_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
+
+
+def request_id(sent: str | None) -> str:
+    """A sane client-sent id is kept; anything else gets one of ours."""
+    if sent and len(sent) <= 128 and _SANE_ID_CHARS.issuperset(sent):
+        return sent
+    return "req_" + secrets.token_hex(12)
+
+
+@dataclass(slots=True)
+class Envelope:
+    request_id: str
+    trace_id: str
+    span: Span | None
+    sampled: bool  # the trace is exported: span attributes and exemplars are worth making
+    route: Route
+    method: str
+    started: float = field(default_factory=time.perf_counter)
+    principal: Principal | None = None
+    model: str = ""  # the requested model, once read
+    ctx: RequestContext | None = None
+    outcome: Outcome = field(default_factory=Outcome)
+
+    def headers(self) -> dict[str, str]:
+        """The headers every answer of the gateway carries."""
+        return {"x-request-id": self.request_id, "x-gateway-trace-id": self.trace_id}

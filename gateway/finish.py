@@ -1,0 +1,166 @@
+"""The single end of every request: settle the budget, append the ledger record, observe
+metrics, end the spans, write one log line. Nothing here may raise into the caller."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from opentelemetry.trace import Status, StatusCode
+
+from gateway.budget.charge import charge
+from gateway.context import Envelope
+from gateway.ledger.records import LedgerRecord
+from gateway.runtime import Gateway
+from gateway.usage import Usage
+
+
+async def finish(gw: Gateway, env: Envelope) -> None:
+    duration = time.perf_counter() - env.started
+    now = gw.clock()
+    out, ctx = env.outcome, env.ctx
+    policy = ctx.policy if ctx is not None else gw.policy
+    metered = ctx is not None and ctx.metered
+    usage = out.usage if metered else None
+    charged, cost, estimated = 0, 0.0, False
+    if ctx is not None:
+        try:
+            charged, cost, estimated = charge(ctx.model, metered, out, policy.prices)
+            if out.reservation is not None:
+                await gw.budget.settle(out.reservation, charged, cost, now)
+        finally:
+            for candidate in ctx.plan:
+                await candidate.client.release()
+    shown = policy.shown(env.model) if env.model else ""  # never a key, never 5,000 characters
+    upstream = out.upstream or (ctx.plan[0].client.name if ctx is not None and ctx.plan else "")
+    team = env.principal.team.name if env.principal is not None else ""
+    if team:
+        gw.ledger.append(
+            LedgerRecord(
+                ts=now,
+                request_id=env.request_id,
+                team=team,
+                key_id=env.principal.key_id if env.principal is not None else "",
+                model=shown,
+                upstream=upstream,
+                route=env.route.name,
+                status=out.status,
+                stream=out.streamed or (ctx is not None and ctx.stream),
+                cache=out.cache,
+                input_tokens=usage.input_tokens if usage else 0,
+                cached_tokens=usage.cached_tokens if usage else 0,
+                output_tokens=usage.output_tokens if usage else 0,
+                reasoning_tokens=usage.reasoning_tokens if usage else 0,
+                charged_tokens=charged,
+                cost_usd=cost,
+                estimated=estimated,
+                duration_ms=duration * 1000,
+                ttft_ms=out.ttft * 1000 if out.ttft is not None else None,
+                saved_tokens=out.saved.total_tokens if out.saved is not None else 0,
+                response_id=(out.response_id or "")
+                if ctx is not None and ctx.creates_response
+                else "",
+            )
+        )
+    overhead = max(0.0, duration - out.upstream_wait)
+    _observe(gw, env, team, upstream, duration, overhead, usage, cost)
+    _end_spans(env, team, usage)
+    gw.log.info(
+        "request",
+        request_id=env.request_id,
+        trace_id=env.trace_id,
+        team=team,
+        model=shown,
+        upstream=upstream,
+        route=env.route.name,
+        status=out.status,
+        stream=out.streamed or (ctx is not None and ctx.stream),
+        cache=out.cache,
+        input_tokens=usage.input_tokens if usage else None,
+        output_tokens=usage.output_tokens if usage else None,
+        duration_ms=round(duration * 1000, 3),
+        ttft_ms=round(out.ttft * 1000, 3) if out.ttft is not None else None,
+        overhead_ms=round(overhead * 1000, 3),
+        error=out.error,
+    )
+
+
+def _observe(
+    gw: Gateway,
+    env: Envelope,
+    team: str,
+    upstream: str,
+    duration: float,
+    overhead: float,
+    usage: Usage | None,
+    cost: float,
+) -> None:
+    m, out = gw.metrics, env.outcome
+    model = m.model(env.model)
+    team = team or "unknown"
+    route = env.route.name
+    exemplar = {"trace_id": env.trace_id} if env.sampled else None
+    m.requests.labels(team, model, route, str(out.status), out.cache or "none").inc()
+    m.request_duration.labels(team, model, route).observe(duration, exemplar)
+    m.overhead.labels(route).observe(overhead, exemplar)
+    if out.ttft is not None:
+        m.ttft.labels(team, model).observe(out.ttft, exemplar)
+    if out.attempts:
+        ended = time.perf_counter()
+        for a in out.attempts:
+            m.upstream_duration.labels(a.upstream, model, str(a.status or out.status)).observe(
+                (a.ended or ended) - a.started, exemplar
+            )
+    if usage is not None:
+        tokens = m.tokens
+        tokens.labels(team, model, "input").inc(usage.input_tokens)
+        tokens.labels(team, model, "output").inc(usage.output_tokens)
+        tokens.labels(team, model, "cached").inc(usage.cached_tokens)
+        tokens.labels(team, model, "reasoning").inc(usage.reasoning_tokens)
+    if cost:  # what was charged, a marked estimate included: the ledger and budgets agree
+        m.cost.labels(team, model).inc(cost)
+    if out.saved is not None:
+        m.cache_saved_tokens.labels(team, model).inc(out.saved.total_tokens)
+
+
+def _end_spans(env: Envelope, team: str, usage: Usage | None) -> None:
+    out = env.outcome
+    client, server = out.client_span, env.span
+    if client is not None and client.is_recording():
+        attrs: dict[str, Any] = {"gateway.team": team, "gateway.cache": out.cache or "none"}
+        if out.response_id:
+            attrs["gen_ai.response.id"] = out.response_id
+        if out.response_model:
+            attrs["gen_ai.response.model"] = out.response_model
+        if out.finish_reasons:
+            attrs["gen_ai.response.finish_reasons"] = list(out.finish_reasons)
+        if usage is not None:
+            attrs["gen_ai.usage.input_tokens"] = usage.input_tokens
+            attrs["gen_ai.usage.output_tokens"] = usage.output_tokens
+            attrs["gen_ai.usage.cache_read.input_tokens"] = usage.cached_tokens
+            attrs["gen_ai.usage.reasoning.output_tokens"] = usage.reasoning_tokens
+        if out.ttft is not None:
+            attrs["gen_ai.response.time_to_first_chunk"] = out.ttft
+        upstream_status = out.upstream_status
+        if upstream_status:
+            attrs["http.response.status_code"] = upstream_status
+        if out.error or upstream_status >= 400:
+            attrs["error.type"] = out.error or str(upstream_status)
+            client.set_status(Status(StatusCode.ERROR))
+        client.set_attributes(attrs)
+    if client is not None:
+        client.end()
+    if server is not None:
+        if server.is_recording():
+            server.set_attributes(
+                {
+                    "http.response.status_code": out.status,
+                    "gateway.team": team,
+                    "gateway.cache": out.cache or "none",
+                    "gateway.request_id": env.request_id,
+                }
+            )
+            if out.status >= 500:
+                server.set_attribute("error.type", out.error or str(out.status))
+                server.set_status(Status(StatusCode.ERROR))
+        server.end()

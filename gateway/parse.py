@@ -1,0 +1,82 @@
+"""Reading a request's body once: bounded, JSON when it should be, the fields every upstream
+reads (whatever the case of their names), and what a metered request may cost."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway import errors, jsonbody
+from gateway.budget import estimate
+from gateway.routes import Route
+from gateway.server import read_body
+from gateway.settings import Limits
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    body: bytes
+    json: Any  # the decoded body when it is JSON, else None
+    top: dict[str, Any]  # top-level fields by lower-cased name
+    model: str  # "" when the body names none
+
+    @property
+    def stream(self) -> bool:
+        return self.top.get("stream") is True
+
+
+async def read(request: web.Request, route: Route, limits: Limits) -> Parsed:
+    try:
+        body = await read_body(request, limits.max_body_bytes, limits.body_timeout)
+    except ConnectionError:  # the client left mid-upload: nobody to answer, nothing to charge
+        raise errors.client_disconnected() from None
+    method = request.method
+    needs_model = method == "POST" and route.model
+    parsed: Any = None
+    if method == "POST" and body and (needs_model or "json" in request.content_type):
+        try:
+            parsed = jsonbody.loads(body, limits.max_json_depth)
+        except jsonbody.TooDeep:
+            raise errors.json_too_deep(limits.max_json_depth) from None
+        except orjson.JSONDecodeError as e:
+            if needs_model:
+                raise errors.invalid_json(str(e)) from None
+    # fields as every upstream reads them, whatever the case of their names
+    try:
+        top = jsonbody.fields(parsed) if isinstance(parsed, dict) else {}
+    except jsonbody.AmbiguousKeys as e:
+        raise errors.invalid_json(str(e)) from None
+    model = top.get("model")
+    if needs_model and (not isinstance(model, str) or not model):
+        raise errors.missing_model()
+    return Parsed(body, parsed, top, model if isinstance(model, str) else "")
+
+
+def output_estimate(parsed: Parsed, limits: Limits) -> int:
+    """Most output tokens the request can produce; 400 for a cap that is not a count."""
+    try:
+        return estimate.output_tokens(parsed.top, limits.default_max_output_tokens)
+    except estimate.InvalidValue as e:
+        raise errors.invalid_value(e.param, str(e)) from None
+
+
+def upstream_body(route: Route, parsed: Parsed) -> bytes:
+    """The bytes sent upstream: the client's, except that a Chat Completions stream is asked
+    for its usage (it reports none unless asked), so that it is charged exactly.
+
+    Clients that did not ask then also receive the final usage chunk (`choices: []`), a
+    documented chunk shape that the OpenAI SDKs handle.
+    """
+    body = parsed.json
+    if route.name != "/v1/chat/completions" or not parsed.stream or not isinstance(body, dict):
+        return parsed.body
+    options = body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return parsed.body
+    options = (
+        {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
+    )
+    return orjson.dumps({**body, "stream_options": options})

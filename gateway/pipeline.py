@@ -1,0 +1,133 @@
+"""The request pipeline for /v1/*: auth → parse → route → cache → reserve → attempts → relay.
+
+Orchestration only: each step's work lives in its own module. The envelope middleware
+(`gateway.envelope`) made the request's id and span before this runs and ends every request
+in `finish` after it, whatever path it took.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway import errors, parse, plan
+from gateway.budget.admission import budget_headers, reserve
+from gateway.cache.lookup import Lookup, lookup
+from gateway.context import Envelope, RequestContext
+from gateway.envelope import ENVELOPE, TARGET
+from gateway.models_route import list_models
+from gateway.relay import answer
+from gateway.runtime import GATEWAY, Gateway
+from gateway.upstream import attempts
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    gw, env = request.app[GATEWAY], request[ENVELOPE]
+    if gw.draining:
+        raise errors.shutting_down()
+    policy = gw.policy  # read once: the request runs under this snapshot to its end
+    principal = env.principal = policy.auth.authenticate(request.headers)
+    limits = policy.settings.limits
+    route = env.route
+    parsed = await parse.read(request, route, limits)
+    path, query = request[TARGET]
+    if route.model_list and request.method == "GET":
+        return await list_models(gw, request, env, policy)
+    model = env.model = "" if route.owned else parsed.model
+    candidates = await plan.plan(policy, route, principal, model, gw.owners, gw.ledger, path)
+    metered = route.metered and request.method == "POST" and bool(model)
+    ctx = RequestContext(
+        method=request.method,
+        route=route,
+        target=f"{path}?{query}" if query else path,
+        principal=principal,
+        policy=policy,
+        model=model,
+        body=parsed.body,
+        send=parse.upstream_body(route, parsed),
+        parsed=parsed.json,
+        stream=parsed.stream,
+        output_estimate=parse.output_estimate(parsed, limits) if metered else 0,
+        plan=candidates,
+    )
+    for candidate in candidates:  # a reload closes no pool this request holds
+        candidate.client.hold()
+    env.ctx = ctx
+    found = Lookup("")
+    if ctx.cacheable:
+        found = await lookup(
+            policy.settings.cache,
+            gw.cache,
+            gw.flights,
+            gw.cache_counts,
+            gw.metrics,
+            team=ctx.team,
+            upstream=candidates[0].client.name,
+            body=parsed.json,
+            top=parsed.top,
+            stream=ctx.stream,
+            cache_control=request.headers.get("cache-control", ""),
+        )
+        env.outcome.cache = found.result
+        if found.entry is not None or found.follow is not None:
+            return await _shared(gw, request, env, ctx, found)
+    try:
+        return await _call(gw, request, env, ctx, found)
+    finally:
+        if found.lead is not None:
+            if not found.lead.done:
+                found.lead.finish(None, None)
+            assert found.store_key is not None
+            gw.flights.land(found.store_key, found.lead)
+
+
+async def _shared(
+    gw: Gateway, request: web.Request, env: Envelope, ctx: RequestContext, found: Lookup
+) -> web.StreamResponse:
+    """An answer another request paid for: a stored one, or an identical request's."""
+    out, idle = env.outcome, ctx.plan[0].client.cfg.timeouts.idle
+    extra = {
+        **env.headers(),
+        "x-gateway-cache": found.result,
+        **await budget_headers(gw.budget, ctx.principal.team, gw.clock()),
+    }
+    if found.entry is not None:
+        entry = found.entry
+        headers = {**dict(entry.headers), **extra}
+        if found.result == "hit":
+            headers["age"] = str(max(0, int(gw.clock() - entry.created_at)))
+        return await answer.from_entry(request, out, entry, headers, idle)
+    assert found.follow is not None
+    out.streamed = True
+    try:
+        return await answer.from_flight(request, out, found.follow, extra, idle)
+    finally:
+        found.follow.readers -= 1
+
+
+async def _call(
+    gw: Gateway, request: web.Request, env: Envelope, ctx: RequestContext, found: Lookup
+) -> web.StreamResponse:
+    out, team = env.outcome, ctx.principal.team
+    if ctx.metered and team.budgets:
+        out.reservation = await reserve(
+            gw.budget,
+            ctx.policy,
+            gw.metrics,
+            team,
+            ctx.model,
+            len(ctx.body),
+            ctx.output_estimate,
+            gw.clock(),
+        )
+    up, candidate = await attempts.run(gw.tracing, gw.metrics, env, ctx, request.headers)
+    try:
+        extra = env.headers()
+        if out.reservation is not None:
+            extra.update(await budget_headers(gw.budget, team, gw.clock()))
+        if out.cache:
+            extra["x-gateway-cache"] = out.cache
+        return await answer.from_upstream(
+            gw, request, ctx, out, up, candidate, extra, env.started, found.store_key, found.lead
+        )
+    finally:
+        up.release()

@@ -1,0 +1,72 @@
+"""Routing a request to its attempt plan: the candidates (upstream and key) that may answer
+it, in order. A request about a stored response goes where the response was made, and only
+for the team that made it."""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+
+from gateway import errors
+from gateway.auth import Principal
+from gateway.context import Candidate
+from gateway.errors import GatewayError
+from gateway.ledger.records import Ledger as ReportReader
+from gateway.policy import Policy
+from gateway.routes import Route
+from gateway.upstream.client import UpstreamClient
+
+Owners = MutableMapping[str, tuple[str, str]]
+
+
+def candidate(client: UpstreamClient) -> Candidate:
+    return Candidate(client, client.next_key())
+
+
+def by_model(policy: Policy, principal: Principal, model: str) -> tuple[Candidate, ...]:
+    team = principal.team.name
+    if not policy.team_models[team](model):
+        raise errors.model_not_allowed(policy.redactor(model), team)
+    name = policy.router.route(model)
+    if name is None:
+        raise errors.model_not_found(policy.redactor(model))
+    return (candidate(policy.upstreams[name]),)
+
+
+async def by_owner(
+    policy: Policy, principal: Principal, owners: Owners, ledger: ReportReader, path: str
+) -> tuple[Candidate, ...]:
+    rid = path.split("/")[3]
+    owner = owners.get(rid)
+    if owner is None:
+        owner = await ledger.owner(rid)
+        if owner is not None:
+            owners[rid] = owner
+    if owner is None or owner[0] != principal.team.name:
+        # every response made through the gateway is in the ledger with its team: one that
+        # is not, or is another team's, does not exist for this team
+        raise GatewayError(
+            404,
+            "invalid_request_error",
+            "not_found",
+            f"No response found with id {errors.quoted(policy.redactor(rid))}.",
+        )
+    client = policy.upstreams.get(owner[1]) or policy.default_upstream
+    return (candidate(client),)
+
+
+async def plan(
+    policy: Policy,
+    route: Route,
+    principal: Principal,
+    model: str,
+    owners: Owners,
+    ledger: ReportReader,
+    path: str,
+) -> tuple[Candidate, ...]:
+    if route.owned:
+        return await by_owner(policy, principal, owners, ledger, path)
+    if route.refused:
+        raise errors.not_found()
+    if model:
+        return by_model(policy, principal, model)
+    return (candidate(policy.default_upstream),)

@@ -1,0 +1,1 @@
+"""The answer's way to the client: one relay for every body, filters before, taps after."""

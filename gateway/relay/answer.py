@@ -1,0 +1,172 @@
+"""Answering a request: from the upstream's response, a cache entry, or a flight.
+
+Each picks its source and its taps and hands them to the one relay. A stream led for a
+flight is read by its own task into the flight; the leader's client follows the flight like
+every other client, so none of them can stall another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+import aiohttp
+from aiohttp import web
+
+from gateway.cache.entry import CacheEntry
+from gateway.cache.flight import Flight
+from gateway.context import Candidate, Outcome, RequestContext
+from gateway.relay.relay import relay
+from gateway.relay.sink import ClientSink, FlightSink, Sink
+from gateway.relay.sources import (
+    EntrySource,
+    FlightSource,
+    UpstreamRaw,
+    UpstreamStream,
+    UpstreamWhole,
+    client_headers,
+)
+from gateway.relay.taps import BodyUsage, CacheRecorder, StreamUsage, Tap
+from gateway.runtime import Gateway
+
+
+async def from_upstream(
+    gw: Gateway,
+    request: web.Request,
+    ctx: RequestContext,
+    out: Outcome,
+    up: aiohttp.ClientResponse,
+    candidate: Candidate,
+    extra: Mapping[str, str],
+    started: float,
+    store_key: str | None,
+    flight: Flight | None,
+) -> web.StreamResponse:
+    policy, client = ctx.policy, candidate.client
+    idle = client.cfg.timeouts.idle
+    headers = client_headers(up, extra, policy.secrets)
+    owner = (ctx.team, client.name)
+    owners = gw.owners if ctx.creates_response else None
+    sink = ClientSink(request, out, idle)
+    ctype = up.content_type
+    taps: list[Tap] = []
+    if ctype == "text/event-stream":
+        out.streamed = True
+        usage = StreamUsage(out, started, owners, owner)
+        taps.append(usage)
+        recorder = _recorder(gw, ctx, store_key, usage)
+        if recorder is not None:
+            taps.append(recorder)
+        stream_sink: Sink = sink if flight is None else FlightSink(flight)
+        source = UpstreamStream(
+            up,
+            headers,
+            out,
+            idle,
+            gw.metrics,
+            policy.secrets,
+            drain=policy.settings.limits.drain_timeout,
+            summary=usage.summary,
+            decoder=usage.decoder,
+            present=(lambda: sink.present) if flight is None else (lambda: flight.readers > 0),
+            wants_rest=lambda: recorder is not None and recorder.parts is not None,
+            expects_terminal=ctx.metered,
+        )
+        if flight is None:
+            await _streamed(gw, source, sink, taps)
+            return sink.resp or web.Response()
+        flight.readers += 1  # the leader's own client
+        pump = gw.spawn(_lead_stream(gw, source, stream_sink, taps, flight, recorder, out))
+        try:
+            await relay(FlightSource(flight, up.status, headers), sink)
+        finally:
+            flight.readers -= 1
+        await asyncio.shield(pump)
+        return sink.resp or web.Response()
+    if flight is not None and flight.stream:  # streamed followers cannot take this answer
+        flight.publish_head(up.status, (), shared=False)
+    if "json" in ctype:
+        parse = ctx.metered or ctx.route.name in ("/v1/responses/{id}", "/v1/responses/{id}/cancel")
+        body_usage = BodyUsage(out, parse, owners, owner)
+        taps.append(body_usage)
+        recorder = _recorder(gw, ctx, store_key, body_usage) if not ctx.stream else None
+        if recorder is not None:
+            taps.append(recorder)
+        try:
+            await relay(
+                UpstreamWhole(up, headers, out, idle, gw.metrics, policy.secrets), sink, taps
+            )
+        finally:
+            if flight is not None:
+                flight.finish(recorder.entry if recorder is not None else None, out.usage)
+        return sink.resp or web.Response()
+    if flight is not None:
+        flight.finish(None, None)
+    raw = UpstreamRaw(up, headers, out, idle, gw.metrics, policy.secrets, lambda: sink.present)
+    await relay(raw, sink)
+    return sink.resp or web.Response()
+
+
+def _recorder(
+    gw: Gateway, ctx: RequestContext, key: str | None, result: BodyUsage | StreamUsage
+) -> CacheRecorder | None:
+    if key is None:
+        return None
+    stream, team, model, clock = ctx.stream, ctx.team, ctx.model, gw.clock
+
+    def make(headers: tuple[tuple[str, str], ...], body: bytes) -> CacheEntry:
+        usage = result.out.usage if isinstance(result, BodyUsage) else result.summary.usage
+        return CacheEntry(200, headers, body, stream, team, model, usage, clock())
+
+    cap = ctx.policy.settings.cache.max_entry_bytes
+    return CacheRecorder(gw.cache, key, cap, result, make)
+
+
+async def _streamed(gw: Gateway, source: UpstreamStream, sink: Sink, taps: list[Tap]) -> None:
+    gw.metrics.active_streams.inc()
+    gw.streams.add(source)
+    try:
+        await relay(source, sink, taps)
+    finally:
+        gw.streams.discard(source)
+        gw.metrics.active_streams.dec()
+
+
+async def _lead_stream(
+    gw: Gateway,
+    source: UpstreamStream,
+    sink: Sink,
+    taps: list[Tap],
+    flight: Flight,
+    recorder: CacheRecorder | None,
+    out: Outcome,
+) -> None:
+    try:
+        await _streamed(gw, source, sink, taps)
+    finally:
+        flight.finish(recorder.entry if recorder is not None else None, out.usage)
+
+
+async def from_entry(
+    request: web.Request, out: Outcome, entry: CacheEntry, headers: Mapping[str, str], idle: float
+) -> web.StreamResponse:
+    """A cache hit, or the shared result of a JSON flight."""
+    out.saved = entry.usage
+    sink = ClientSink(request, out, idle)
+    await relay(EntrySource(entry.status, headers, entry.body), sink)
+    return sink.resp or web.Response()
+
+
+async def from_flight(
+    request: web.Request,
+    out: Outcome,
+    flight: Flight,
+    extra: Mapping[str, str],
+    idle: float,
+) -> web.StreamResponse:
+    """A follower of a streamed flight: from its first chunk, at this client's pace."""
+    headers = {**dict(flight.headers), **extra}
+    sink = ClientSink(request, out, idle)
+    await relay(FlightSource(flight, flight.status, headers), sink)
+    out.saved = flight.usage
+    return sink.resp or web.Response()

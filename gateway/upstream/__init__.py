@@ -1,0 +1,1 @@
+"""Upstreams: header rules, one client per upstream, and the attempt plan."""
