@@ -120,10 +120,7 @@ async def _plain(
     request: web.Request, handler: Handler, target: tuple[str, str] | None
 ) -> web.StreamResponse:
     """Health checks, the admin listener, refusals: ids on the answer, no ledger or span."""
-    headers = {
-        "x-request-id": request_id(request.headers.get("x-request-id")),
-        "x-gateway-trace-id": secrets.token_hex(16),
-    }
+    headers = _ids(request)
     if target is None:
         return errors.not_found().response(headers)
     request[TARGET] = target
@@ -138,6 +135,15 @@ async def _plain(
     if not resp.prepared:
         resp.headers.update(headers)
     return resp
+
+
+def _ids(request: web.BaseRequest) -> dict[str, str]:
+    """Ids for an answer outside the pipeline: there is no trace to export, but the id is one
+    a client can quote and no other answer has."""
+    return {
+        "x-request-id": request_id(request.headers.get("x-request-id")),
+        "x-gateway-trace-id": secrets.token_hex(16),
+    }
 
 
 def _server_attributes(gw: Gateway, request: web.Request, env: Envelope, path: str) -> None:
@@ -171,7 +177,9 @@ async def expect(request: web.Request) -> None:
     err = GatewayError(
         417, "invalid_request_error", "expectation_failed", "Only 'Expect: 100-continue' is known."
     )
-    raise web.HTTPExpectationFailed(text=err.body().decode(), content_type="application/json")
+    raise web.HTTPExpectationFailed(
+        text=err.body().decode(), content_type="application/json", headers=_ids(request)
+    )
 
 
 def http_error(status: int) -> GatewayError:

@@ -464,6 +464,7 @@ async def test_an_unknown_expectation_is_json_and_echoes_nothing(gateway: Runnin
         )
         head, _, body = raw.partition(b"\r\n\r\n")
         assert status_of(raw) == 417 and b"application/json" in head
+        assert b"x-request-id: req_" in head.lower() and b"x-gateway-trace-id: " in head.lower()
         assert ALPHA_KEY.encode() not in raw
         assert orjson.loads(body)["error"]["code"] == "expectation_failed"
     # 100-continue still works
