@@ -1,4 +1,10 @@
-"""The budget store protocol and its value types."""
+"""The budget store protocol and its value types.
+
+A store keeps, per team, one counter for each budget window (`minute` ... `total`, in tokens
+or in USD): what was `used` (settled) and what is `reserved` (admitted, not yet settled) in
+the window's current calendar period. Any implementation, in-process or shared between
+replicas, keeps the semantics documented on `BudgetStore`; `tests/contract` holds it to them.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,12 @@ from gateway.settings import Team
 
 @dataclass(frozen=True, slots=True)
 class Reservation:
-    """Held against every window of a team until settled. Settle exactly once."""
+    """Held against every window of a team until settled. Settle exactly once.
+
+    A config reload may reorder, retune, add or remove a team's budgets while a request is in
+    flight: its reservation still settles against the windows it was counted in, found by
+    window and unit, never by position in the team's list.
+    """
 
     team: str
     tokens: int
@@ -46,20 +57,63 @@ class WindowState:
 
 
 class BudgetStore(Protocol):
-    """Atomic reserve/settle over all of a team's windows."""
+    """Atomic reserve/settle over all of a team's windows.
+
+    Every method takes `now` (unix seconds) from the caller rather than reading a clock, and
+    works on the calendar period of each window that contains `now` (`window_bounds`); a
+    period that has ended is forgotten, so each window starts its new period at zero.
+    A token window counts `tokens`, a USD window counts `usd`.
+    """
 
     async def reserve(
         self, team: Team, tokens: int, usd: float, now: float
-    ) -> Reservation | Rejection: ...
+    ) -> Reservation | Rejection:
+        """Admit a request costing at most `tokens` / `usd`, or refuse it; one atomic step.
 
-    async def settle(
-        self, reservation: Reservation, tokens: int, usd: float, now: float
-    ) -> None: ...
+        Admitted when every window can hold it (`used + reserved + amount <= limit`): the
+        amount is then added to `reserved` of every window, and the Reservation names each
+        of them. Otherwise nothing is reserved anywhere and a Rejection names a refusing
+        window (`per`, or `per:usd` for a USD window) with `retry_after`, the whole seconds
+        (at least 1) until every refusing window has reset. When the request alone exceeds
+        a window's whole limit, so that no reset can make room, the Rejection names that
+        window and carries its `limit`; otherwise `limit` is 0.0.
 
-    async def windows(self, team: Team, now: float) -> list[WindowState]: ...
+        A team without budgets is always admitted, with a Reservation of no windows.
+        Concurrent reserves, in this process or any other sharing the store, never admit
+        more than a window's limit between them.
+        """
+        ...
+
+    async def settle(self, reservation: Reservation, tokens: int, usd: float, now: float) -> None:
+        """Replace a reservation by what the request really cost; one atomic step.
+
+        Releases the reservation's amount from each window it was counted in (if that
+        window's period is still current: an ended period is forgotten with what it held),
+        and adds the real `tokens` / `usd` to `used` of the same windows in the period that
+        contains `now`, which is where a ledger rebuild counts the request too. The real cost
+        may be more than the reservation: `used` may then pass the limit. Windows that a
+        reload added after the reservation are not charged; windows it removed are settled
+        all the same.
+
+        The caller settles each reservation exactly once (the pipeline's single `finish`);
+        the store does not detect a second settle, which would charge the request again.
+        Other reservations are untouched: until its own settle a reservation keeps holding.
+        """
+        ...
+
+    async def windows(self, team: Team, now: float) -> list[WindowState]:
+        """The current period of each of the team's windows, in the order of `team.budgets`:
+        its limit (from `team`, so a reload's new limit shows at once), used, reserved and
+        [start, end) as `window_bounds` gives them. Reserves nothing."""
+        ...
 
     async def restore(
         self, teams: Sequence[Team], charged: Mapping[float, Mapping[str, Charge]], now: float
     ) -> None:
-        """Seed window counters from the ledger: `charged[window_start][team]`."""
+        """Seed window counters from the ledger: `charged[window_start][team]`.
+
+        For each team's window, `used` of the period containing `now` is set (not added) to
+        the tokens or USD charged since that period's start, or to 0 where the ledger has
+        none. What is `reserved` by requests in flight is kept.
+        """
         ...

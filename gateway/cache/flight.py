@@ -9,9 +9,99 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 from gateway.cache.entry import CacheEntry
 from gateway.usage import Usage
+
+
+class FlightLike(Protocol):
+    """One upstream call that identical requests share, as the pipeline uses it.
+
+    The leader publishes, in this order: the response head (`publish_head`, for a stream),
+    each chunk (`publish`), the end (`finish`). Followers wait for the head or the end and
+    read what was published. No publishing method waits: a follower that reads slowly, or
+    not at all, never holds up the leader or the other followers; a flight shared between
+    processes queues what it must send.
+    """
+
+    readers: int  # clients reading the flight in this process, its leader's included
+
+    @property
+    def stream(self) -> bool:
+        """Whether the request asked for a stream (followers replay the SSE bytes)."""
+        ...
+
+    @property
+    def status(self) -> int:
+        """The upstream's HTTP status, once the head is published (0 before)."""
+        ...
+
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        """The response headers published with the head."""
+        ...
+
+    @property
+    def usage(self) -> Usage | None:
+        """The usage the leader reported at its end."""
+        ...
+
+    @property
+    def done(self) -> bool:
+        """True once the leader has finished."""
+        ...
+
+    def publish_head(self, status: int, headers: tuple[tuple[str, str], ...], shared: bool) -> None:
+        """The leader has a response head; `shared` says whether followers may use it (for a
+        stream: whether they may follow it live)."""
+        ...
+
+    def publish(self, chunk: bytes) -> None:
+        """Append one chunk of the response body; followers get every chunk, in order."""
+        ...
+
+    def finish(self, entry: CacheEntry | None, usage: Usage | None) -> None:
+        """The leader is done; `entry` is its cacheable result, if it has one. A JSON flight,
+        and a stream that never published a head, is shared only when `entry` is set."""
+        ...
+
+    async def wait_head(self) -> bool:
+        """For streams: wait until the flight is known to be shared or not (a published head,
+        or the end); True when followers may follow it."""
+        ...
+
+    async def wait_done(self) -> CacheEntry | None:
+        """Wait for the end: the leader's entry when the flight is shared, else None (the
+        follower then makes its own call)."""
+        ...
+
+    def follow(self) -> AsyncIterator[bytes]:
+        """Every chunk published, from the first, byte for byte and in order, then each new
+        one as it comes, until the end. A follower joining late, even after the end, misses
+        nothing; each reads at its own pace."""
+        ...
+
+
+class FlightRegistry(Protocol):
+    """The flights in progress, by cache key. No method waits."""
+
+    def peek(self, key: str) -> FlightLike | None:
+        """The flight a request with `key` can join: one opened and not yet finished."""
+        ...
+
+    def open(self, key: str, stream: bool) -> FlightLike:
+        """Start a flight under `key`, in place of any there; the caller leads it and must
+        `land` it when done."""
+        ...
+
+    def land(self, key: str, flight: FlightLike) -> None:
+        """Remove `flight` from `key`, unless another flight has been opened there since."""
+        ...
+
+    def __len__(self) -> int:
+        """Flights opened here and not yet landed."""
+        ...
 
 
 class Flight:
@@ -101,7 +191,7 @@ class Flights:
         self._flights[key] = flight
         return flight
 
-    def land(self, key: str, flight: Flight) -> None:
+    def land(self, key: str, flight: FlightLike) -> None:
         if self._flights.get(key) is flight:
             del self._flights[key]
 

@@ -19,15 +19,37 @@ class StoreStats:
 
 
 class CacheStore(Protocol):
-    async def get(self, key: str) -> CacheEntry | None: ...
+    """Cached answers by cache key (`gateway.cache.key`), bounded by age and bytes.
 
-    async def put(self, key: str, entry: CacheEntry) -> bool: ...
+    A store is built with `ttl` (seconds), `max_bytes` and `max_entry_bytes`, and with the
+    clock it measures age by: the gateway's, which also stamps `CacheEntry.created_at`, so an
+    entry's `age` header never passes `ttl`. The size of an entry is `CacheEntry.size`.
+    """
 
-    async def purge(self, team: str | None = None) -> int: ...
+    async def get(self, key: str) -> CacheEntry | None:
+        """The entry stored under `key`, equal to what was put (the body byte for byte), or
+        None when there is none or it was stored `ttl` seconds ago or more."""
+        ...
 
-    async def stats(self) -> StoreStats: ...
+    async def put(self, key: str, entry: CacheEntry) -> bool:
+        """Store `entry` under `key`, replacing what was there; False (and nothing stored)
+        when the entry is larger than `max_entry_bytes` or `max_bytes`. To make room the
+        store evicts other entries (which ones is the store's choice), so that the entries
+        it holds never add up to more than `max_bytes`."""
+        ...
 
-    async def close(self) -> None: ...
+    async def purge(self, team: str | None = None) -> int:
+        """Remove the entries stored by `team` (`CacheEntry.team`), or every entry when
+        `team` is None; returns how many live (unexpired) entries were removed."""
+        ...
+
+    async def stats(self) -> StoreStats:
+        """How many live entries the store holds, and their total size in bytes."""
+        ...
+
+    async def close(self) -> None:
+        """Release what the store holds (memory, connections); it is not used afterwards."""
+        ...
 
 
 class MemoryCacheStore:

@@ -1,4 +1,4 @@
-"""Ledger record type and the protocol every ledger backend implements."""
+"""Ledger record types and the protocols every ledger backend implements: a writer, a reader."""
 
 from __future__ import annotations
 
@@ -65,25 +65,67 @@ class ReportRow:
     estimated_requests: int
 
 
-class Ledger(Protocol):
-    """Append-only store of ledger records. `append` never blocks the event loop."""
+class LedgerWriter(Protocol):
+    """Append-only store of ledger records, written off the event loop.
 
-    async def start(self) -> None: ...
+    Lifecycle: `start`, then any number of `append` and `flush`, then `close`. Records are
+    written in the order appended. A backend states how long a record may wait before it is
+    durable (what a kill -9 can lose); a graceful `close` loses none.
+    """
 
-    def append(self, record: LedgerRecord) -> None: ...
+    @property
+    def pending(self) -> int:
+        """Records appended but not yet durable (for `gateway_ledger_pending_records`)."""
+        ...
 
-    async def flush(self) -> None: ...
+    async def start(self) -> None:
+        """Open the storage (creating it if absent) and start writing in the background.
+        Calling it again does nothing."""
+        ...
 
-    async def close(self) -> None: ...
+    def append(self, record: LedgerRecord) -> None:
+        """Queue one record and return at once: never waits and never does I/O, and a
+        failing storage never makes it raise (records wait for the next write). Raises
+        RuntimeError after `close`: a record appended then would be lost."""
+        ...
+
+    async def flush(self) -> None:
+        """Make every record appended so far durable; raises if the write fails (the records
+        stay queued for the next attempt)."""
+        ...
+
+    async def close(self) -> None:
+        """Flush everything, stop writing and release the storage. Calling it again does
+        nothing."""
+        ...
+
+
+class ReportReader(Protocol):
+    """Reads over the ledger, valid between the writer's `start` and `close`.
+
+    Every read sees each record appended before it through the writer it is served with,
+    written or still queued, and what other processes have written to the same storage.
+    """
 
     async def charged_since(self, since: float) -> dict[str, Charge]:
-        """Per team: charged tokens and cost of records with ts >= since."""
+        """Per team: charged tokens and cost of records with ts >= since; teams without such
+        records are absent."""
         ...
 
     async def owner(self, response_id: str) -> tuple[str, str] | None:
-        """(team, upstream) of the request that created `response_id`, if one did."""
+        """(team, upstream) of the first request that recorded `response_id`; None for an
+        unknown or empty id."""
         ...
 
     async def report(
         self, since: float | None, until: float | None, by: Sequence[str]
-    ) -> list[ReportRow]: ...
+    ) -> list[ReportRow]:
+        """Usage rows over ts in [since, until) (None: unbounded), one per group of `by`
+        (team, model, day in UTC; ValueError for any other key), sorted by the group keys in
+        the order `by` names them; fields not grouped by are empty strings. No records, no
+        rows (not one row of zeros)."""
+        ...
+
+
+class Ledger(LedgerWriter, ReportReader, Protocol):
+    """A backend that both writes the ledger and reads it (SQLite does)."""

@@ -1,7 +1,7 @@
 """The usage report's inputs and outputs: parsing `--since/--until/--by` and rendering rows.
 
 Pure functions shared by `gateway usage` and `GET /admin/usage`; the ledger backends compute
-the rows (see `Ledger.report`), this module only validates what they are asked and formats
+the rows (see `ReportReader.report`), this module only validates what they are asked and formats
 what they return.
 """
 

@@ -1,0 +1,97 @@
+"""The shared-state backends, chosen from the settings in one place.
+
+Budgets, the cache, single-flight and the ledger each sit behind a protocol; `build_backends`
+is the only code that knows which implementation a configuration gets, and `problems` the
+only code that knows which ones this version can build.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.budget.local import LocalBudgetStore
+from gateway.budget.store import BudgetStore
+from gateway.cache.flight import FlightRegistry, Flights
+from gateway.cache.store import CacheStore, MemoryCacheStore
+from gateway.ledger.records import LedgerWriter, ReportReader
+from gateway.ledger.sqlite import SqliteLedger
+from gateway.settings import Settings
+
+__all__ = ["BackendUnavailable", "Backends", "build_backends", "problems"]
+
+LEDGER_FILE = "ledger.sqlite3"  # under state.path
+
+
+class BackendUnavailable(Exception):
+    """The settings name a backend this version cannot build.
+
+    `problems` holds ``key.path: what is wrong`` lines, as `ConfigError` does, so a caller
+    that knows the config's path reports them the same way: ``PATH: key.path: ...``.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def problems(settings: Settings) -> list[str]:
+    """What in `settings` names a backend this version cannot build; empty when all is well."""
+    found = []
+    if settings.state.store != "local":
+        found.append("state.store: only the local store is available in this version")
+    if settings.ledger.url:
+        found.append(
+            "ledger.url: only the SQLite ledger under state.path is available in this version;"
+            " leave it empty"
+        )
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class Backends:
+    """The gateway's state: one of each backend, built for one set of settings.
+
+    `reports` reads what `ledger` writes and shares its lifecycle (valid between
+    `start` and `close`); with SQLite both are the same object.
+    """
+
+    budget: BudgetStore
+    cache: CacheStore
+    flights: FlightRegistry
+    ledger: LedgerWriter
+    reports: ReportReader
+
+    async def start(self) -> None:
+        """Open what needs opening (the ledger's storage); the other backends are ready."""
+        await self.ledger.start()
+
+    async def close(self) -> None:
+        """The ledger first, so every record reaches storage even if another close fails;
+        then the cache."""
+        try:
+            await self.ledger.close()
+        finally:
+            await self.cache.close()
+
+
+def build_backends(settings: Settings, *, clock: Callable[[], float] = time.time) -> Backends:
+    """The backends `settings` ask for; raises BackendUnavailable for one this version lacks.
+
+    Does no I/O: `Backends.start` opens them. `clock` is the gateway's: the cache measures
+    the age of entries by it, as the `age` header does.
+    """
+    found = problems(settings)
+    if found:
+        raise BackendUnavailable(found)
+    c = settings.cache
+    ledger = SqliteLedger(Path(settings.state.path) / LEDGER_FILE, settings.ledger.flush_interval)
+    return Backends(
+        budget=LocalBudgetStore(),
+        cache=MemoryCacheStore(c.ttl, c.max_bytes, c.max_entry_bytes, clock),
+        flights=Flights(),
+        ledger=ledger,
+        reports=ledger,
+    )

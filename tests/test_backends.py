@@ -1,0 +1,107 @@
+"""build_backends: which implementation each setting gets, and the ones this version refuses."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from contract.ledger_samples import record
+
+from gateway.backends import Backends, BackendUnavailable, build_backends, problems
+from gateway.budget.local import LocalBudgetStore
+from gateway.cache.entry import CacheEntry
+from gateway.cache.flight import Flights
+from gateway.cache.store import MemoryCacheStore
+from gateway.ledger.sqlite import SqliteLedger
+from gateway.settings import Cache, LedgerSettings, Settings, State
+
+
+def settings(tmp_path: Path, store: str = "local", ledger_url: str = "") -> Settings:
+    return Settings(
+        upstreams=(),
+        teams=(),
+        cache=Cache(ttl=60, max_bytes=10_000, max_entry_bytes=1_000),
+        state=State(store=store, path=str(tmp_path / "state")),
+        ledger=LedgerSettings(url=ledger_url, flush_interval=0.25),
+    )
+
+
+async def test_local_settings_build_the_local_backends(tmp_path: Path) -> None:
+    now = [1_790_000_000.0]
+    backends = build_backends(settings(tmp_path), clock=lambda: now[0])
+    assert isinstance(backends.budget, LocalBudgetStore)
+    assert isinstance(backends.cache, MemoryCacheStore)
+    assert isinstance(backends.flights, Flights)
+    assert isinstance(backends.ledger, SqliteLedger)
+    assert backends.reports is backends.ledger
+    assert not (tmp_path / "state").exists()  # building does no I/O
+
+    # the cache has the configured bounds and ages entries by the given clock
+    entry = CacheEntry(200, (), b"{}", False, "a", "m", None, now[0])
+    assert await backends.cache.put("k", entry)
+    assert not await backends.cache.put("big", dataclasses.replace(entry, body=b"x" * 1_000))
+    now[0] += 61
+    assert await backends.cache.get("k") is None
+
+    await backends.start()
+    backends.ledger.append(record(1))
+    await backends.close()
+    assert (tmp_path / "state" / "ledger.sqlite3").exists()
+    again = build_backends(settings(tmp_path))
+    await again.start()
+    try:
+        assert [r.requests for r in await again.reports.report(None, None, ())] == [1]
+    finally:
+        await again.close()
+
+
+class BrokenDisk(SqliteLedger):
+    """A ledger whose final write fails."""
+
+    async def close(self) -> None:
+        raise OSError("no space left on device")
+
+
+async def test_close_closes_the_cache_even_when_the_ledger_fails(tmp_path: Path) -> None:
+    built = build_backends(settings(tmp_path))
+    backends = dataclasses.replace(built, ledger=BrokenDisk(tmp_path / "ledger.db"))
+    await backends.cache.put("k", CacheEntry(200, (), b"{}", False, "a", "m", None, 0.0))
+    with pytest.raises(OSError, match="no space"):
+        await backends.close()
+    assert (await backends.cache.stats()).entries == 0
+
+
+@pytest.mark.parametrize("store", ["redis://127.0.0.1:6379/0", "rediss://cache.internal:6380/2"])
+def test_a_redis_store_is_refused_by_name(tmp_path: Path, store: str) -> None:
+    with pytest.raises(BackendUnavailable) as refused:
+        build_backends(settings(tmp_path, store=store))
+    assert refused.value.problems == [
+        "state.store: only the local store is available in this version"
+    ]
+    assert str(refused.value) == refused.value.problems[0]
+
+
+def test_a_postgres_ledger_is_refused_by_name(tmp_path: Path) -> None:
+    with pytest.raises(BackendUnavailable) as refused:
+        build_backends(settings(tmp_path, ledger_url="postgresql://gw@127.0.0.1:5432/gw"))
+    (problem,) = refused.value.problems
+    assert problem.startswith("ledger.url: ")
+    assert "postgresql" not in problem  # a URL may carry a password: never echo it
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    both = settings(tmp_path, store="redis://:pw@h:6379/0", ledger_url="postgresql://u:pw@h/db")
+    assert [p.split(":")[0] for p in problems(both)] == ["state.store", "ledger.url"]
+    assert not any("pw" in p for p in problems(both))
+    assert problems(settings(tmp_path)) == []
+    with pytest.raises(BackendUnavailable) as refused:
+        build_backends(both)
+    assert str(refused.value).splitlines() == problems(both)
+
+
+def test_backends_is_frozen(tmp_path: Path) -> None:
+    built = build_backends(settings(tmp_path))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.budget = LocalBudgetStore()  # type: ignore[misc]
+    assert isinstance(built, Backends)
