@@ -86,7 +86,7 @@ async def usage(request: web.Request) -> web.Response:
     since = parse_when(q["since"]) if q.get("since") else None
     until = parse_when(q["until"]) if q.get("until") else None
     by = parse_by(q.get("by", "team,model"))
-    rows = await gw.ledger.report(since, until, by)
+    rows = await gw.reports.report(since, until, by)
     return _json({"by": list(by), "rows": [row_to_dict(r, by) for r in rows]})
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway import config
+from gateway import backends, config
 from gateway.admin import CONFIG_PATH
 from gateway.app import create_admin_app, create_app, make_runner
 from gateway.listener import LimitedSite
@@ -104,11 +104,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    if settings.state.store != "local" or settings.ledger.url:
-        print(
-            f"{path}: state.store/ledger.url: only the local store is available in this version",
-            file=sys.stderr,
-        )
+    unavailable = backends.problems(settings)
+    for problem in unavailable:
+        print(f"{path}: {problem}", file=sys.stderr)
+    if unavailable:
         return 1
     configure_logging(settings.telemetry.logs.level, settings.telemetry.logs.format)
     host = args.host or settings.listen.host

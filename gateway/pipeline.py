@@ -33,7 +33,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     if route.model_list and request.method == "GET":
         return await list_models(gw, request, env, policy)
     model = env.model = "" if route.owned else parsed.model
-    candidates = await plan.plan(policy, route, principal, model, gw.owners, gw.ledger, path)
+    candidates = await plan.plan(policy, route, principal, model, gw.owners, gw.reports, path)
     metered = route.metered and request.method == "POST" and bool(model)
     ctx = RequestContext(
         method=request.method,

@@ -10,7 +10,7 @@ from gateway import errors
 from gateway.auth import Principal
 from gateway.context import Candidate
 from gateway.errors import GatewayError
-from gateway.ledger.records import Ledger as ReportReader
+from gateway.ledger.records import ReportReader
 from gateway.policy import Policy
 from gateway.routes import Route
 from gateway.upstream.client import UpstreamClient

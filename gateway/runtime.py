@@ -5,21 +5,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Coroutine
-from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
 from cachetools import LRUCache
 
-from gateway.budget.local import LocalBudgetStore
+from gateway.backends import Backends, build_backends
 from gateway.budget.store import BudgetStore
 from gateway.budget.windows import window_bounds
-from gateway.cache.flight import Flights
+from gateway.cache.flight import FlightRegistry
 from gateway.cache.lookup import CacheCounters
-from gateway.cache.store import CacheStore, MemoryCacheStore
-from gateway.ledger.records import Charge, Ledger
-from gateway.ledger.sqlite import SqliteLedger
+from gateway.cache.store import CacheStore
+from gateway.ledger.records import Charge, LedgerWriter, ReportReader
 from gateway.policy import Policy, next_clients
 from gateway.redact import Redactor
 from gateway.settings import Settings
@@ -43,9 +41,7 @@ class Gateway:
         settings: Settings,
         *,
         clock: Callable[[], float] = time.time,
-        budget: BudgetStore | None = None,
-        ledger: Ledger | None = None,
-        cache_store: CacheStore | None = None,
+        backends: Backends | None = None,
         tracing: Tracing | None = None,
     ) -> None:
         self.clock = clock
@@ -56,15 +52,12 @@ class Gateway:
         redactor = self.tracing.redactor = Redactor.from_settings(settings)
         clients = {u.name: UpstreamClient(u) for u in settings.upstreams}
         self.policy = Policy(settings, clients, redactor)
-        self.budget: BudgetStore = budget or LocalBudgetStore()
-        self.ledger: Ledger = ledger or SqliteLedger(
-            Path(settings.state.path) / "ledger.sqlite3", settings.ledger.flush_interval
-        )
-        c = settings.cache
-        self.cache: CacheStore = cache_store or MemoryCacheStore(
-            c.ttl, c.max_bytes, c.max_entry_bytes
-        )
-        self.flights = Flights()
+        self.backends = backends or build_backends(settings, clock=clock)
+        self.budget: BudgetStore = self.backends.budget
+        self.cache: CacheStore = self.backends.cache
+        self.flights: FlightRegistry = self.backends.flights
+        self.ledger: LedgerWriter = self.backends.ledger
+        self.reports: ReportReader = self.backends.reports
         self.cache_counts = CacheCounters()
         # response id -> (team, upstream), in front of the ledger, which has them all: routes
         # requests by id to the upstream that made the response and keeps teams apart
@@ -94,7 +87,7 @@ class Gateway:
     async def start(self) -> None:
         for client in self.policy.upstreams.values():
             await client.start()
-        await self.ledger.start()
+        await self.backends.start()
         await self.restore_budgets()
         self.ready = True
 
@@ -105,7 +98,7 @@ class Gateway:
         starts = {window_bounds(rule.per, now)[0] for t in teams for rule in t.budgets}
         charged: dict[float, dict[str, Charge]] = {}
         for start in starts:
-            charged[start] = await self.ledger.charged_since(start)
+            charged[start] = await self.reports.charged_since(start)
         await self.budget.restore(teams, charged, now)
         await self.refresh_budget_gauges()
 
@@ -157,10 +150,11 @@ class Gateway:
         self.draining = True
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=self.settings.limits.drain_timeout)
-        await self.ledger.close()
-        for client in self.policy.upstreams.values():
-            await client.close()
-        await self.cache.close()
+        try:
+            await self.backends.close()
+        finally:
+            for client in self.policy.upstreams.values():
+                await client.close()
         # the exporter's last flush blocks on network I/O: keep it off the event loop
         await asyncio.to_thread(self.tracing.shutdown)
 

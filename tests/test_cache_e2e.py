@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from conftest import (
     start_gateway,
 )
 
+from gateway.backends import build_backends
 from gateway.cache.store import MemoryCacheStore
 from gateway.runtime import Gateway
 
@@ -225,7 +227,9 @@ async def test_ttl_expiry_through_the_gateway(upstream: Upstream, tmp_path: Path
     now = [1000.0]
     settings = make_settings(upstream.url, tmp_path / "s", cache="true")
     store = MemoryCacheStore(ttl=30, max_bytes=10**7, max_entry_bytes=10**6, clock=lambda: now[0])
-    gw = await start_gateway(settings, Gateway(settings, cache_store=store))
+    gw = await start_gateway(
+        settings, Gateway(settings, backends=replace(build_backends(settings), cache=store))
+    )
     try:
         await fetch(gw.url, BODY)
         now[0] += 29

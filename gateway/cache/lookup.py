@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.cache.entry import CacheEntry
-from gateway.cache.flight import Flight, Flights
+from gateway.cache.flight import FlightLike, FlightRegistry
 from gateway.cache.key import cache_key
 from gateway.cache.store import CacheStore
 from gateway.settings import Cache
@@ -37,14 +37,14 @@ class Lookup:
     result: str  # hit | miss | bypass | coalesced
     store_key: str | None = None  # store the answer under this key
     entry: CacheEntry | None = None  # a stored answer, or a JSON flight's shared result
-    follow: Flight | None = None  # a streamed flight to follow (holds a reader place)
-    lead: Flight | None = None  # a new flight this request leads: land it when done
+    follow: FlightLike | None = None  # a streamed flight to follow (holds a reader place)
+    lead: FlightLike | None = None  # a new flight this request leads: land it when done
 
 
 async def lookup(
     settings: Cache,
     store: CacheStore,
-    flights: Flights,
+    flights: FlightRegistry,
     counters: CacheCounters,
     metrics: Metrics,
     *,

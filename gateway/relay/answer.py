@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway.cache.entry import CacheEntry
-from gateway.cache.flight import Flight
+from gateway.cache.flight import FlightLike
 from gateway.context import Candidate, Outcome, RequestContext
 from gateway.relay.relay import relay
 from gateway.relay.sink import ClientSink, FlightSink, Sink
@@ -40,7 +40,7 @@ async def from_upstream(
     extra: Mapping[str, str],
     started: float,
     store_key: str | None,
-    flight: Flight | None,
+    flight: FlightLike | None,
 ) -> web.StreamResponse:
     policy, client = ctx.policy, candidate.client
     idle = client.cfg.timeouts.idle
@@ -137,7 +137,7 @@ async def _lead_stream(
     source: UpstreamStream,
     sink: Sink,
     taps: list[Tap],
-    flight: Flight,
+    flight: FlightLike,
     recorder: CacheRecorder | None,
     out: Outcome,
 ) -> None:
@@ -160,7 +160,7 @@ async def from_entry(
 async def from_flight(
     request: web.Request,
     out: Outcome,
-    flight: Flight,
+    flight: FlightLike,
     extra: Mapping[str, str],
     idle: float,
 ) -> web.StreamResponse:

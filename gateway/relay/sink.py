@@ -15,7 +15,7 @@ from typing import Protocol
 import aiohttp
 from aiohttp import web
 
-from gateway.cache.flight import Flight
+from gateway.cache.flight import FlightLike
 from gateway.context import Outcome
 
 # a client that went away: aiohttp raises ConnectionResetError, its ClientConnectionResetError
@@ -154,7 +154,7 @@ class FlightSink:
 
     __slots__ = ("flight",)
 
-    def __init__(self, flight: Flight) -> None:
+    def __init__(self, flight: FlightLike) -> None:
         self.flight = flight
 
     @property

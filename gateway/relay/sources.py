@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 import aiohttp
 
 from gateway import errors
-from gateway.cache.flight import Flight
+from gateway.cache.flight import FlightLike
 from gateway.context import Outcome
 from gateway.masking import Secrets, StreamMasker, mask_body, mask_headers
 from gateway.sse import SSEDecoder
@@ -318,7 +318,7 @@ class FlightSource:
     whole = False
     aborted = False
 
-    def __init__(self, flight: Flight, status: int, headers: Mapping[str, str]) -> None:
+    def __init__(self, flight: FlightLike, status: int, headers: Mapping[str, str]) -> None:
         self.flight, self.headers, self.status = flight, headers, status
         self._chunks = flight.follow()
         self.complete = False
