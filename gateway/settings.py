@@ -1,17 +1,57 @@
-"""The gateway's settings: one frozen, validated object, built by `gateway.config`.
+"""The gateway's settings, declared once as a schema: frozen, validated pydantic models.
 
-Secrets are held in `Secret`, whose repr never shows the value.
+Every default, constraint and accepted form of the configuration is written here, once; the
+models are what the rest of the gateway reads. `gateway.config` reads the YAML, substitutes
+`${VAR}` from the environment and turns validation errors into ``key.path: what is wrong`` lines.
+
+Why pydantic (v2): it collects *every* validation error, with its location and its input, in
+one pass (msgspec stops at the first), which `gateway check-config` needs to list every problem
+of a file at once; and it gives frozen models whose defaults and constraints are declared once.
+
+Each leaf value says what it must be (`_must_be`), so an error reads ``must be a port number
+from 0 to 65535`` rather than a library's wording. Rules across fields are checked alongside
+field validation, so they are reported together with the other problems, not after them.
+Secrets are held in `Secret`, whose repr never shows the value, and a problem with a secret
+value never carries the value for display.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import re
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any, Literal, Self, get_args
 
-WINDOWS = ("minute", "hour", "day", "week", "month", "total")
+from annotated_types import Ge, Gt, Interval, MinLen
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    ModelWrapValidatorHandler,
+    PlainValidator,
+    Strict,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError, core_schema
+
+Window = Literal["minute", "hour", "day", "week", "month", "total"]
+AuthHeader = Literal["x-api-key", "authorization"]
+WINDOWS: tuple[str, ...] = get_args(Window)
+AUTH_HEADERS: tuple[str, ...] = get_args(AuthHeader)
 ALL_MODELS: tuple[str, ...] = ("*",)
-AUTH_HEADERS = ("x-api-key", "authorization")
+
+# Error kinds `gateway.config` knows how to word: "invalid" shows the offending value after
+# the message, "secret" never does, "rule" is a whole sentence about the place it is reported.
+INVALID, SECRET, RULE = "invalid", "secret", "rule"
+_SHA256 = re.compile(r"sha256:([0-9a-f]{64})")
 
 
 class Secret:
@@ -36,53 +76,262 @@ class Secret:
     def __hash__(self) -> int:
         return hash(self._value)
 
-
-@dataclass(frozen=True, slots=True)
-class Listen:
-    host: str = "127.0.0.1"
-    port: int = 8080
-
-
-@dataclass(frozen=True, slots=True)
-class Admin:
-    host: str = "127.0.0.1"
-    port: int = 9464
-    key: Secret | None = None
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.no_info_plain_validator_function(_to_secret)
 
 
-@dataclass(frozen=True, slots=True)
-class Limits:
-    max_body_bytes: int = 10 * 1024 * 1024
-    default_max_output_tokens: int = 4096
-    drain_timeout: float = 30.0
-    header_timeout: float = 10.0  # seconds from a request head's first byte to its end
-    body_timeout: float = 30.0  # longest pause between chunks of a request body
-    max_connections: int = 10000  # open client connections; more wait in the listen backlog
-    max_json_depth: int = 64
+class FromEnv(str):
+    """A value that was one whole `${VAR}` reference: the variable's text as set.
+
+    `typed` is what YAML makes of that text (`${PORT}` set to "9000" is the number 9000), which
+    is what a number, flag or plain string takes. Secrets and team keys take the text itself,
+    and a team key given this way is hashed: only a reference may carry a plain key.
+    """
+
+    typed: object
+
+    def __new__(cls, text: str, typed: object) -> FromEnv:
+        self = super().__new__(cls, text)
+        self.typed = typed
+        return self
 
 
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    connect: float = 5.0
-    first_byte: float = 120.0
-    idle: float = 60.0
+def hash_key(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
 
 
-@dataclass(frozen=True, slots=True)
-class Upstream:
+def _problem(
+    loc: tuple[str | int, ...], kind: str, message: str, value: object
+) -> InitErrorDetails:
+    """One problem at `loc`, relative to the model or field being validated."""
+    return InitErrorDetails(type=PydanticCustomError(kind, message), loc=loc, input=value)
+
+
+def _again(e: ErrorDetails) -> InitErrorDetails:
+    """An error pydantic found, to be raised again together with others."""
+    return _problem(e["loc"], e["type"], e["msg"], e["input"])
+
+
+def _fail(title: str, problems: Iterable[InitErrorDetails]) -> ValidationError:
+    return ValidationError.from_exception_data(title, list(problems))
+
+
+def _must_be(what: str, *, secret: bool = False) -> WrapValidator:
+    """Whatever is wrong with the value, one problem: ``must be <what>``."""
+    kind = SECRET if secret else INVALID
+
+    def check(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        if isinstance(value, FromEnv) and not secret:
+            value = value.typed
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError(kind, f"must be {what}") from None
+
+    return WrapValidator(check)
+
+
+def _to_secret(value: Any) -> Secret:
+    if isinstance(value, Secret):
+        return value
+    if isinstance(value, str):
+        return Secret(str(value))  # str(): a FromEnv's plain text
+    raise PydanticCustomError(SECRET, "must be a string")
+
+
+def _filled(value: Secret) -> Secret:
+    if not value.get():
+        raise PydanticCustomError(SECRET, "must not be empty")
+    return value
+
+
+def _not_empty(items: tuple[Any, ...]) -> tuple[Any, ...]:
+    # after the items: an empty list is one problem, a list of wrong items is the items' problems
+    if not items:
+        raise PydanticCustomError(RULE, "must not be empty")
+    return items
+
+
+def _secret_or_none(value: Any) -> Secret | None:
+    return None if value is None or value == "" else _to_secret(value)
+
+
+def _none_as_empty(value: Any) -> Any:
+    return "" if value is None else value
+
+
+def _none_as_empty_table(value: Any) -> Any:
+    return {} if value is None else value
+
+
+def _http_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise PydanticCustomError(INVALID, "must start with http:// or https://")
+    return value.rstrip("/")
+
+
+def _store(value: str) -> str:
+    if value != "local" and not value.startswith(("redis://", "rediss://")):
+        # a redis URL may carry a password: never shown
+        raise PydanticCustomError(SECRET, "must be local or a redis:// URL")
+    return value
+
+
+def _digest(value: Any) -> bytes:
+    if isinstance(value, FromEnv):
+        if not value:
+            raise PydanticCustomError(SECRET, "the referenced variable is empty")
+        return hash_key(value)
+    if isinstance(value, str) and (m := _SHA256.fullmatch(value)):
+        return bytes.fromhex(m.group(1))
+    raise PydanticCustomError(
+        SECRET,
+        "must be 'sha256:<64 lowercase hex>' or an env reference like ${TEAM_KEY} "
+        "(plain keys are not allowed in the file)",
+    )
+
+
+Port = Annotated[int, Strict(), Ge(0), _must_be("a port number")]
+Host = Annotated[str, Strict(), _must_be("a host string")]
+Text = Annotated[str, Strict(), _must_be("a string")]
+OptionalText = Annotated[str, Strict(), BeforeValidator(_none_as_empty), _must_be("a string")]
+Flag = Annotated[bool, Strict(), _must_be("true or false")]
+Count = Annotated[int, Strict(), Ge(1), _must_be("a positive integer")]
+Seconds = Annotated[float, Strict(), Gt(0), _must_be("a positive number of seconds")]
+Globs = Annotated[
+    tuple[Annotated[str, Strict(), MinLen(1)], ...],
+    MinLen(1),
+    _must_be("a non-empty list of glob patterns"),
+]
+_USD = Annotated[float, Strict(), Ge(0)]
+Money = Annotated[_USD, _must_be("a non-negative number (USD per million tokens)")]
+ApiKey = Annotated[Secret, AfterValidator(_filled), _must_be("a non-empty string", secret=True)]
+KeyDigest = Annotated[bytes, PlainValidator(_digest)]
+
+
+class _Schema(BaseModel):
+    """Frozen, no unknown keys; an empty section takes every default; rules report alongside."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _validate(cls, data: Any, handler: ModelWrapValidatorHandler[Self]) -> Self:
+        if data is None:
+            data = {}  # `listen:` with nothing under it
+        data, found = cls._prepare(data)
+        try:
+            model = handler(data)
+        except ValidationError as e:
+            raise _fail(cls.__name__, [*map(cls._reword, e.errors()), *found]) from None
+        if found:
+            raise _fail(cls.__name__, found)
+        return model
+
+    @classmethod
+    def _prepare(cls, data: Any) -> tuple[Any, list[InitErrorDetails]]:
+        """The input as the fields take it, and the problems of rules on the input as a whole."""
+        return data, []
+
+    @classmethod
+    def _file_keys(cls) -> list[str]:
+        return [f.alias or n for n, f in cls.model_fields.items() if n != "name"]
+
+    @classmethod
+    def _reword(cls, e: ErrorDetails) -> InitErrorDetails:
+        """This model's own unknown and missing keys, said with what the model takes."""
+        if len(e["loc"]) != 1:
+            return _again(e)
+        if e["type"] in ("extra_forbidden", "invalid_key"):
+            keys = ", ".join(cls._file_keys())
+            return _problem(e["loc"], RULE, f"unknown key (expected one of: {keys})", None)
+        if e["type"] == "missing":
+            field = next(
+                (f for n, f in cls.model_fields.items() if e["loc"][0] in (n, f.alias)), None
+            )
+            what = f": {field.description}" if field is not None and field.description else ""
+            return _problem(e["loc"], RULE, f"is required{what}", None)
+        return _again(e)
+
+
+class Listen(_Schema):
+    host: Host = "127.0.0.1"
+    port: Port = 8080
+
+
+class Admin(_Schema):
+    host: Host = "127.0.0.1"
+    port: Port = 9464
+    key: Annotated[
+        Secret | None, PlainValidator(_secret_or_none), _must_be("a string", secret=True)
+    ] = None
+
+
+class Limits(_Schema):
+    max_body_bytes: Count = 10 * 1024 * 1024
+    default_max_output_tokens: Count = 4096
+    # a graceful stop waits this long for requests in flight
+    drain_timeout: Annotated[float, Strict(), Ge(0), _must_be("a number of seconds")] = 30.0
+    header_timeout: Seconds = 10.0  # from a request head's first byte to its end
+    body_timeout: Seconds = 30.0  # longest pause between chunks of a request body
+    max_connections: Count = 10000  # open client connections; more wait in the listen backlog
+    # orjson encodes at most 254 levels, and the gateway re-encodes request bodies
+    max_json_depth: Annotated[
+        int, Strict(), Interval(ge=1, le=200), _must_be("an integer from 1 to 200")
+    ] = 64
+
+
+class Timeouts(_Schema):
+    connect: Seconds = 5.0
+    first_byte: Seconds = 120.0
+    idle: Seconds = 60.0
+
+
+class Upstream(_Schema):
     name: str
-    base_url: str
-    api_keys: tuple[Secret, ...]
-    auth_header: str = "authorization"
-    models: tuple[str, ...] = ("*",)
-    timeouts: Timeouts = field(default_factory=Timeouts)
+    base_url: Annotated[str, Strict(), _must_be("a URL string"), AfterValidator(_http_url)] = Field(
+        description="the upstream's URL, http:// or https://"
+    )
+    api_keys: Annotated[tuple[ApiKey, ...], AfterValidator(_not_empty)] = ()
+    auth_header: Annotated[AuthHeader, _must_be(" or ".join(AUTH_HEADERS))] = "authorization"
+    models: Globs = ALL_MODELS
+    timeouts: Timeouts = Timeouts()
+
+    @classmethod
+    def _file_keys(cls) -> list[str]:
+        keys = super()._file_keys()
+        keys.insert(keys.index("api_keys"), "api_key")
+        return keys
+
+    @classmethod
+    def _prepare(cls, data: Any) -> tuple[Any, list[InitErrorDetails]]:
+        """`api_key: K` is `api_keys: [K]`; an empty one (`${KEY:-}`) is no key."""
+        if not isinstance(data, Mapping) or "api_key" not in data:
+            return data, []
+        data = dict(data)
+        key = data.pop("api_key")
+        if "api_keys" in data:
+            return data, [_problem((), RULE, "set api_key or api_keys, not both", None)]
+        if not isinstance(key, str):
+            return data, [_problem(("api_key",), SECRET, "must be a string", None)]
+        if key:
+            data["api_keys"] = (key,)
+        return data, []
 
 
-@dataclass(frozen=True, slots=True)
-class BudgetRule:
-    per: str
-    tokens: int | None = None
-    usd: float | None = None
+class BudgetRule(_Schema):
+    per: Annotated[Window, _must_be(" | ".join(WINDOWS))] = Field(description=" | ".join(WINDOWS))
+    tokens: Annotated[Annotated[int, Strict(), Ge(1)] | None, _must_be("a positive integer")] = None
+    usd: Annotated[_USD | None, _must_be("a non-negative number")] = None
+
+    @classmethod
+    def _prepare(cls, data: Any) -> tuple[Any, list[InitErrorDetails]]:
+        if isinstance(data, Mapping) and (data.get("tokens") is None) == (data.get("usd") is None):
+            return data, [_problem((), RULE, "set exactly one of tokens or usd", None)]
+        return data, []
 
     @property
     def unit(self) -> str:
@@ -93,75 +342,114 @@ class BudgetRule:
         return float(self.tokens) if self.tokens is not None else float(self.usd or 0.0)
 
 
-@dataclass(frozen=True, slots=True)
-class Team:
+class Team(_Schema):
     name: str
-    key_digests: tuple[bytes, ...]  # SHA-256 digests of the team's client keys
-    models: tuple[str, ...] = ("*",)
+    # SHA-256 digests of the team's client keys; in the file: `keys`
+    key_digests: Annotated[tuple[KeyDigest, ...], AfterValidator(_not_empty)] = Field(
+        alias="keys", description="a non-empty list of client keys"
+    )
+    models: Globs = ALL_MODELS
     budgets: tuple[BudgetRule, ...] = ()
 
-
-@dataclass(frozen=True, slots=True)
-class Price:
-    input: float
-    output: float
-    cached_input: float | None = None  # None: cached input is priced as input
-
-
-@dataclass(frozen=True, slots=True)
-class Cache:
-    enabled: bool = True
-    ttl: float = 3600.0
-    max_bytes: int = 256 * 1024 * 1024
-    scope: str = "team"
-    max_entry_bytes: int = 8 * 1024 * 1024
+    @field_validator("budgets")
+    @classmethod
+    def _one_per_window_and_unit(cls, budgets: tuple[BudgetRule, ...]) -> tuple[BudgetRule, ...]:
+        seen: set[tuple[str, str]] = set()
+        for rule in budgets:
+            if (rule.per, rule.unit) in seen:
+                raise PydanticCustomError(RULE, f"two {rule.unit} budgets per {rule.per}: keep one")
+            seen.add((rule.per, rule.unit))
+        return budgets
 
 
-@dataclass(frozen=True, slots=True)
-class State:
-    store: str = "local"
-    path: str = "./gateway-state"
+class Price(_Schema):
+    input: Money = Field(description="USD per million tokens")
+    output: Money = Field(description="USD per million tokens")
+    cached_input: Annotated[
+        _USD | None, _must_be("a non-negative number (USD per million tokens)")
+    ] = None  # None: cached input is priced as input
 
 
-@dataclass(frozen=True, slots=True)
-class LedgerSettings:
-    url: str = ""
-    flush_interval: float = 0.5
+class Cache(_Schema):
+    enabled: Flag = True
+    ttl: Seconds = 3600.0
+    max_bytes: Count = 256 * 1024 * 1024
+    scope: Annotated[Literal["team", "shared"], _must_be("team or shared")] = "team"
+    max_entry_bytes: Count = 8 * 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class Traces:
-    endpoint: str = ""
-    sample_ratio: float = 1.0
-    capture_content: bool = False
+class State(_Schema):
+    store: Annotated[
+        str, Strict(), _must_be("local or redis://host:port/db"), AfterValidator(_store)
+    ] = "local"
+    path: Text = "./gateway-state"
 
 
-@dataclass(frozen=True, slots=True)
-class Logs:
-    level: str = "info"
-    format: str = "json"
+class LedgerSettings(_Schema):
+    url: OptionalText = ""  # empty: SQLite under state.path
+    flush_interval: Annotated[
+        float, Strict(), Ge(0.01), _must_be("a number of seconds, at least 0.01")
+    ] = 0.5
 
 
-@dataclass(frozen=True, slots=True)
-class Telemetry:
-    service_name: str = "llm-gateway"
-    traces: Traces = field(default_factory=Traces)
-    logs: Logs = field(default_factory=Logs)
-    max_model_labels: int = 100
+class Traces(_Schema):
+    endpoint: OptionalText = ""  # empty: $OTEL_EXPORTER_OTLP_ENDPOINT (see gateway.config) or off
+    sample_ratio: Annotated[
+        float, Strict(), Interval(ge=0, le=1), _must_be("a number between 0 and 1")
+    ] = 1.0
+    capture_content: Flag = False
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
-    upstreams: tuple[Upstream, ...]
+class Logs(_Schema):
+    level: Annotated[
+        Literal["debug", "info", "warning", "error"], _must_be("debug | info | warning | error")
+    ] = "info"
+    format: Annotated[Literal["json", "console"], _must_be("json or console")] = "json"
+
+
+class Telemetry(_Schema):
+    service_name: Text = "llm-gateway"
+    traces: Traces = Traces()
+    logs: Logs = Logs()
+    max_model_labels: Count = 100
+
+
+def _by_name(value: Any, model: type[_Schema], what: str) -> tuple[Any, list[InitErrorDetails]]:
+    """The file names upstreams and teams by key (`teams: {search: {...}}`), in order; code
+    passes `Upstream` and `Team` objects. At least one of each is required."""
+    if value is None or (isinstance(value, Mapping | list | tuple) and not value):
+        return (), [_problem((), RULE, f"at least one {what} is required", None)]
+    if isinstance(value, list | tuple) and all(isinstance(v, model) for v in value):
+        return value, []
+    if not isinstance(value, Mapping):
+        return (), [_problem((), INVALID, f"must be a mapping of {what} name -> settings", value)]
+    items: list[Any] = []
+    found: list[InitErrorDetails] = []
+    for i, (name, body) in enumerate(value.items()):
+        if isinstance(body, Mapping) and "name" in body:
+            keys = ", ".join(model._file_keys())
+            found.append(
+                _problem((i, "name"), RULE, f"unknown key (expected one of: {keys})", None)
+            )
+        if body is None or isinstance(body, Mapping):  # `name:` alone takes every default
+            items.append({**(body or {}), "name": str(name)})
+        else:
+            items.append(body)  # reported: not a mapping
+    return items, found
+
+
+class Settings(_Schema):
+    # `prices` before `teams`: a rule on teams reads the prices
+    listen: Listen = Listen()
+    admin: Admin = Admin()
+    limits: Limits = Limits()
+    prices: Annotated[Mapping[str, Price], BeforeValidator(_none_as_empty_table)] = {}
+    upstreams: tuple[Upstream, ...]  # tried in file order
     teams: tuple[Team, ...]
-    listen: Listen = field(default_factory=Listen)
-    admin: Admin = field(default_factory=Admin)
-    limits: Limits = field(default_factory=Limits)
-    prices: Mapping[str, Price] = field(default_factory=dict)
-    cache: Cache = field(default_factory=Cache)
-    state: State = field(default_factory=State)
-    ledger: LedgerSettings = field(default_factory=LedgerSettings)
-    telemetry: Telemetry = field(default_factory=Telemetry)
+    cache: Cache = Cache()
+    state: State = State()
+    ledger: LedgerSettings = LedgerSettings()
+    telemetry: Telemetry = Telemetry()
 
     def secrets(self) -> tuple[str, ...]:
         """Every upstream key (and the admin key): what must be masked wherever it could echo."""
@@ -170,6 +458,54 @@ class Settings:
             out.append(self.admin.key.get())
         return tuple(out)
 
+    @classmethod
+    def _prepare(cls, data: Any) -> tuple[Any, list[InitErrorDetails]]:
+        if not isinstance(data, Mapping):
+            return data, []
+        data = dict(data)
+        found: list[InitErrorDetails] = []
+        for field, model, what in (("upstreams", Upstream, "upstream"), ("teams", Team, "team")):
+            data[field], problems = _by_name(data.get(field), model, what)
+            found += [{**p, "loc": (field, *p["loc"])} for p in problems]
+        return data, found
 
-def hash_key(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
+    @field_validator("teams", mode="wrap")
+    @classmethod
+    def _across_teams(
+        cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> tuple[Team, ...]:
+        found: list[InitErrorDetails] = []
+        if info.data.get("prices") == {}:  # an empty table; a wrong one is reported as such
+            # from the input: reported even when another field of the team is wrong
+            for i, team in enumerate(value):
+                if _has_usd_budget(team):
+                    found.append(
+                        _problem((i, "budgets"), RULE, "a usd budget needs a prices table", None)
+                    )
+        try:
+            teams: tuple[Team, ...] = handler(value)
+        except ValidationError as e:
+            raise _fail("Team", [*map(_again, e.errors()), *found]) from None
+        owner: dict[bytes, str] = {}
+        for i, team in enumerate(teams):
+            for digest in team.key_digests:
+                other = owner.setdefault(digest, team.name)
+                if other != team.name:
+                    found.append(
+                        _problem((i, "keys"), RULE, f"a key is also listed for team {other}", None)
+                    )
+        if found:
+            raise _fail("Team", found)
+        return teams
+
+
+def _has_usd_budget(team: Any) -> bool:
+    if isinstance(team, Team):
+        return any(b.usd is not None for b in team.budgets)
+    budgets = team.get("budgets") if isinstance(team, Mapping) else None
+    return isinstance(budgets, list | tuple) and any(
+        b.usd is not None
+        if isinstance(b, BudgetRule)
+        else isinstance(b, Mapping) and b.get("usd") is not None
+        for b in budgets
+    )

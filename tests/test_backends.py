@@ -14,13 +14,13 @@ from gateway.cache.entry import CacheEntry
 from gateway.cache.flight import Flights
 from gateway.cache.store import MemoryCacheStore
 from gateway.ledger.sqlite import SqliteLedger
-from gateway.settings import Cache, LedgerSettings, Settings, State
+from gateway.settings import Cache, LedgerSettings, Settings, State, Team, Upstream
 
 
 def settings(tmp_path: Path, store: str = "local", ledger_url: str = "") -> Settings:
     return Settings(
-        upstreams=(),
-        teams=(),
+        upstreams=(Upstream(name="u", base_url="http://127.0.0.1:9"),),
+        teams=(Team(name="t", keys=("sha256:" + "0" * 64,)),),
         cache=Cache(ttl=60, max_bytes=10_000, max_entry_bytes=1_000),
         state=State(store=store, path=str(tmp_path / "state")),
         ledger=LedgerSettings(url=ledger_url, flush_interval=0.25),

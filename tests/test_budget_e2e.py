@@ -313,9 +313,7 @@ async def test_usd_budget_refuses_a_model_without_a_price(
 ) -> None:
     settings = make_settings(upstream.url, tmp_path / "s", alpha_budgets="[{usd: 5.0, per: day}]")
     priced = {"nusantara-base": settings.prices["nusantara-base"]}
-    settings = settings.__class__(
-        **{**{f: getattr(settings, f) for f in settings.__slots__}, "prices": priced}
-    )
+    settings = settings.model_copy(update={"prices": priced})
     gw = await start_gateway(settings)
     try:
         async with session(headers=auth()) as s:

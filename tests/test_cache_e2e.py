@@ -97,12 +97,7 @@ async def test_teams_are_isolated_unless_shared(
 
 async def test_shared_scope(upstream: Upstream, tmp_path: Path) -> None:
     settings = make_settings(upstream.url, tmp_path / "s", cache="true")
-    shared = settings.__class__(
-        **{
-            **{f: getattr(settings, f) for f in settings.__slots__},
-            "cache": settings.cache.__class__(scope="shared"),
-        }
-    )
+    shared = settings.model_copy(update={"cache": settings.cache.__class__(scope="shared")})
     gw = await start_gateway(shared)
     try:
         await fetch(gw.url, BODY, ALPHA_KEY)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import random
 import string
 from pathlib import Path
@@ -110,8 +109,8 @@ async def test_junk_models_leave_metrics_small(gateway_factory: GatewayFactory) 
 
         # a reload that names a model by a glob: the label follows
         settings = running.gw.settings
-        upstream = dataclasses.replace(settings.upstreams[0], models=("gpt-4o*", "*"))
-        await running.gw.reload(dataclasses.replace(settings, upstreams=(upstream,)))
+        upstream = settings.upstreams[0].model_copy(update={"models": ("gpt-4o*", "*")})
+        await running.gw.reload(settings.model_copy(update={"upstreams": (upstream,)}))
         await send(s, "gpt-4o-mini")
         await send(s, "still-junk")
         labels = model_labels(await scrape(s, running.admin_url))

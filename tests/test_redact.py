@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import secrets
 import time
@@ -245,8 +244,8 @@ async def test_keys_in_a_prompt_never_reach_an_exported_span(
         assert sum(t.count("[REDACTED]") for t in content) == 6
 
         # a reload brings a new client key: the redactor follows
-        team = dataclasses.replace(settings.teams[0], key_digests=(hash_key(NEW_KEY),))
-        await running.gw.reload(dataclasses.replace(settings, teams=(team, *settings.teams[1:])))
+        team = settings.teams[0].model_copy(update={"key_digests": (hash_key(NEW_KEY),)})
+        await running.gw.reload(settings.model_copy(update={"teams": (team, *settings.teams[1:])}))
         body = {"model": "nusantara-base", "max_output_tokens": 8, "input": f"now {NEW_KEY}"}
         assert await respond(running.url, NEW_KEY, body) == 200
         running.gw.tracing.flush()

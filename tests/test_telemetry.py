@@ -282,12 +282,7 @@ async def test_model_label_is_bounded(upstream: Upstream, tmp_path: Path) -> Non
     settings = make_settings(
         upstream.url, tmp_path / "s", models='["nusantara-*", "garda-*", "gpt-*"]'
     )
-    settings = settings.__class__(
-        **{
-            **{f: getattr(settings, f) for f in settings.__slots__},
-            "telemetry": Telemetry(max_model_labels=2),
-        }
-    )
+    settings = settings.model_copy(update={"telemetry": Telemetry(max_model_labels=2)})
     gw = await start_gateway(settings)
     try:
         for model in ("nusantara-base", "garda-beta-mini", "gpt-4o-mini", "made-up"):

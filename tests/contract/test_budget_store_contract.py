@@ -22,12 +22,17 @@ def ts(*args: int) -> float:
     return datetime(*args, tzinfo=UTC).timestamp()  # type: ignore[misc]
 
 
+KEY = "sha256:" + "0" * 64
+
+
 def team(*budgets: BudgetRule) -> Team:
-    return Team("t", (), budgets=budgets)
+    return Team(name="t", keys=(KEY,), budgets=budgets)
 
 
 TEAM = team(
-    BudgetRule("day", tokens=1000), BudgetRule("hour", tokens=300), BudgetRule("month", usd=1.0)
+    BudgetRule(per="day", tokens=1000),
+    BudgetRule(per="hour", tokens=300),
+    BudgetRule(per="month", usd=1.0),
 )
 NOW = ts(2026, 6, 10, 12, 30)
 
@@ -95,10 +100,10 @@ async def test_a_request_larger_than_the_whole_window_says_so(store: BudgetStore
 
 
 async def test_a_team_without_budgets_is_always_admitted(store: BudgetStore) -> None:
-    got = await store.reserve(Team("free", ()), 10**9, 10**6, NOW)
+    got = await store.reserve(Team(name="free", keys=(KEY,)), 10**9, 10**6, NOW)
     assert isinstance(got, Reservation) and got.windows == ()
     await store.settle(got, 10**9, 10**6, NOW + 1)
-    assert await store.windows(Team("free", ()), NOW + 1) == []
+    assert await store.windows(Team(name="free", keys=(KEY,)), NOW + 1) == []
 
 
 async def test_settle_replaces_the_reservation_by_a_smaller_real_cost(store: BudgetStore) -> None:
@@ -177,7 +182,7 @@ async def test_windows_report_each_period_in_team_order(store: BudgetStore) -> N
 
 
 async def test_a_total_window_never_rolls_over(store: BudgetStore) -> None:
-    forever = team(BudgetRule("total", tokens=100))
+    forever = team(BudgetRule(per="total", tokens=100))
     r = await store.reserve(forever, 60, 0.0, NOW)
     assert isinstance(r, Reservation)
     await store.settle(r, 60, 0.0, NOW + 86400 * 400)
@@ -235,7 +240,9 @@ async def test_a_reload_that_edits_budgets_still_settles_earlier_reservations(
     r = await reserved(store, 100, 0.2)
     # a reload reorders the budgets and raises the hour limit while the request is in flight
     reloaded = team(
-        BudgetRule("month", usd=1.0), BudgetRule("hour", tokens=500), BudgetRule("day", tokens=1000)
+        BudgetRule(per="month", usd=1.0),
+        BudgetRule(per="hour", tokens=500),
+        BudgetRule(per="day", tokens=1000),
     )
     month, hour, day = await store.windows(reloaded, NOW)
     assert (month.reserved, hour.reserved, day.reserved) == (0.2, 100, 100)
@@ -248,7 +255,7 @@ async def test_a_reload_that_edits_budgets_still_settles_earlier_reservations(
 
 async def test_a_reload_that_removes_or_adds_a_window_still_settles(store: BudgetStore) -> None:
     r = await reserved(store, 100, 0.2)
-    reloaded = team(BudgetRule("day", tokens=1000), BudgetRule("week", tokens=5000))
+    reloaded = team(BudgetRule(per="day", tokens=1000), BudgetRule(per="week", tokens=5000))
     await store.settle(r, 40, 0.05, NOW + 1)
     day, week = await store.windows(reloaded, NOW + 1)
     assert (day.used, day.reserved) == (40, 0)
