@@ -52,6 +52,7 @@ ALL_MODELS: tuple[str, ...] = ("*",)
 # the message, "secret" never does, "rule" is a whole sentence about the place it is reported.
 INVALID, SECRET, RULE = "invalid", "secret", "rule"
 _SHA256 = re.compile(r"sha256:([0-9a-f]{64})")
+_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
 
 
 class Secret:
@@ -194,7 +195,7 @@ def _digest(value: Any) -> bytes:
     )
 
 
-Port = Annotated[int, Strict(), Ge(0), _must_be("a port number")]
+Port = Annotated[int, Strict(), Interval(ge=0, le=65535), _must_be("a port number from 0 to 65535")]
 Host = Annotated[str, Strict(), _must_be("a host string")]
 Text = Annotated[str, Strict(), _must_be("a string")]
 OptionalText = Annotated[str, Strict(), BeforeValidator(_none_as_empty), _must_be("a string")]
@@ -439,7 +440,7 @@ def _by_name(value: Any, model: type[_Schema], what: str) -> tuple[Any, list[Ini
 
 
 class Settings(_Schema):
-    # `prices` before `teams`: a rule on teams reads the prices
+    # `listen` before `admin` and `prices` before `teams`: rules on the later read the earlier
     listen: Listen = Listen()
     admin: Admin = Admin()
     limits: Limits = Limits()
@@ -468,6 +469,31 @@ class Settings(_Schema):
             data[field], problems = _by_name(data.get(field), model, what)
             found += [{**p, "loc": (field, *p["loc"])} for p in problems]
         return data, found
+
+    @field_validator("admin")
+    @classmethod
+    def _not_on_listen_address(cls, admin: Admin, info: ValidationInfo) -> Admin:
+        listen = info.data.get("listen")
+        if (
+            isinstance(listen, Listen)
+            and admin.port != 0  # 0: any free port
+            and admin.port == listen.port
+            and (admin.host == listen.host or {admin.host, listen.host} & _WILDCARD_HOSTS)
+        ):
+            where = f"{listen.host}:{listen.port}"
+            raise _fail(
+                "Admin",
+                [
+                    _problem(
+                        ("port",),
+                        RULE,
+                        f"the admin server cannot share the client address {where}"
+                        " (listen); choose another port",
+                        admin.port,
+                    )
+                ],
+            )
+        return admin
 
     @field_validator("teams", mode="wrap")
     @classmethod

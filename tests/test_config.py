@@ -200,3 +200,50 @@ def test_server_limits_are_validated(key: str, value: str, what: str) -> None:
             "g.yaml",
         )
     assert f"g.yaml: limits.{key}: must be {what}" in str(e.value)
+
+
+DIGEST = "sha256:" + "b" * 64
+MINIMAL = f"""
+upstreams: {{u: {{base_url: "http://127.0.0.1:9"}}}}
+teams: {{t: {{keys: ["{DIGEST}"]}}}}
+"""
+
+
+@pytest.mark.parametrize("port", [-1, 65536, 70000])
+@pytest.mark.parametrize("section", ["listen", "admin"])
+def test_ports_are_0_to_65535(section: str, port: int) -> None:
+    with pytest.raises(ConfigError) as e:
+        loads(MINIMAL + f"{section}: {{port: {port}}}\n", {}, "p.yaml")
+    assert e.value.problems == [
+        f"{section}.port: must be a port number from 0 to 65535 (got {port})"
+    ]
+    for ok in (0, 65535):
+        assert getattr(loads(MINIMAL + f"{section}: {{port: {ok}}}\n", {}), section).port == ok
+
+
+@pytest.mark.parametrize(
+    ("listen", "admin"),
+    [
+        ("{host: 127.0.0.1, port: 8080}", "{host: 127.0.0.1, port: 8080}"),
+        ("{port: 9464}", "{}"),
+        ("{host: 0.0.0.0, port: 8080}", "{host: 127.0.0.1, port: 8080}"),
+        ("{host: 127.0.0.1, port: 8080}", "{host: '::', port: 8080}"),
+    ],
+)
+def test_admin_cannot_share_the_client_address(listen: str, admin: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        loads(MINIMAL + f"listen: {listen}\nadmin: {admin}\n", {}, "a.yaml")
+    [problem] = e.value.problems
+    assert problem.startswith("admin.port: the admin server cannot share the client address")
+
+
+@pytest.mark.parametrize(
+    ("listen", "admin"),
+    [
+        ("{host: 127.0.0.1, port: 0}", "{host: 127.0.0.1, port: 0}"),  # 0: any free port
+        ("{host: 127.0.0.1, port: 8080}", "{host: 127.0.0.2, port: 8080}"),
+        ("{host: 127.0.0.1, port: 8080}", "{host: 127.0.0.1, port: 8081}"),
+    ],
+)
+def test_admin_on_another_address_is_fine(listen: str, admin: str) -> None:
+    loads(MINIMAL + f"listen: {listen}\nadmin: {admin}\n", {})
