@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import string
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from gateway.config import ConfigError, Secret, loads
 
@@ -207,6 +211,57 @@ MINIMAL = f"""
 upstreams: {{u: {{base_url: "http://127.0.0.1:9"}}}}
 teams: {{t: {{keys: ["{DIGEST}"]}}}}
 """
+# the defaults as the contract documents them (section 2), each written out
+DOCUMENTED = f"""
+listen: {{host: 127.0.0.1, port: 8080}}
+admin:  {{host: 127.0.0.1, port: 9464, key: ""}}
+limits:
+  max_body_bytes: 10485760
+  default_max_output_tokens: 4096
+  drain_timeout: 30
+  header_timeout: 10
+  body_timeout: 30
+  max_connections: 10000
+  max_json_depth: 64
+upstreams:
+  u:
+    base_url: "http://127.0.0.1:9"
+    auth_header: authorization
+    models: ["*"]
+    timeouts: {{connect: 5, first_byte: 120, idle: 60}}
+teams:
+  t: {{keys: ["{DIGEST}"], models: ["*"], budgets: []}}
+prices: {{}}
+cache:   {{enabled: true, ttl: 3600, max_bytes: 268435456, scope: team}}
+state:   {{store: local, path: ./gateway-state}}
+ledger:  {{url: ""}}
+telemetry:
+  service_name: llm-gateway
+  traces: {{endpoint: "", sample_ratio: 1.0, capture_content: false}}
+  logs: {{level: info, format: json}}
+  max_model_labels: 100
+"""
+
+
+def test_defaults_are_the_documented_ones() -> None:
+    """What a minimal file leaves out is what the contract says it defaults to."""
+    minimal, documented = loads(MINIMAL, {}), loads(DOCUMENTED, {})
+    assert minimal == documented
+    assert minimal.admin.key is None and minimal.upstreams[0].api_keys == ()
+    assert isinstance(minimal.limits.drain_timeout, float)
+    # empty sections take every default too
+    empty = MINIMAL + "listen:\nadmin:\nlimits:\nprices:\ncache:\nstate:\nledger:\ntelemetry:\n"
+    assert loads(empty, {}) == documented
+
+
+def test_settings_are_frozen_comparable_and_hashable() -> None:
+    env = {"NEOSANTARA_API_KEY": "k", "SEARCH_KEY": "t"}
+    a, b = loads(GOOD, env), loads(GOOD, env)
+    assert a == b and a.upstreams[0] == b.upstreams[0]
+    assert hash(a.upstreams[0]) == hash(b.upstreams[0]) and hash(a.teams[0]) == hash(b.teams[0])
+    assert a.upstreams[0] != loads(GOOD, {**env, "NEOSANTARA_API_KEY": "other"}).upstreams[0]
+    with pytest.raises(ValidationError):
+        a.listen.port = 1  # type: ignore[misc]
 
 
 @pytest.mark.parametrize("port", [-1, 65536, 70000])
@@ -247,3 +302,107 @@ def test_admin_cannot_share_the_client_address(listen: str, admin: str) -> None:
 )
 def test_admin_on_another_address_is_fine(listen: str, admin: str) -> None:
     loads(MINIMAL + f"listen: {listen}\nadmin: {admin}\n", {})
+
+
+def test_every_problem_at_once_in_file_order() -> None:
+    text = f"""
+listen: {{port: 70000}}
+upstreams:
+  a: {{base_url: x, api_key: k1, api_keys: [k2]}}
+  b: {{base_url: "http://b"}}
+teams:
+  t:
+    keys: ["{DIGEST}"]
+    budgets: [{{per: day}}, {{tokens: 1, per: day}}, {{tokens: 2, per: day}}]
+  u: {{keys: ["{DIGEST}"], models: []}}
+  v: {{keys: ["{DIGEST}"]}}
+cache: {{ttl: 0, scope: global}}
+"""
+    with pytest.raises(ConfigError) as e:
+        loads(text, {}, "m.yaml")
+    assert e.value.problems == [
+        "listen.port: must be a port number from 0 to 65535 (got 70000)",
+        "upstreams.a: set api_key or api_keys, not both",
+        "upstreams.a.base_url: must start with http:// or https:// (got 'x')",
+        "teams.t.budgets[0]: set exactly one of tokens or usd",
+        "teams.u.models: must be a non-empty list of glob patterns (got a list)",
+        "cache.ttl: must be a positive number of seconds (got 0)",
+        "cache.scope: must be team or shared (got 'global')",
+    ]
+    # rules across the items of a list come up once each item is right
+    text = f"""
+upstreams: {{a: {{base_url: "http://a"}}}}
+teams:
+  t:
+    keys: ["{DIGEST}"]
+    budgets: [{{tokens: 1, per: day}}, {{tokens: 2, per: day}}]
+  u: {{keys: ["{DIGEST}"]}}
+  v: {{keys: ["{DIGEST}"]}}
+"""
+    with pytest.raises(ConfigError) as e:
+        loads(text, {}, "m.yaml")
+    assert e.value.problems == ["teams.t.budgets: two tokens budgets per day: keep one"]
+    with pytest.raises(ConfigError) as e:
+        loads(text.replace("{tokens: 2, per: day}", "{tokens: 2, per: hour}"), {}, "m.yaml")
+    assert e.value.problems == [
+        "teams.u.keys: a key is also listed for team t",
+        "teams.v.keys: a key is also listed for team t",
+    ]
+
+
+def test_unknown_keys_name_the_allowed_ones() -> None:
+    text = MINIMAL.replace('base_url: "http://127.0.0.1:9"', 'base_url: "http://x", name: y')
+    with pytest.raises(ConfigError) as e:
+        loads(text + "cache: {size: 1}\n", {}, "u.yaml")
+    assert e.value.problems == [
+        "upstreams.u.name: unknown key (expected one of: base_url, api_key, api_keys,"
+        " auth_header, models, timeouts)",
+        "cache.size: unknown key (expected one of: enabled, ttl, max_bytes, scope,"
+        " max_entry_bytes)",
+    ]
+
+
+def test_long_values_are_shown_cut() -> None:
+    with pytest.raises(ConfigError) as e:
+        loads(MINIMAL + f"telemetry: {{logs: {{level: {'x' * 500}}}}}\n", {}, "l.yaml")
+    [problem] = e.value.problems
+    assert problem.startswith("telemetry.logs.level: must be debug | info | warning | error (got")
+    assert "x" * 41 not in problem and "(500 chars)" in problem
+
+
+def test_a_whole_reference_takes_the_type_of_its_value_but_keys_take_the_text() -> None:
+    text = MINIMAL.replace(f'"{DIGEST}"', '"${TEAM_KEY}"') + (
+        "listen: {port: ${PORT}}\ncache: {enabled: ${CACHE}}\n"
+        'upstreams: {u: {base_url: "http://${HOST}:9", api_key: ${UP_KEY}}}\n'
+    )
+    env = {"TEAM_KEY": "0123", "PORT": "9000", "CACHE": "false", "HOST": "h", "UP_KEY": "1e3"}
+    s = loads(text.replace('upstreams: {u: {base_url: "http://127.0.0.1:9"}}\n', ""), env)
+    assert s.listen.port == 9000 and s.cache.enabled is False
+    assert s.upstreams[0].base_url == "http://h:9" and s.upstreams[0].api_keys == (Secret("1e3"),)
+    assert s.teams[0].key_digests == (hashlib.sha256(b"0123").digest(),)
+
+
+SECRET_TEXT = st.text(alphabet=string.ascii_letters + string.digits + "-_", min_size=1, max_size=80)
+
+
+@settings(max_examples=40, deadline=None)
+@given(secret=SECRET_TEXT.map(lambda s: "sk-" + s))
+def test_a_secret_that_fails_validation_is_never_shown(secret: str) -> None:
+    """Keys put where they do not belong are reported by place, never by value."""
+    text = f"""
+admin: {{key: ["{secret}"]}}
+state: {{store: "redis//:{secret}@host"}}
+upstreams:
+  a: {{base_url: "http://a", api_keys: "{secret}"}}
+  b: {{base_url: "http://b", api_keys: [["{secret}"]], api_kye: "{secret}"}}
+  c: {{base_url: "http://c", api_keys: ${{UP_KEY}}}}
+  d: "{secret}"
+teams:
+  t: {{keys: ["{secret}"]}}
+  u: {{keys: "{secret}"}}
+  v: {{keys: ${{TEAM_KEY}}}}
+"""
+    with pytest.raises(ConfigError) as e:
+        loads(text, {"UP_KEY": secret, "TEAM_KEY": secret}, "s.yaml")
+    assert len(e.value.problems) == 10, e.value.problems
+    assert secret not in str(e.value) and not any(secret in p for p in e.value.problems)
