@@ -107,7 +107,8 @@ def parse(raw: Any, env: Mapping[str, str], source: str = "<config>") -> Setting
                 found.append((place, what))
     if found or settings is None:
         found.sort(key=lambda p: p[0][1])
-        raise ConfigError(source, [f"{path or '(file)'}: {what}" for (path, _), what in found])
+        lines = [f"{path or '(file)'}: {what}" for (path, _), what in found]
+        raise ConfigError(source, [_one_line(line) for line in lines])
     return _traces_endpoint_from_env(settings, env)
 
 
@@ -244,6 +245,13 @@ def _what(err: Any) -> str:
     if kind in ("extra_forbidden", "invalid_key"):
         return "unknown key"
     return f"is not valid: {msg[:1].lower()}{msg[1:]}"  # never the value: it may be a secret
+
+
+def _one_line(text: str) -> str:
+    """A problem line as printed: a key or name with a newline in it does not split it."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _show(value: object) -> str:

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from gateway.config import ConfigError, Secret, loads
+from gateway.config import ConfigError, Secret, loads, parse
 
 GOOD = """
 listen: {host: 127.0.0.1, port: ${PORT:-8080}}
@@ -406,3 +406,36 @@ teams:
         loads(text, {"UP_KEY": secret, "TEAM_KEY": secret}, "s.yaml")
     assert len(e.value.problems) == 10, e.value.problems
     assert secret not in str(e.value) and not any(secret in p for p in e.value.problems)
+
+
+FILE_KEYS = [
+    *("listen", "admin", "limits", "upstreams", "teams", "prices", "cache", "state", "ledger"),
+    *("telemetry", "host", "port", "key", "base_url", "api_key", "api_keys", "models"),
+    *("timeouts", "keys", "budgets", "per", "tokens", "usd", "input", "output", "ttl", "name"),
+]
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 70000),
+    st.floats(),
+    st.text(max_size=4),
+    st.sampled_from(["${X}", "${UNSET}", "${Y:-1}", "http://x", DIGEST, "day", "*", ""]),
+)
+TREES = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.dictionaries(st.one_of(st.sampled_from(FILE_KEYS), st.text(max_size=3)), inner),
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(tree=TREES)
+def test_any_tree_gives_settings_or_one_line_problems(tree: object) -> None:
+    """Whatever the file holds, the answer is Settings or ConfigError, one problem a line."""
+    try:
+        parse(tree, {"X": "5"})
+    except ConfigError as e:
+        assert e.problems and all(p and "\n" not in p for p in e.problems), e.problems
