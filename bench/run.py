@@ -33,6 +33,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -382,11 +383,17 @@ def gateway_under_test() -> dict[str, Any]:
             f"`pip install -e .` in this venv\n{probe.stderr.strip()}"
         )
     file = probe.stdout.strip()
-    info: dict[str, Any] = {"file": file, "commit": None, "dirty": None}
+    info: dict[str, Any] = {"file": file, "commit": None, "package_commit": None, "dirty": None}
     tree = str(Path(file).parent)
     with contextlib.suppress(OSError, subprocess.CalledProcessError):
         info["commit"] = subprocess.run(
             ["git", "-C", tree, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        info["package_commit"] = subprocess.run(
+            ["git", "-C", tree, "log", "-1", "--format=%h", "--", "."],
             capture_output=True,
             text=True,
             check=True,
@@ -667,20 +674,73 @@ def run_suite(
                 targets = {"direct": direct_t, "bare": bare_t, "gateway": gw_t}
                 for scenario in group:
                     for c in args.concurrency or scenario.concurrency:
-                        results = {}
-                        for t in scenario.targets:
-                            progress(label, scenario.name, c, t)
-                            profile_to = None
-                            if args.profile is not None and t in args.profile_targets:
-                                profile_to = args.profile / f"{t}-{label}-{scenario.name}-c{c}.raw"
-                            results[t] = measure(
-                                args, scenario, c, targets[t], mock, sink, pin, profile_to
-                            )
-                            check_alive(gw, bare, mock)
+                        runs: dict[str, list[dict[str, Any]]] = {t: [] for t in scenario.targets}
+                        for round_ in range(args.rounds):
+                            # every other round in reverse order: no target always goes first
+                            order = scenario.targets[:: -1 if round_ % 2 else 1]
+                            for t in order:
+                                progress(label, scenario.name, c, t, round_, args.rounds)
+                                profile_to = None
+                                if args.profile and t in args.profile_targets and not round_:
+                                    name = f"{t}-{label}-{scenario.name}-c{c}.raw"
+                                    profile_to = args.profile / name
+                                runs[t].append(
+                                    measure(
+                                        args, scenario, c, targets[t], mock, sink, pin, profile_to
+                                    )
+                                )
+                                check_alive(gw, bare, mock)
+                        results = {t: pooled(runs[t]) for t in scenario.targets}
                         cells.append(cell(scenario.name, c, results))
             check_logs(gw)  # after the stop, so shutdown problems show too
     check_logs(bare)
     return cells
+
+
+def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rounds of one target in one cell as one result: counts and CPU summed (so CPU per
+    request and rps are over all rounds), latency percentiles the median of the rounds'."""
+    if len(runs) == 1:
+        return runs[0]
+    first = runs[0]
+    out: dict[str, Any] = {k: first[k] for k in ("target", "url", "stream", "concurrency")}
+    for key in ("requests", "errors", "warmup_requests", "warmup_errors"):
+        out[key] = sum(r[key] for r in runs)
+    out["seconds"] = round(sum(r["seconds"] for r in runs), 3)
+    out["load_cpu_s"] = round(sum(r["load_cpu_s"] for r in runs), 3)
+    out["rps"] = round(out["requests"] / out["seconds"], 1) if out["seconds"] else 0.0
+    for key in ("p50_ms", "p99_ms", "ttfb_p50_ms", "ttfb_p99_ms"):
+        values = sorted(r[key] for r in runs if r[key] is not None)
+        out[key] = values[len(values) // 2] if values else None
+    for key in ("statuses", "cache", "sse_events"):
+        merged: Counter[str] = Counter()
+        for r in runs:
+            merged.update(r.get(key) or {})
+        out[key] = dict(merged)
+    names = first["cpu_s"].keys()
+    user_sys = {n: [sum(r["cpu_user_sys_s"][n][i] for r in runs) for i in (0, 1)] for n in names}
+    out["cpu_user_sys_s"] = {n: [round(u, 3), round(k, 3)] for n, (u, k) in user_sys.items()}
+    out["cpu_s"] = {n: round(u + k, 3) for n, (u, k) in user_sys.items()}
+    n_req = out["requests"]
+    out["cpu_us_per_request"] = {
+        n: round(cpu * 1e6 / n_req, 1) if n_req else None for n, cpu in out["cpu_s"].items()
+    }
+    proxy = next((n for n in names if n not in ("mock", "otlp-sink")), None)
+    out["proxy_cpu_us_per_request"] = out["cpu_us_per_request"][proxy] if proxy else None
+    busy = {n: cpu / out["seconds"] for n, cpu in out["cpu_s"].items()}
+    busy["load"] = out["load_cpu_s"] / out["seconds"]
+    out["cpu_cores_busy"] = {n: round(v, 2) for n, v in busy.items()}
+    out["error_samples"] = [e for r in runs for e in r["error_samples"]][:5]
+    out["pin_problems"] = [p for r in runs for p in r["pin_problems"]]
+    if all("otlp" in r for r in runs):
+        out["otlp"] = {k: sum(r["otlp"][k] for r in runs) for k in first["otlp"]}
+    if "profile" in first:
+        out["profile"] = first["profile"]
+    out["rounds"] = [
+        {k: r[k] for k in ("rps", "p50_ms", "p99_ms", "ttfb_p50_ms", "proxy_cpu_us_per_request")}
+        for r in runs
+    ]
+    return out
 
 
 def check_alive(*servers: Server) -> None:
@@ -689,8 +749,9 @@ def check_alive(*servers: Server) -> None:
             raise RuntimeError(f"{s.name} died (exit {s.proc.returncode}):\n{s.log_tail()}")
 
 
-def progress(label: str, scenario: str, c: int, target: str) -> None:
-    print(f"  [{label}] {scenario:<12} c={c:<3} {target} ...", file=sys.stderr, flush=True)
+def progress(label: str, scenario: str, c: int, target: str, round_: int, rounds: int) -> None:
+    of = f" (round {round_ + 1}/{rounds})" if rounds > 1 else ""
+    print(f"  [{label}] {scenario:<12} c={c:<3} {target}{of} ...", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------ output
@@ -791,6 +852,9 @@ def notes(cells: list[dict[str, Any]]) -> list[str]:
                 user, system = r["cpu_user_sys_s"][target]
                 total = max(user + system, 1e-9)
                 line += f"; {target} user/sys {100 * user / total:.0f}/{100 * system / total:.0f}%"
+            if "rounds" in r and r["proxy_cpu_us_per_request"] is not None:
+                each = ", ".join(f"{x['proxy_cpu_us_per_request']:.0f}" for x in r["rounds"])
+                line += f"; CPU µs/req by round {each}"
             if r.get("sse_events"):
                 line += f"; SSE events per stream {r['sse_events']}"
             if r.get("cache"):
@@ -848,6 +912,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "stream and cache-stream 1,16)",
     )
     p.add_argument("--duration", type=float, default=5.0, help="measured seconds per run")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run each cell's targets this many times, in alternating order, and pool them "
+        "(on a busy machine: e.g. --rounds 3 --duration 2)",
+    )
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each")
     p.add_argument(
         "--settle",
@@ -930,6 +1001,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.concurrency = tuple(int(c) for c in args.concurrency.split(",") if c.strip())
         if not args.concurrency or min(args.concurrency) < 1:
             p.error("--concurrency: positive integers, e.g. 1,32")
+    if args.rounds < 1:
+        p.error("--rounds: at least 1")
     args.profile_targets = {t.strip() for t in args.profile_targets.split(",") if t.strip()}
     if not args.profile_targets <= {"gateway", "bare"}:
         p.error("--profile-targets: gateway and/or bare")
@@ -961,6 +1034,7 @@ def main(argv: list[str] | None = None) -> int:
             "scenarios": args.scenarios,
             "concurrency": args.concurrency,
             "duration_s": args.duration,
+            "rounds": args.rounds,
             "warmup_s": args.warmup,
             "settle_s": args.settle,
             "max_output_tokens": args.max_output_tokens,
@@ -972,6 +1046,8 @@ def main(argv: list[str] | None = None) -> int:
         "suites": {},
     }
     commit = under_test["commit"] or "no git"
+    if under_test["package_commit"] and under_test["package_commit"] != under_test["commit"]:
+        commit = f"HEAD {commit}, package last changed in {under_test['package_commit']}"
     dirty = " + uncommitted changes" if under_test["dirty"] else ""
     m = report["machine"]
     print(f"gateway under test: {under_test['file']} ({commit}{dirty})")
@@ -980,9 +1056,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{m['cpus']} CPUs ({m['cpu_model']}), Python {m['python']}, load average "
         f"{m['loadavg_at_start']}; {pin.describe()}"
     )
+    rounds = f", {args.rounds} rounds per cell pooled" if args.rounds > 1 else ""
     print(
-        f"{args.duration:g} s measured after {args.warmup:g} s warm-up per run; gateway log "
-        f"level {report['settings']['gateway_log_level']}, metrics on; latencies in ms",
+        f"{args.duration:g} s measured after {args.warmup:g} s warm-up per run{rounds}; "
+        f"gateway log level {report['settings']['gateway_log_level']}, metrics on; "
+        "latencies in ms",
         flush=True,
     )
     if args.profile is not None:
