@@ -303,8 +303,10 @@ def render(s: Summary, top: int, us_per_request: float | None, per_concern: int)
         f"{s.total} samples (all threads; {s.idle} more of threads waiting left out); "
         f"{100 * s.cut / s.total:.0f}% of stacks cut short (not down to the thread's entry: "
         "their outer frames miss from the inclusive table)",
-        "",
     ]
+    if us:
+        lines.append(f"µs/req: share times {us:g} µs, the CPU per request given")
+    lines.append("")
     head = ["concern", "share", "samples", *(["µs/req"] if us else []), "top frames"]
     rows = [head]
     for concern in sorted(s.concerns, key=lambda c: -s.concerns[c]):

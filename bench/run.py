@@ -542,7 +542,7 @@ def measure(
     if sink_before is not None and sink_after is not None:
         result["otlp"] = {k: sink_after[k] - sink_before[k] for k in sink_after}
     if spy is not None and profile_to is not None:
-        result["profile"] = summarize_profile(profile_to, result["proxy_cpu_us_per_request"])
+        result["profile"] = summarize_profile(profile_to)
     return result
 
 
@@ -567,13 +567,12 @@ def start_py_spy(
         )
 
 
-def summarize_profile(raw: Path, us_per_request: float | None) -> str:
-    """Run profile_top on a py-spy raw file; the tables go next to it as .txt."""
+def summarize_profile(raw: Path) -> str:
+    """Run profile_top on a py-spy raw file; the tables go next to it as .txt. Shares only:
+    the profiled run's CPU per request is inflated by the sampling."""
     if not raw.exists():
         return f"{raw}: py-spy wrote nothing (see {raw.with_suffix('.log')})"
     cmd = [sys.executable, str(PROFILE_TOP), str(raw), "--top", "25"]
-    if us_per_request:
-        cmd += ["--us-per-request", str(us_per_request)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
     txt = raw.with_suffix(".txt")
     txt.write_text(out)
