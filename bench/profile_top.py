@@ -119,7 +119,8 @@ _GATEWAY_FUNCS = {
     ("upstream.py", "UpstreamClient.send"): "aiohttp client",
 }
 # the process's entry: on every stack of the main thread, so they decide nothing
-_ENTRY = ("gateway/__main__.py", "gateway/cli.py", "bench/bare_proxy.py")
+# (py-spy names a script run as __main__ by its file name alone)
+_ENTRY = ("gateway/__main__.py", "gateway/cli.py", "bench/bare_proxy.py", "bare_proxy.py")
 # leaves of threads that wait (py-spy can count a waiting thread-pool worker as active)
 _IDLE_LEAVES = frozenset(
     {
@@ -221,7 +222,11 @@ def idle(frames: list[Frame]) -> bool:
 def rooted(frames: list[Frame]) -> bool:
     """Whether py-spy caught the whole stack, down to the thread's entry."""
     first = frames[0]
-    return first.file in ("<frozen runpy>", "threading.py") or first.file.startswith(_ENTRY)
+    return (
+        first.func == "<module>"
+        or first.file in ("<frozen runpy>", "threading.py")
+        or first.file.startswith(_ENTRY)
+    )
 
 
 def nearest_ours(frames: list[Frame]) -> Frame | None:
