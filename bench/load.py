@@ -43,6 +43,7 @@ class Phase:
     errors: int = 0
     statuses: Counter[str] = field(default_factory=Counter)
     cache: Counter[str] = field(default_factory=Counter)  # x-gateway-cache values
+    sse_events: Counter[int] = field(default_factory=Counter)  # events per stream
     error_samples: list[dict[str, Any]] = field(default_factory=list)
 
     def error(self, sample: dict[str, Any]) -> None:
@@ -92,6 +93,8 @@ async def one_request(
         phase.error({"status": status, "body": data[:500].decode(errors="replace")})
         return
     phase.latencies.append(elapsed)
+    if stream:
+        phase.sse_events[data.count(b"\n\n")] += 1
     if ttfb is not None:
         phase.ttfbs.append(ttfb)
 
@@ -165,6 +168,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "ttfb_p99_ms": ms(percentile(phase.ttfbs, 0.99)),
         "statuses": dict(phase.statuses),
         "cache": dict(phase.cache),
+        "sse_events": dict(phase.sse_events),
         "warmup_errors": warm.errors,
         "error_samples": phase.error_samples or warm.error_samples,
     }
