@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-import secrets
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,7 +115,8 @@ def request_id(sent: str | None) -> str:
     """A sane client-sent id is kept; anything else gets one of ours."""
     if sent and len(sent) <= 128 and _SANE_ID_CHARS.issuperset(sent):
         return sent
-    return "req_" + secrets.token_hex(12)
+    # not a secret (every answer shows it), so not from the OS's random source: a syscall
+    return f"req_{random.getrandbits(96):024x}"
 
 
 @dataclass(slots=True)

@@ -70,9 +70,10 @@ def exported_series() -> dict[str, frozenset[str]]:
     """Series name -> label names, as prometheus_client exposes them (counters get `_total`,
     histograms `_bucket` with `le`, `_sum` and `_count`)."""
     metrics = Metrics(100)
+    wrappers = [getattr(m, "metric", m) for m in vars(metrics).values()]
     labels = {
         m._name: frozenset(m._labelnames)  # no public accessor for a metric's label names
-        for m in vars(metrics).values()
+        for m in wrappers
         if isinstance(m, MetricWrapperBase)
     }
     out: dict[str, frozenset[str]] = {}

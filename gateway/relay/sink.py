@@ -127,6 +127,15 @@ class ClientSink:
         if not self.present:
             return
         assert self.resp is not None
+        transport = self.request.transport
+        if transport is not None and transport.get_write_buffer_size() + len(chunk) <= SMALL_WRITE:
+            # the socket's buffer stays far below where writing pauses: this write cannot wait
+            # on the client, so it needs no timer
+            try:
+                await self.resp.write(chunk)
+            except CLIENT_GONE:
+                self._gone()
+            return
         t0 = time.perf_counter()
         try:
             async with asyncio.timeout(self.idle):

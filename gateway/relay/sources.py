@@ -74,10 +74,14 @@ class _Upstream:
         self.aborted = False
 
     async def _chunk(self, within: float) -> bytes:
+        content = self.up.content
+        chunk = content.read_nowait()  # what has arrived already: no timer, no wait
+        if chunk or content.at_eof():
+            return chunk
         t0 = time.perf_counter()
         try:
             async with asyncio.timeout(within):
-                return await self.up.content.readany()
+                return await content.readany()
         finally:
             self.out.upstream_wait += time.perf_counter() - t0
 
@@ -257,10 +261,14 @@ class UpstreamStream(_Upstream):
                 return out
 
     async def _read(self, within: float) -> bytes:
+        content = self.up.content
+        chunk = content.read_nowait()  # what has arrived already: no timer, no wait
+        if chunk or content.at_eof():
+            return chunk
         t0 = time.perf_counter()
         try:
             async with asyncio.timeout(within) as self._reading:
-                return await self.up.content.readany()
+                return await content.readany()
         finally:
             self._reading = None
             self.out.upstream_wait += time.perf_counter() - t0

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import orjson
 import structlog
@@ -17,6 +18,38 @@ LEVELS = {
 }
 
 
+class LineSink:
+    """Where JSON log lines go: each is written to the stream's buffer at once, and the buffer
+    is flushed once per event-loop iteration rather than once per line (a write call per
+    request is a measurable share of a request's cost). Outside a running loop every line is
+    flushed at once. The buffer never holds more than one loop iteration's lines, or what
+    fits in it."""
+
+    __slots__ = ("__weakref__", "_pending", "_stream")  # structlog keeps a lock per file, weakly
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self._pending = False
+
+    def write(self, data: bytes) -> int:
+        return self._stream.write(data)
+
+    def flush(self) -> None:
+        if self._pending:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._stream.flush()
+            return
+        self._pending = True
+        loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._pending = False
+        self._stream.flush()
+
+
 def configure_logging(level: str = "info", fmt: str = "json") -> None:
     """Configure structlog process-wide (called once by the CLI, not on import)."""
     shared: list[Any] = [
@@ -26,10 +59,11 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
         structlog.processors.format_exc_info,
     ]
     if fmt == "json":
+        lines = cast(BinaryIO, LineSink(sys.stdout.buffer))
         structlog.configure(
             processors=[*shared, structlog.processors.JSONRenderer(serializer=orjson.dumps)],
             wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
-            logger_factory=structlog.BytesLoggerFactory(sys.stdout.buffer),
+            logger_factory=structlog.BytesLoggerFactory(lines),
             cache_logger_on_first_use=True,
         )
     else:

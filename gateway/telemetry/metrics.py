@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -98,6 +99,27 @@ class ModelLabels:
         return model
 
 
+M = TypeVar("M", Counter, Gauge, Histogram)
+
+
+class Family(Generic[M]):
+    """A labelled metric whose children are kept: prometheus_client's `labels()` checks its
+    arguments and takes a lock on every call, on the hot path several times per request.
+    Every label value here comes from a bounded set, as the series themselves do."""
+
+    __slots__ = ("_children", "metric")
+
+    def __init__(self, metric: M) -> None:
+        self.metric: M = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def labels(self, *values: str) -> M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.metric.labels(*values)
+        return child
+
+
 class Metrics:
     """The gateway's metric objects. One instance per app, on its own registry."""
 
@@ -109,63 +131,92 @@ class Metrics:
     ) -> None:
         r = self.registry = registry or CollectorRegistry(auto_describe=True)
         self.model = ModelLabels(max_model_labels, known_models)
-        self.requests = Counter(
-            "gateway_requests",
-            "Requests answered, by outcome.",
-            ["team", "model", "route", "status", "cache"],
-            registry=r,
+        self.requests = Family(
+            Counter(
+                "gateway_requests",
+                "Requests answered, by outcome.",
+                ["team", "model", "route", "status", "cache"],
+                registry=r,
+            )
         )
-        self.request_duration = Histogram(
-            "gateway_request_duration_seconds",
-            "Time from request received to last byte sent.",
-            ["team", "model", "route"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
+        self.request_duration = Family(
+            Histogram(
+                "gateway_request_duration_seconds",
+                "Time from request received to last byte sent.",
+                ["team", "model", "route"],
+                buckets=DURATION_BUCKETS,
+                registry=r,
+            )
         )
-        self.ttft = Histogram(
-            "gateway_time_to_first_token_seconds",
-            "Time from request received to the first output event of a stream.",
-            ["team", "model"],
-            buckets=TTFT_BUCKETS,
-            registry=r,
+        self.ttft = Family(
+            Histogram(
+                "gateway_time_to_first_token_seconds",
+                "Time from request received to the first output event of a stream.",
+                ["team", "model"],
+                buckets=TTFT_BUCKETS,
+                registry=r,
+            )
         )
-        self.overhead = Histogram(
-            "gateway_overhead_seconds",
-            "Time spent inside the gateway per request, upstream time excluded.",
-            ["route"],
-            buckets=OVERHEAD_BUCKETS,
-            registry=r,
+        self.overhead = Family(
+            Histogram(
+                "gateway_overhead_seconds",
+                "Time spent inside the gateway per request, upstream time excluded.",
+                ["route"],
+                buckets=OVERHEAD_BUCKETS,
+                registry=r,
+            )
         )
-        self.upstream_duration = Histogram(
-            "gateway_upstream_duration_seconds",
-            "Time from sending upstream to the upstream's last byte.",
-            ["upstream", "model", "status"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
+        self.upstream_duration = Family(
+            Histogram(
+                "gateway_upstream_duration_seconds",
+                "Time from sending upstream to the upstream's last byte.",
+                ["upstream", "model", "status"],
+                buckets=DURATION_BUCKETS,
+                registry=r,
+            )
         )
-        self.tokens = Counter(
-            "gateway_tokens", "Tokens reported by upstreams.", ["team", "model", "type"], registry=r
+        self.tokens = Family(
+            Counter(
+                "gateway_tokens",
+                "Tokens reported by upstreams.",
+                ["team", "model", "type"],
+                registry=r,
+            )
         )
-        self.cost = Counter(
-            "gateway_cost_usd", "Cost in USD from the prices table.", ["team", "model"], registry=r
+        self.cost = Family(
+            Counter(
+                "gateway_cost_usd",
+                "Cost in USD from the prices table.",
+                ["team", "model"],
+                registry=r,
+            )
         )
-        self.budget_limit = Gauge(
-            "gateway_budget_limit_tokens", "A token budget's limit.", ["team", "window"], registry=r
+        self.budget_limit = Family(
+            Gauge(
+                "gateway_budget_limit_tokens",
+                "A token budget's limit.",
+                ["team", "window"],
+                registry=r,
+            )
         )
-        self.budget_used = Gauge(
-            "gateway_budget_used_tokens",
-            "Tokens spent in a budget's current window.",
-            ["team", "window"],
-            registry=r,
+        self.budget_used = Family(
+            Gauge(
+                "gateway_budget_used_tokens",
+                "Tokens spent in a budget's current window.",
+                ["team", "window"],
+                registry=r,
+            )
         )
-        self.budget_rejections = Counter(
-            "gateway_budget_rejections",
-            "Requests refused with 429 budget_exceeded.",
-            ["team"],
-            registry=r,
+        self.budget_rejections = Family(
+            Counter(
+                "gateway_budget_rejections",
+                "Requests refused with 429 budget_exceeded.",
+                ["team"],
+                registry=r,
+            )
         )
-        self.cache_lookups = Counter(
-            "gateway_cache_lookups", "Cache lookups by result.", ["result"], registry=r
+        self.cache_lookups = Family(
+            Counter("gateway_cache_lookups", "Cache lookups by result.", ["result"], registry=r)
         )
         self.cache_entries = Gauge(
             "gateway_cache_entries", "Entries in the response cache.", registry=r
@@ -173,21 +224,25 @@ class Metrics:
         self.cache_bytes = Gauge(
             "gateway_cache_bytes", "Bytes held by the response cache.", registry=r
         )
-        self.cache_saved_tokens = Counter(
-            "gateway_cache_saved_tokens",
-            "Tokens not spent thanks to cache hits and coalescing.",
-            ["team", "model"],
-            registry=r,
+        self.cache_saved_tokens = Family(
+            Counter(
+                "gateway_cache_saved_tokens",
+                "Tokens not spent thanks to cache hits and coalescing.",
+                ["team", "model"],
+                registry=r,
+            )
         )
         self.inflight = Gauge("gateway_inflight_requests", "Requests being handled.", registry=r)
         self.active_streams = Gauge(
             "gateway_active_streams", "SSE streams being relayed.", registry=r
         )
-        self.upstream_errors = Counter(
-            "gateway_upstream_errors",
-            "Upstream failures by reason.",
-            ["upstream", "reason"],
-            registry=r,
+        self.upstream_errors = Family(
+            Counter(
+                "gateway_upstream_errors",
+                "Upstream failures by reason.",
+                ["upstream", "reason"],
+                registry=r,
+            )
         )
         for result in ("hit", "miss", "bypass", "coalesced"):
             self.cache_lookups.labels(result)

@@ -22,7 +22,14 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import (
+    INVALID_SPAN_ID,
+    INVALID_TRACE_ID,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from gateway.redact import Redactor
@@ -50,6 +57,9 @@ class Tracing:
         self.tracer = provider.get_tracer("gateway")
         self.capture_content = capture_content
         self.propagator = TraceContextTextMapPropagator()
+        # nothing is exported: spans only carry ids, made without the SDK's sampling machinery
+        self._ids_only = exporter is None and isinstance(provider.sampler, type(ALWAYS_OFF))
+        self._ids = provider.id_generator
         # shapes only until the Gateway hands over the one built from its settings
         self.redactor = Redactor()
         self._exporter = exporter
@@ -94,18 +104,49 @@ class Tracing:
 
     def server_span(self, name: str, headers: Mapping[str, str]) -> Span:
         parent = self.propagator.extract(headers) if "traceparent" in headers else None
+        if self._ids_only:
+            remote = trace.get_current_span(parent).get_span_context() if parent else None
+            trace_id = remote.trace_id if remote and remote.is_valid else self._trace_id()
+            state = remote.trace_state if remote and remote.is_valid else None
+            return NonRecordingSpan(
+                SpanContext(trace_id, self._span_id(), is_remote=False, trace_state=state)
+            )
         return self.tracer.start_span(name, context=parent, kind=SpanKind.SERVER)
 
     def client_span(self, parent: Span, name: str, attributes: Mapping[str, Any]) -> Span:
+        if self._ids_only:
+            up = parent.get_span_context()
+            return NonRecordingSpan(
+                SpanContext(
+                    up.trace_id, self._span_id(), is_remote=False, trace_state=up.trace_state
+                )
+            )
         ctx = trace.set_span_in_context(parent, otel_context.Context())
         return self.tracer.start_span(
             name, context=ctx, kind=SpanKind.CLIENT, attributes=attributes
         )
 
     def inject(self, span: Span, carrier: MutableMapping[str, str]) -> None:
+        ctx = span.get_span_context()
+        if self._ids_only and not ctx.trace_state:
+            # what the propagator writes for an unsampled span, without building a context
+            carrier["traceparent"] = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-00"
+            return
         self.propagator.inject(
             carrier, context=trace.set_span_in_context(span, otel_context.Context())
         )
+
+    def _trace_id(self) -> int:
+        found = self._ids.generate_trace_id()
+        while found == INVALID_TRACE_ID:
+            found = self._ids.generate_trace_id()
+        return found
+
+    def _span_id(self) -> int:
+        found = self._ids.generate_span_id()
+        while found == INVALID_SPAN_ID:
+            found = self._ids.generate_span_id()
+        return found
 
     def content_attributes(self, body: Mapping[str, Any]) -> dict[str, str]:
         """Opt-in message content, as GenAI JSON attributes, with keys redacted."""

@@ -16,6 +16,8 @@ from yarl import URL
 from gateway import errors
 from gateway.settings import Secret, Upstream
 
+URLS_KEPT = 256
+
 
 class UpstreamClient:
     """The gateway's connection pool to one upstream. Start once, close at shutdown."""
@@ -25,6 +27,7 @@ class UpstreamClient:
         self.name = cfg.name
         self._session: aiohttp.ClientSession | None = None
         self._keys = itertools.cycle(cfg.api_keys) if cfg.api_keys else None
+        self._urls: dict[str, URL] = {}  # by path and query: most requests go to a few
         self.users = 0  # requests holding this client
         self.retired = False  # replaced by a reload: close once no request holds it
         url = URL(cfg.base_url)
@@ -97,8 +100,12 @@ class UpstreamClient:
         session = self._session
         if session is None:
             raise errors.upstream_unavailable(self.name)
-        # sent as is: the edge checked the path canonical, and re-quoting could change it
-        url = URL(self.cfg.base_url + path_qs, encoded=True)
+        url = self._urls.get(path_qs)
+        if url is None:
+            if len(self._urls) >= URLS_KEPT:
+                self._urls.clear()
+            # sent as is: the edge checked the path canonical, and re-quoting could change it
+            url = self._urls[path_qs] = URL(self.cfg.base_url + path_qs, encoded=True)
         try:
             async with asyncio.timeout(self.cfg.timeouts.first_byte):
                 return await session.request(
