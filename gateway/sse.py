@@ -38,6 +38,10 @@ class SSEDecoder:
             out += b"\n"
         return out
 
+    def between_events(self) -> bool:
+        """Whether everything fed so far ended an event: no partial line, field or CR."""
+        return not (self._buf or self._data or self._pending_cr) and self._event is None
+
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         if self._pending_cr:
             self._pending_cr = False

@@ -142,6 +142,10 @@ class StreamTracker:
     def __init__(self) -> None:
         self.summary = StreamSummary()
 
+    def skipped(self, events: int) -> None:
+        """Count events that were not fed: ones that cannot change the summary."""
+        self.summary.events += events
+
     def observe(self, ev: SSEEvent) -> bool:
         """Feed one event; returns True when it is the stream's first output event."""
         s = self.summary

@@ -17,11 +17,10 @@ from gateway import errors
 from gateway.cache.flight import FlightLike
 from gateway.context import Outcome
 from gateway.masking import Secrets, StreamMasker, mask_body, mask_headers
-from gateway.sse import SSEDecoder
 from gateway.sse_masking import SSEMasker
+from gateway.stream_watch import StreamWatch
 from gateway.telemetry.metrics import Metrics
 from gateway.upstream.headers import response_headers
-from gateway.usage import StreamSummary
 
 UPSTREAM_BROKEN = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)
 POST_TERMINAL_GRACE = 1.0  # seconds an upstream may keep a finished stream open
@@ -174,13 +173,13 @@ class UpstreamStream(_Upstream):
         "broken",
         "cutting",
         "deadline",
-        "decoder",
         "drain",
         "expects_terminal",
         "masker",
         "present",
         "summary",
         "wants_rest",
+        "watch",
     )
 
     def __init__(
@@ -193,15 +192,14 @@ class UpstreamStream(_Upstream):
         secrets: Secrets,
         *,
         drain: float,
-        summary: StreamSummary,
-        decoder: SSEDecoder,
+        watch: StreamWatch,
         present: Callable[[], bool],
         wants_rest: Callable[[], bool],
         expects_terminal: bool,
     ) -> None:
         super().__init__(up, headers, out, idle, metrics)
         self.masker = SSEMasker(secrets)
-        self.drain, self.summary, self.decoder = drain, summary, decoder
+        self.drain, self.watch, self.summary = drain, watch, watch.summary
         self.present, self.wants_rest = present, wants_rest
         self.expects_terminal = expects_terminal
         self.broken: str | None = None
@@ -293,7 +291,7 @@ class UpstreamStream(_Upstream):
         elif self.broken != "drain timeout":  # not the upstream's fault: nobody was reading
             self.out.error = self.out.error or code
             self.metrics.upstream_errors.labels(self.upstream, "stream_interrupted").inc()
-        return self.decoder.terminator() + errors.stream_interrupted_event(
+        return self.watch.terminator() + errors.stream_interrupted_event(
             summary.next_sequence, message, code
         )
 

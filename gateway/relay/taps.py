@@ -16,8 +16,8 @@ import orjson
 from gateway.cache.entry import KEPT_HEADERS, CacheEntry
 from gateway.cache.store import CacheStore
 from gateway.context import Outcome
-from gateway.sse import SSEDecoder
-from gateway.usage import StreamSummary, StreamTracker, finish_reason, usage_from_body
+from gateway.stream_watch import StreamWatch
+from gateway.usage import StreamSummary, finish_reason, usage_from_body
 
 
 class Tap(Protocol):
@@ -81,24 +81,21 @@ class BodyUsage:
 class StreamUsage:
     """An SSE stream: lifecycle, usage and time to the first output event."""
 
-    __slots__ = ("decoder", "out", "owner", "owners", "started", "summary", "tracker")
+    __slots__ = ("out", "owner", "owners", "started", "summary", "watch")
 
     def __init__(
         self, out: Outcome, started: float, owners: Owners | None, owner: tuple[str, str]
     ) -> None:
         self.out, self.started, self.owners, self.owner = out, started, owners, owner
-        self.decoder = SSEDecoder()
-        self.tracker = StreamTracker()
-        self.summary: StreamSummary = self.tracker.summary
+        self.watch = StreamWatch()
+        self.summary: StreamSummary = self.watch.summary
 
     def head(self, status: int, headers: Mapping[str, str]) -> None:
         return None
 
     def chunk(self, data: bytes) -> None:
-        observe = self.tracker.observe
-        for event in self.decoder.feed(data):
-            if observe(event) and self.out.ttft is None:
-                self.out.ttft = time.perf_counter() - self.started
+        if self.watch.feed(data) and self.out.ttft is None:
+            self.out.ttft = time.perf_counter() - self.started
 
     @property
     def completed(self) -> bool:

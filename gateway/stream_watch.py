@@ -1,0 +1,98 @@
+"""What a stream tells, read from its bytes as cheaply as they allow. Pure: bytes in.
+
+Until the first output event every event is decoded (`StreamTracker`). After it, only the
+events that can still change the summary are: a chunk's complete events are searched once,
+at C speed, for what such an event holds (a terminal event's name, `usage`, `error`, a
+finish reason, `[DONE]`), and only when it is there are they decoded. The others (the
+deltas: nearly every event of a stream) are only counted. A stream with CR line ends is
+decoded whole, as the decoder splits its lines.
+"""
+
+from __future__ import annotations
+
+import re
+
+from gateway.sse import SSEDecoder
+from gateway.usage import StreamSummary, StreamTracker
+
+# what an event that `StreamTracker.observe` acts on after the first output must contain
+_NOTABLE = re.compile(
+    rb"\[DONE\]"
+    rb'|"usage"\s*:\s*\{'
+    rb'|"error"'
+    rb'|"finish_reason"\s*:\s*"'
+    rb"|response\.(?:completed|incomplete|failed|done|cancelled)"
+)
+
+
+def _events(block: bytes) -> int:
+    """Events in complete blocks: those with a `data` field (a comment alone is none)."""
+    return sum(1 for part in block.split(b"\n\n") if part.startswith(b"data") or b"\ndata" in part)
+
+
+class StreamWatch:
+    __slots__ = ("_decoder", "_rest", "_skimming", "tracker")
+
+    def __init__(self) -> None:
+        self._decoder = SSEDecoder()
+        self.tracker = StreamTracker()
+        self._skimming = False
+        self._rest = b""  # while skimming: the bytes after the last complete event
+
+    @property
+    def summary(self) -> StreamSummary:
+        return self.tracker.summary
+
+    def feed(self, data: bytes) -> bool:
+        """Feed bytes as the client got them; True when they held the first output event."""
+        if self._skimming:
+            self._skim(data)
+            return False
+        if not self.tracker.summary.first_output_seen or b"\r" in data:
+            first = False
+            observe = self.tracker.observe
+            for event in self._decoder.feed(data):
+                if observe(event):
+                    first = True
+            return first
+        # the first output is behind: decode to the end of the event under way, skim the rest
+        pos = 0
+        while not self._decoder.between_events():
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                self._decode(data[pos:])
+                return False
+            self._decode(data[pos : nl + 1])
+            pos = nl + 1
+        self._skimming = True
+        if pos < len(data):
+            self._skim(data[pos:])
+        return False
+
+    def _skim(self, data: bytes) -> None:
+        buf = self._rest + data if self._rest else data
+        if b"\r" in buf:  # line ends only the decoder splits right: decode from here on
+            self._skimming, self._rest = False, b""
+            self._decode(buf)
+            return
+        end = buf.rfind(b"\n\n")
+        if end < 0:
+            self._rest = buf
+            return
+        whole, self._rest = buf[: end + 2], buf[end + 2 :]
+        if _NOTABLE.search(whole) is None:
+            self.tracker.skipped(_events(whole))
+        else:
+            self._decode(whole)  # the decoder is between events: `whole` starts one
+
+    def _decode(self, data: bytes) -> None:
+        observe = self.tracker.observe
+        for event in self._decoder.feed(data):
+            observe(event)
+
+    def terminator(self) -> bytes:
+        """What ends a partial line and an unfinished event (`SSEDecoder.terminator`)."""
+        if self._rest:
+            self._decoder.feed(self._rest)  # a partial event: it dispatches nothing
+            self._rest = b""
+        return self._decoder.terminator()
