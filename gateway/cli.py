@@ -74,8 +74,9 @@ async def run_gateway(
     # both listeners stay open while requests in flight finish: /readyz answers 503 and new
     # requests 503 shutting_down, so a load balancer sees the drain and clients go elsewhere
     gw.draining = True
-    gw.log.info("draining", inflight=gw.inflight, timeout=settings.limits.drain_timeout)
-    await gw.drain(settings.limits.drain_timeout)
+    drain = gw.settings.limits.drain_timeout  # as the last reload left it
+    gw.log.info("draining", inflight=gw.inflight, timeout=drain)
+    await gw.drain(drain)
     await runner.cleanup()  # closes the listener and what is left, then the Gateway
     await admin_runner.cleanup()
 

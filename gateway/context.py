@@ -128,6 +128,7 @@ class Envelope:
     route: Route
     method: str
     started: float = field(default_factory=time.perf_counter)
+    policy: Policy | None = None  # the snapshot the request runs under, held to its end
     principal: Principal | None = None
     model: str = ""  # the requested model, once read
     ctx: RequestContext | None = None

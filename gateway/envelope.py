@@ -80,6 +80,7 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
     # a drain waits for requests admitted before it, not for the 503s it answers meanwhile
     counted = 0 if gw.draining else 1
     gw.inflight += counted
+    gw.active += 1
     try:
         return await _answer(gw, request, handler, env)
     finally:
@@ -89,6 +90,8 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
             await finish(gw, env)
         except Exception:
             gw.log.exception("finishing a request failed", request_id=env.request_id)
+        finally:
+            gw.active -= 1
 
 
 async def _answer(

@@ -19,18 +19,19 @@ async def finish(gw: Gateway, env: Envelope) -> None:
     duration = time.perf_counter() - env.started
     now = gw.clock()
     out, ctx = env.outcome, env.ctx
-    policy = ctx.policy if ctx is not None else gw.policy
+    policy = env.policy or gw.policy
     metered = ctx is not None and ctx.metered
     usage = out.usage if metered else None
     charged, cost, estimated = 0, 0.0, False
+    if env.policy is not None:
+        await env.policy.release()
     if ctx is not None:
-        try:
-            charged, cost, estimated = charge(ctx.model, metered, out, policy.prices)
-            if out.reservation is not None:
+        charged, cost, estimated = charge(ctx.model, metered, out, policy.prices)
+        if out.reservation is not None:
+            try:
                 await gw.budget.settle(out.reservation, charged, cost, now)
-        finally:
-            for candidate in ctx.plan:
-                await candidate.client.release()
+            except Exception:  # the record, metrics and log line still go out
+                gw.log.exception("settling a reservation failed", request_id=env.request_id)
     shown = policy.shown(env.model) if env.model else ""  # never a key, never 5,000 characters
     upstream = out.upstream or (ctx.plan[0].client.name if ctx is not None and ctx.plan else "")
     team = env.principal.team.name if env.principal is not None else ""

@@ -30,7 +30,8 @@ async def list_models(
         extra = {"x-request-id": env.request_id, **client.auth_header(client.next_key())}
         up = await client.send("GET", "/v1/models", request_headers([], extra), b"")
         try:
-            data = orjson.loads(await up.read()) if up.status == 200 else {}
+            async with asyncio.timeout(client.cfg.timeouts.idle):  # a stalled listing fails
+                data = orjson.loads(await up.read()) if up.status == 200 else {}
         finally:
             up.release()
         items = data.get("data") if isinstance(data, dict) else None
@@ -43,13 +44,7 @@ async def list_models(
             and allowed(m["id"])
         ]
 
-    for client in clients:  # a reload closes no pool this request uses
-        client.hold()
-    try:
-        results = await asyncio.gather(*(fetch(c) for c in clients), return_exceptions=True)
-    finally:
-        for client in clients:
-            await client.release()
+    results = await asyncio.gather(*(fetch(c) for c in clients), return_exceptions=True)
     if all(isinstance(r, BaseException) for r in results):
         raise errors.upstream_unavailable(",".join(c.name for c in clients))
     seen: dict[str, dict[str, Any]] = {}

@@ -24,7 +24,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     gw, env = request.app[GATEWAY], request[ENVELOPE]
     if gw.draining:
         raise errors.shutting_down()
-    policy = gw.policy  # read once: the request runs under this snapshot to its end
+    # read once: the request runs under this snapshot to its end, its pools held till then
+    policy = env.policy = gw.policy.hold()
     principal = env.principal = policy.auth.authenticate(request.headers)
     limits = policy.settings.limits
     route = env.route
@@ -49,8 +50,6 @@ async def handle(request: web.Request) -> web.StreamResponse:
         output_estimate=parse.output_estimate(parsed, limits) if metered else 0,
         plan=candidates,
     )
-    for candidate in candidates:  # a reload closes no pool this request holds
-        candidate.client.hold()
     env.ctx = ctx
     found = Lookup("")
     if ctx.cacheable:

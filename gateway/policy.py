@@ -48,6 +48,17 @@ class Policy:
         self.redactor = redactor
         self._shown: LRUCache[str, str] = LRUCache(maxsize=1024)
 
+    def hold(self) -> Policy:
+        """Keep this snapshot's upstream pools open for one request: taken in the same step
+        as the snapshot is read, so no reload can close a pool between the two."""
+        for client in self.upstreams.values():
+            client.hold()
+        return self
+
+    async def release(self) -> None:
+        for client in self.upstreams.values():
+            await client.release()
+
     @property
     def default_upstream(self) -> UpstreamClient:
         """Where a request that names no model goes: the first upstream of the file."""

@@ -65,7 +65,10 @@ class Gateway:
         self.log = structlog.get_logger("gateway")
         self.ready = False
         self.draining = False
-        self.inflight = 0  # client requests being handled
+        self.inflight = 0  # client requests admitted before a drain began, being handled
+        self.active = 0  # every /v1 request being handled, until its end is recorded
+        self.cutting = False  # a graceful stop's deadline passed: streams end now
+        self._reloading = asyncio.Lock()
         self.streams: set[Cuttable] = set()  # upstream streams being read
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -114,42 +117,58 @@ class Gateway:
     async def reload(self, settings: Settings) -> None:
         """Swap in a new policy. Requests already admitted keep theirs to their end; an
         upstream client that the new settings replace closes when its last request ends."""
-        clients, retired = next_clients(settings, self.policy.upstreams)
-        for client in clients.values():
-            if not client.started:
-                await client.start()
-        redactor = self.tracing.redactor = Redactor.from_settings(settings)
-        self.policy = Policy(settings, clients, redactor)
-        self.metrics.model.know(named_models(settings))
-        await self.refresh_budget_gauges()
-        for client in retired:
-            await client.retire()
+        async with self._reloading:  # two at once would both replace the same clients
+            clients, retired = next_clients(settings, self.policy.upstreams)
+            for client in clients.values():
+                if not client.started:
+                    await client.start()
+            redactor = self.tracing.redactor = Redactor.from_settings(settings)
+            self.policy = Policy(settings, clients, redactor)
+            self.metrics.model.know(named_models(settings))
+            await self.refresh_budget_gauges()
+            for client in retired:
+                await client.retire()
+
+    def track(self, stream: Cuttable) -> None:
+        """An upstream stream starts: a graceful stop past its deadline cuts it, also one
+        that starts after the cut began."""
+        self.streams.add(stream)
+        if self.cutting:
+            stream.cut()
 
     async def drain(self, within: float) -> None:
         """Let requests in flight finish, for at most `within` seconds; then cut the streams
-        still running (each ends with an error event) and give them a moment to end.
+        running or starting (each ends with an error event) and give them a moment to end.
 
         The caller has set `draining` first: meanwhile /readyz answers 503 and new requests
         503 `shutting_down`, so a load balancer sees the drain and clients retry elsewhere.
         """
-        await self._until_idle(within)
-        if self.streams:
-            for pump in list(self.streams):
-                pump.cut()
-            await self._until_idle(CUT_GRACE)
+        await self._until_idle(within, lambda: self.inflight)
+        if self.inflight or self.streams:
+            self.cutting = True
+            for stream in list(self.streams):
+                stream.cut()
+            await self._until_idle(CUT_GRACE, lambda: self.inflight)
 
-    async def _until_idle(self, within: float) -> None:
+    async def _until_idle(self, within: float, requests: Callable[[], int]) -> None:
+        """Until no request counted by `requests` and no upstream stream is left."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
         # polling, once a stop: cheaper to read than an event set from every request's end
-        while (self.inflight or self.streams) and loop.time() < deadline:  # noqa: ASYNC110
+        while (requests() or self.streams) and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
 
     async def close(self) -> None:
         self.ready = False
         self.draining = True
+        limit = self.settings.limits.drain_timeout
+        # a handler whose client left is neither awaited nor cancelled by aiohttp's stop: its
+        # ledger record must still land before the ledger closes
+        await self._until_idle(limit, lambda: self.active)
+        if self.active:
+            self.log.warning("closing with requests still running", requests=self.active)
         if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=self.settings.limits.drain_timeout)
+            await asyncio.wait(list(self._tasks), timeout=limit)
         try:
             await self.backends.close()
         finally:
@@ -157,6 +176,5 @@ class Gateway:
                 await client.close()
         # the exporter's last flush blocks on network I/O: keep it off the event loop
         await asyncio.to_thread(self.tracing.shutdown)
-
 
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)

@@ -123,7 +123,7 @@ def _recorder(
 
 async def _streamed(gw: Gateway, source: UpstreamStream, sink: Sink, taps: list[Tap]) -> None:
     gw.metrics.active_streams.inc()
-    gw.streams.add(source)
+    gw.track(source)
     try:
         await relay(source, sink, taps)
     finally:
