@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Awaitable, Callable
 
 from aiohttp import hdrs, web
@@ -23,8 +22,9 @@ from gateway.errors import GatewayError
 from gateway.finish import finish
 from gateway.paths import canonical_path
 from gateway.relay.sink import send_whole
-from gateway.routes import PASSTHROUGH, ROUTES, Route, route_of
+from gateway.routes import PASSTHROUGH, ROUTES, Route, for_method, route_of
 from gateway.runtime import GATEWAY, Gateway
+from gateway.server import fresh_ids
 from gateway.telemetry.tracing import trace_id_hex
 
 # (path, raw query) as the client sent them, checked canonical
@@ -51,7 +51,7 @@ def _route(request: web.Request, path: str) -> Route | None:
     route = _STATIC.get(canonical)
     if route is None and canonical in _DYNAMIC:
         route = route_of(path)
-    return route
+    return for_method(route, request.method) if route is not None else None
 
 
 @web.middleware
@@ -141,12 +141,12 @@ async def _plain(
 
 
 def _ids(request: web.BaseRequest) -> dict[str, str]:
-    """Ids for an answer outside the pipeline: there is no trace to export, but the id is one
-    a client can quote and no other answer has."""
-    return {
-        "x-request-id": request_id(request.headers.get("x-request-id")),
-        "x-gateway-trace-id": secrets.token_hex(16),
-    }
+    """Ids for an answer outside the pipeline (a sane client-sent request id is kept)."""
+    ids = fresh_ids()
+    sent = request.headers.get("x-request-id")
+    if sent:
+        ids["x-request-id"] = request_id(sent)
+    return ids
 
 
 def _server_attributes(gw: Gateway, request: web.Request, env: Envelope, path: str) -> None:

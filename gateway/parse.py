@@ -3,6 +3,8 @@ reads (whatever the case of their names), and what a metered request may cost.""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +16,8 @@ from gateway.budget import estimate
 from gateway.routes import Route
 from gateway.server import read_body
 from gateway.settings import Limits
+
+_OBJECT = re.compile(rb"\s*\{")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +32,9 @@ class Parsed:
         return self.top.get("stream") is True
 
 
-async def read(request: web.Request, route: Route, limits: Limits) -> Parsed:
+async def read(
+    request: web.Request, route: Route, limits: Limits, redact: Callable[[str], str]
+) -> Parsed:
     try:
         body = await read_body(request, limits.max_body_bytes, limits.body_timeout)
     except ConnectionError:  # the client left mid-upload: nobody to answer, nothing to charge
@@ -36,7 +42,13 @@ async def read(request: web.Request, route: Route, limits: Limits) -> Parsed:
     method = request.method
     needs_model = method == "POST" and route.model
     parsed: Any = None
-    if method == "POST" and body and (needs_model or "json" in request.content_type):
+    # a JSON object sent under another content type (or none) is still read for its model:
+    # an upstream that parses it anyway must not be reached past the allowlist and budgets
+    if (
+        method == "POST"
+        and body
+        and (needs_model or "json" in request.content_type or _OBJECT.match(body) is not None)
+    ):
         try:
             parsed = jsonbody.loads(body, limits.max_json_depth)
         except jsonbody.TooDeep:
@@ -47,8 +59,8 @@ async def read(request: web.Request, route: Route, limits: Limits) -> Parsed:
     # fields as every upstream reads them, whatever the case of their names
     try:
         top = jsonbody.fields(parsed) if isinstance(parsed, dict) else {}
-    except jsonbody.AmbiguousKeys as e:
-        raise errors.invalid_json(str(e)) from None
+    except jsonbody.AmbiguousKeys as e:  # the message names a field: never a key in it
+        raise errors.invalid_json(redact(str(e))) from None
     model = top.get("model")
     if needs_model and (not isinstance(model, str) or not model):
         raise errors.missing_model()

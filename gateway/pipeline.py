@@ -29,7 +29,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     principal = env.principal = policy.auth.authenticate(request.headers)
     limits = policy.settings.limits
     route = env.route
-    parsed = await parse.read(request, route, limits)
+    parsed = await parse.read(request, route, limits, policy.redactor)
     path, query = request[TARGET]
     if route.model_list and request.method == "GET":
         return await list_models(gw, request, env, policy)
@@ -84,23 +84,24 @@ async def _shared(
 ) -> web.StreamResponse:
     """An answer another request paid for: a stored one, or an identical request's."""
     out, idle = env.outcome, ctx.plan[0].client.cfg.timeouts.idle
-    extra = {
-        **env.headers(),
-        "x-gateway-cache": found.result,
-        **await budget_headers(gw.budget, ctx.principal.team, gw.clock()),
-    }
-    if found.entry is not None:
-        entry = found.entry
-        headers = {**dict(entry.headers), **extra}
-        if found.result == "hit":
-            headers["age"] = str(max(0, int(gw.clock() - entry.created_at)))
-        return await answer.from_entry(request, out, entry, headers, idle)
-    assert found.follow is not None
-    out.streamed = True
     try:
+        extra = {
+            **env.headers(),
+            "x-gateway-cache": found.result,
+            **await budget_headers(gw.budget, ctx.principal.team, gw.clock()),
+        }
+        if found.entry is not None:
+            entry = found.entry
+            headers = {**dict(entry.headers), **extra}
+            if found.result == "hit":
+                headers["age"] = str(max(0, int(gw.clock() - entry.created_at)))
+            return await answer.from_entry(request, out, entry, headers, idle)
+        assert found.follow is not None
+        out.streamed = True
         return await answer.from_flight(request, out, found.follow, extra, idle)
     finally:
-        found.follow.readers -= 1
+        if found.follow is not None:
+            found.follow.readers -= 1
 
 
 async def _call(

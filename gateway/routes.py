@@ -88,3 +88,16 @@ def route_of(path: str) -> Route:
         if route.pattern.match(path):
             return route
     return PASSTHROUGH
+
+
+_BY_NAME = {r.name: r for r in ROUTES}
+# POST-only names under /v1/responses/: with any other method the segment is a response id
+_POSTS_UNDER_RESPONSES = frozenset({"/v1/responses/input_tokens", "/v1/responses/compact"})
+
+
+def for_method(route: Route, method: str) -> Route:
+    """`GET /v1/responses/compact` is about a stored response named `compact` (for the
+    upstream, too): it gets the ownership check, not the model route's allowlist."""
+    if method != "POST" and route.name in _POSTS_UNDER_RESPONSES:
+        return _BY_NAME["/v1/responses/{id}"]
+    return route

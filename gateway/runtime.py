@@ -177,4 +177,5 @@ class Gateway:
         # the exporter's last flush blocks on network I/O: keep it off the event loop
         await asyncio.to_thread(self.tracing.shutdown)
 
+
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -98,6 +99,15 @@ def _bad_request_message(exc: BaseException | None) -> str:
     return _BAD_REQUEST
 
 
+def fresh_ids() -> dict[str, str]:
+    """Ids for an answer made before a request exists: one a client can quote, and a trace
+    id no other answer has (nothing is traced for it)."""
+    return {
+        "x-request-id": f"req_{random.getrandbits(96):024x}",
+        "x-gateway-trace-id": f"{random.getrandbits(128):032x}",
+    }
+
+
 def _error_answer(status: int, exc: BaseException | None) -> tuple[str, str, str]:
     """(type, code, message) for an answer aiohttp gives itself."""
     if status == 400:
@@ -113,9 +123,10 @@ def _head_timeout_response() -> bytes:
     body = error_body(
         "The request head did not arrive in time.", "invalid_request_error", "request_timeout"
     )
+    ids = "".join(f"{k}: {v}\r\n" for k, v in fresh_ids().items()).encode()
     head = (
         b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+        b"Content-Length: %d\r\nConnection: close\r\n%s\r\n" % (len(body), ids)
     )
     return head + body
 
@@ -174,7 +185,10 @@ class GatewayRequestHandler(RequestHandler):
         super().handle_error(request, status, exc, None)
         type_, code, text = _error_answer(status, exc)
         resp = web.Response(
-            status=status, body=error_body(text, type_, code), content_type="application/json"
+            status=status,
+            body=error_body(text, type_, code),
+            content_type="application/json",
+            headers=fresh_ids(),
         )
         resp.force_close()
         return resp

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -15,12 +16,18 @@ from conftest import (
     BETA_KEY,
     GatewayFactory,
     Running,
+    Upstream,
     auth,
     ledger_rows,
     make_settings,
     start_app,
     start_gateway,
 )
+
+from gateway.backends import build_backends
+from gateway.cache.entry import CacheEntry
+from gateway.cache.store import MemoryCacheStore
+from gateway.runtime import Gateway
 
 TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -150,3 +157,82 @@ async def test_unknown_model_is_refused_with_ids(gateway_factory: GatewayFactory
         assert (await r.json())["error"]["code"] == "model_not_found"
         assert r.headers["x-request-id"].startswith("req_")
         assert TRACE_ID.match(r.headers["x-gateway-trace-id"])
+
+
+async def test_other_methods_on_post_routes_under_responses_are_ownership_checked(
+    gateway: Running, upstream: Upstream
+) -> None:
+    before = len(upstream.state.requests)
+    async with aiohttp.ClientSession(headers=auth()) as s:
+        for method, path in (
+            ("GET", "/v1/responses/compact"),
+            ("DELETE", "/v1/responses/INPUT_TOKENS"),
+        ):
+            async with s.request(method, gateway.url + path) as r:
+                assert r.status == 404, path
+                assert (await r.json())["error"]["code"] == "not_found"
+    assert len(upstream.state.requests) == before  # nothing reached the upstream
+
+
+async def test_a_json_body_under_no_content_type_is_read_for_its_model(gateway: Running) -> None:
+    body = orjson.dumps({"model": "gpt-not-for-beta", "input": "x"})
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            gateway.url + "/v1/rerank",
+            data=body,
+            headers={**auth(BETA_KEY), "content-type": "text/plain"},
+        ) as r,
+    ):
+        assert r.status == 403
+        assert (await r.json())["error"]["code"] == "model_not_allowed"
+
+
+async def test_an_ambiguous_field_is_named_without_a_key_in_it(gateway: Running) -> None:
+    key = "sk-proj-abcdefghijklmnopqrstuvwxyz0123"
+    body = b'{"model": "m", "%s": 1, "%s": 2}' % (key.encode(), key.upper().encode())
+    async with (
+        aiohttp.ClientSession(headers=auth()) as s,
+        s.post(gateway.url + "/v1/responses", data=body) as r,
+    ):
+        assert r.status == 400
+        text = await r.text()
+        assert "invalid_json" in text and "abcdefghijklmnop" not in text.lower()
+
+
+async def test_a_malformed_request_head_is_refused_with_ids(gateway: Running) -> None:
+    host, port = gateway.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head = raw.partition(b"\r\n\r\n")[0].lower()
+    assert head.split(b" ")[1] == b"400" and b"x-request-id: req_" in head
+    assert re.search(rb"x-gateway-trace-id: [0-9a-f]{32}", head)
+
+
+class _BrokenStore(MemoryCacheStore):
+    async def put(self, key: str, entry: CacheEntry) -> bool:
+        raise ConnectionError("the cache store is down")
+
+
+async def test_a_cache_store_that_fails_costs_a_hit_never_an_answer(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    settings = make_settings(upstream.url, tmp_path / "state", cache="true")
+    store = _BrokenStore(ttl=60, max_bytes=10**6, max_entry_bytes=10**5)
+    backends = replace(build_backends(settings), cache=store)
+    running = await start_gateway(settings, Gateway(settings, backends=backends))
+    body = {"model": "nusantara-base", "input": "hi", "max_output_tokens": 8}
+    try:
+        async with aiohttp.ClientSession(headers=auth()) as s:
+            for stream in (False, True):
+                async with s.post(
+                    running.url + "/v1/responses", json={**body, "stream": stream}
+                ) as r:
+                    assert r.status == 200
+                    assert b"response.completed" in await r.read() or not stream
+        rows = await ledger_rows(running)
+        assert [(r["status"], r["cache"]) for r in rows] == [(200, "miss"), (200, "miss")]
+    finally:
+        await running.stop()

@@ -73,6 +73,8 @@ async def from_upstream(
         )
         if flight is None:
             await _streamed(gw, source, sink, taps)
+            if recorder is not None:
+                await recorder.store_entry(gw.log)
             return sink.resp or web.Response()
         flight.readers += 1  # the leader's own client
         pump = gw.spawn(_lead_stream(gw, source, stream_sink, taps, flight, recorder, out))
@@ -98,6 +100,8 @@ async def from_upstream(
         finally:
             if flight is not None:
                 flight.finish(recorder.entry if recorder is not None else None, out.usage)
+        if recorder is not None:
+            await recorder.store_entry(gw.log)
         return sink.resp or web.Response()
     if flight is not None:
         flight.finish(None, None)
@@ -143,7 +147,10 @@ async def _lead_stream(
     try:
         await _streamed(gw, source, sink, taps)
     finally:
+        # followers (and the leader's own client) end here, before the entry is stored
         flight.finish(recorder.entry if recorder is not None else None, out.usage)
+    if recorder is not None:
+        await recorder.store_entry(gw.log)
 
 
 async def from_entry(

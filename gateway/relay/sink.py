@@ -91,13 +91,13 @@ class ClientSink:
         self.out.status = status
         if len(body) <= WHOLE_WRITE_PIECE:
             whole = web.Response(status=status, body=body, headers=headers)
-            self.resp = whole
+            self.resp = self.out.response = whole  # once written, no other answer is possible
             if not await deliver(self.request, whole, self.idle):
                 self._gone()
             return
         # a large body goes in pieces, each within `idle`: a client that stops reading is cut
         # off however long the whole transfer may take at its pace
-        resp = self.resp = web.StreamResponse(status=status, headers=headers)
+        resp = self.resp = self.out.response = web.StreamResponse(status=status, headers=headers)
         resp.content_length = len(body)
         try:
             async with asyncio.timeout(self.idle):

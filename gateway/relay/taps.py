@@ -159,7 +159,16 @@ class CacheRecorder:
             self.parts.append(data)
 
     async def end(self, complete: bool) -> None:
+        """Makes the entry; `store` puts it, once clients and followers have their answer."""
         if self.parts is None or not complete or not self.result.completed:
             return
         self.entry = self.make(self.headers, b"".join(self.parts))
-        await self.store.put(self.key, self.entry)
+
+    async def store_entry(self, log: Any) -> None:
+        """Put the entry, if there is one. A store that fails costs a hit, never an answer."""
+        if self.entry is None:
+            return
+        try:
+            await self.store.put(self.key, self.entry)
+        except Exception:
+            log.exception("storing a cache entry failed")
