@@ -64,6 +64,7 @@ class Secrets:
     """The keys to mask, with what the maskers look for precomputed."""
 
     __slots__ = (
+        "_ends",
         "_escape",
         "_watch",
         "chars",
@@ -82,6 +83,7 @@ class Secrets:
         self.text_cores = tuple(c.decode("utf-8", "replace") for c in self.cores)
         self.chars = frozenset("".join(self.texts))
         self._escape: re.Pattern[bytes] | None = None
+        self._ends: tuple[tuple[bytes, re.Pattern[bytes]], ...] | None = None
         self._watch: dict[frozenset[str], tuple[re.Pattern[bytes] | None, tuple[Search, ...]]] = {}
         # bytes a chunk can end with while being the start of a key or a core
         self.trail = frozenset(b"".join(keys))
@@ -180,8 +182,38 @@ class Secrets:
     def string_ends(self, data: bytes) -> list[bytes]:
         """For each JSON string value in the bytes (a quote no colon follows: not an object's
         key) that ends with a key's proper prefix, that prefix (the longest): the text of a
-        delta that the next delta could complete into the key. A scan, not one regex: a regex
-        for every prefix of a long key nests too deep for Python's parser."""
+        delta that the next delta could complete into the key.
+
+        One regex per key finds them, skipping from one occurrence of the key's first byte to
+        the next: it spells out prefixes up to `_RUN` bytes (a regex for every prefix of a
+        long key nests too deep for Python's parser), so bytes holding a longer prefix are
+        scanned string by string instead."""
+        ends = self._ends
+        if ends is None:
+            ends = self._ends = tuple(
+                (
+                    k[: _RUN + 1],
+                    re.compile(
+                        re.escape(k[:1])
+                        + _optional_run(k[1 : min(len(k) - 1, _RUN)])
+                        + rb'"(?!\s*:)'
+                    ),
+                )
+                for k in self.keys
+                if len(k) > 1
+            )
+        best: dict[int, int] = {}
+        for longer, pattern in ends:
+            if data.find(longer) >= 0:
+                return self._string_ends_scan(data)
+            for m in pattern.finditer(data):
+                q = m.end() - 1
+                if m.end() - 1 - m.start() > best.get(q, 0):
+                    best[q] = q - m.start()
+        return [data[q - best[q] : q] for q in sorted(best)]
+
+    def _string_ends_scan(self, data: bytes) -> list[bytes]:
+        """`string_ends`, string by string."""
         found = []
         for m in _VALUE_END.finditer(data):
             q = m.start()
@@ -232,8 +264,11 @@ class Secrets:
         if found is None:
             if len(self._watch) >= 64:  # a bound, never reached with ordinary keys
                 self._watch.clear()
+            cont = self.continuation(soft)
             searches = tuple(re.compile(source).search for source in self._alarm_sources(soft))
-            found = self._watch[soft] = (self.continuation(soft), searches)
+            if cont is not None:  # its literal start, a colon, is rarer than any byte of a key
+                searches += (cont.search,)
+            found = self._watch[soft] = (cont, searches)
         return found
 
     def _alarm_sources(self, soft: frozenset[str]) -> list[bytes]:
@@ -269,13 +304,7 @@ class Secrets:
                         longer = key[: last + 1]
                         add(longer, [re.escape(longer)])
                     start = 0
-        # a string value carrying on a soft start, as `continuation` finds (with at most one
-        # space after the colon; after more, any string that starts so)
-        nexts = {k[len(t)] for t in soft for k in self.texts if len(t) < len(k) and k.startswith(t)}
-        for c in sorted(nexts):
-            before = b'"' + c.encode()
-            literal = re.escape(before)
-            add(before, [b":" + literal, rb":\s" + literal, rb"\s\s" + literal])
+        # (a string value carrying on a soft start: `watch` searches with `continuation`)
         return [_ESCAPED_BYTE[x] + b"(?:" + b"|".join(alts[x]) + b")" for x in sorted(alts)]
 
 

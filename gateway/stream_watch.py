@@ -48,26 +48,36 @@ class StreamWatch:
         if self._skimming:
             self._skim(data)
             return False
-        if not self.tracker.summary.first_output_seen or b"\r" in data:
+        observe = self.tracker.observe
+        if b"\r" in data:
             first = False
-            observe = self.tracker.observe
             for event in self._decoder.feed(data):
                 if observe(event):
                     first = True
             return first
-        # the first output is behind: decode to the end of the event under way, skim the rest
-        pos = 0
+        # decode an event at a time until the first output event (one chunk may hold the
+        # whole stream), then to the end of the event under way, then skim the rest
+        first, pos, summary = False, 0, self.tracker.summary
+        while not summary.first_output_seen:
+            end = data.find(b"\n\n", pos)
+            stop = len(data) if end < 0 else end + 2
+            for event in self._decoder.feed(data[pos:stop]):
+                if observe(event):
+                    first = True
+            pos = stop
+            if pos >= len(data):
+                return first
         while not self._decoder.between_events():
             nl = data.find(b"\n", pos)
             if nl < 0:
                 self._decode(data[pos:])
-                return False
+                return first
             self._decode(data[pos : nl + 1])
             pos = nl + 1
         self._skimming = True
         if pos < len(data):
             self._skim(data[pos:])
-        return False
+        return first
 
     def _skim(self, data: bytes) -> None:
         buf = self._rest + data if self._rest else data

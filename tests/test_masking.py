@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.masking import (
+    Secrets,
     StreamMasker,
     mask,
     mask_body,
@@ -547,3 +548,27 @@ def test_long_keys_are_masked_split_across_deltas(size: int, cut: float) -> None
         if b"data: " in line
     )
     assert text == "hi eyJ**** byeeyJ****!"
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from([b'"', b":", b" ", b"x", b"sk-", b"up", b"-secret", b"\\", b"{", b","])
+        | st.binary(max_size=4),
+        max_size=40,
+    ),
+    st.sampled_from([(b"sk-upstream-secret-0123456789abcdef",), (b"sk-up", b"sk-upstream")]),
+)
+def test_string_ends_by_regex_agree_with_the_scan(
+    parts: list[bytes], keys: tuple[bytes, ...]
+) -> None:
+    data = b"".join(parts)
+    s = Secrets(keys)
+    assert s.string_ends(data) == s._string_ends_scan(data)
+
+
+def test_string_ends_past_the_spelled_out_run_fall_back_to_the_scan() -> None:
+    key = b"sk-" + bytes(range(65, 91)) * 4  # longer than the regex spells out
+    s = Secrets((key,))
+    data = b'{"delta":"' + key[:90] + b'"}'
+    assert s.string_ends(data) == [key[:90]] == s._string_ends_scan(data)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -96,7 +97,8 @@ def test_skimming_reports_what_decoding_every_event_does(raw: bytes, points: lis
     assert (watch.summary, first, watch.terminator()) == _decoded(chunks)
 
 
-def test_deltas_are_skimmed_not_decoded() -> None:
+@pytest.mark.parametrize("size", [100, 10**6], ids=["small chunks", "one chunk"])
+def test_deltas_are_skimmed_not_decoded(size: int) -> None:
     raw = _event(
         "response.created",
         {"type": "response.created", "sequence_number": 0, "response": {"id": "resp_1"}},
@@ -112,8 +114,8 @@ def test_deltas_are_skimmed_not_decoded() -> None:
 
     watch = StreamWatch()
     watch.tracker = Counting()
-    for i in range(0, len(raw), 100):
-        watch.feed(raw[i : i + 100])
+    for i in range(0, len(raw), size):
+        watch.feed(raw[i : i + size])
     watch.feed(_terminal("completed", 50))
     assert watch.summary.terminal and watch.summary.usage is not None
     assert watch.summary.events == 51
