@@ -15,14 +15,25 @@ import re
 from gateway.sse import SSEDecoder
 from gateway.usage import StreamSummary, StreamTracker
 
-# what an event that `StreamTracker.observe` acts on after the first output must contain
-_NOTABLE = re.compile(
-    rb"\[DONE\]"
-    rb'|"usage"\s*:\s*\{'
-    rb'|"error"'
-    rb'|"finish_reason"\s*:\s*"'
-    rb"|response\.(?:completed|incomplete|failed|done|cancelled)"
+# what an event that `StreamTracker.observe` acts on after the first output must contain;
+# each search starts with a literal, which a search skips to at C speed
+_NOTABLE = (
+    re.compile(rb"\[DONE\]").search,
+    re.compile(rb'"usage"\s*:\s*\{').search,
+    re.compile(rb'"error"').search,
+    re.compile(rb'"finish_reason"\s*:\s*"').search,
+    re.compile(rb"response\.(?:completed|incomplete|failed|done|cancelled)").search,
 )
+
+
+def _first_notable(data: bytes) -> int:
+    """Where the first thing worth decoding is in the bytes; -1 when nothing is."""
+    first = -1
+    for search in _NOTABLE:
+        m = search(data)
+        if m is not None and (first < 0 or m.start() < first):
+            first = m.start()
+    return first
 
 
 def _events(block: bytes) -> int:
@@ -90,10 +101,17 @@ class StreamWatch:
             self._rest = buf
             return
         whole, self._rest = buf[: end + 2], buf[end + 2 :]
-        if _NOTABLE.search(whole) is None:
+        at = _first_notable(whole)
+        if at < 0:
             self.tracker.skipped(_events(whole))
-        else:
-            self._decode(whole)  # the decoder is between events: `whole` starts one
+            return
+        # the events before the one holding it are counted; that one and the rest decoded
+        # (the decoder is between events: `whole` starts one, and so does `start`)
+        before = whole.rfind(b"\n\n", 0, at)
+        start = before + 2 if before >= 0 else 0
+        if start > 0:
+            self.tracker.skipped(_events(whole[:start]))
+        self._decode(whole[start:])
 
     def _decode(self, data: bytes) -> None:
         observe = self.tracker.observe
