@@ -35,6 +35,8 @@ async def finish(gw: Gateway, env: Envelope) -> None:
     shown = policy.shown(env.model) if env.model else ""  # never a key, never 5,000 characters
     upstream = out.upstream or (ctx.plan[0].client.name if ctx is not None and ctx.plan else "")
     team = env.principal.team.name if env.principal is not None else ""
+    stream = out.streamed or (ctx is not None and ctx.stream)
+    ttft_ms = out.ttft * 1000 if out.ttft is not None else None
     if team:
         gw.ledger.append(
             LedgerRecord(
@@ -46,7 +48,7 @@ async def finish(gw: Gateway, env: Envelope) -> None:
                 upstream=upstream,
                 route=env.route.name,
                 status=out.status,
-                stream=out.streamed or (ctx is not None and ctx.stream),
+                stream=stream,
                 cache=out.cache,
                 input_tokens=usage.input_tokens if usage else 0,
                 cached_tokens=usage.cached_tokens if usage else 0,
@@ -56,7 +58,7 @@ async def finish(gw: Gateway, env: Envelope) -> None:
                 cost_usd=cost,
                 estimated=estimated,
                 duration_ms=duration * 1000,
-                ttft_ms=out.ttft * 1000 if out.ttft is not None else None,
+                ttft_ms=ttft_ms,
                 saved_tokens=out.saved.total_tokens if out.saved is not None else 0,
                 response_id=(out.response_id or "")
                 if ctx is not None and ctx.creates_response
@@ -75,12 +77,12 @@ async def finish(gw: Gateway, env: Envelope) -> None:
         upstream=upstream,
         route=env.route.name,
         status=out.status,
-        stream=out.streamed or (ctx is not None and ctx.stream),
+        stream=stream,
         cache=out.cache,
         input_tokens=usage.input_tokens if usage else None,
         output_tokens=usage.output_tokens if usage else None,
         duration_ms=round(duration * 1000, 3),
-        ttft_ms=round(out.ttft * 1000, 3) if out.ttft is not None else None,
+        ttft_ms=round(ttft_ms, 3) if ttft_ms is not None else None,
         overhead_ms=round(overhead * 1000, 3),
         error=out.error,
     )

@@ -151,9 +151,13 @@ async def start_upstream(options: MockOptions | None = None) -> Upstream:
     return Upstream(f"http://127.0.0.1:{port}", app[MOCK_STATE], runner)
 
 
-async def start_gateway(settings: Settings, gw: Gateway | None = None) -> Running:
+async def start_gateway(
+    settings: Settings, gw: Gateway | None = None, *, stop_grace: float = 2
+) -> Running:
+    """A gateway on real sockets; `stop_grace` is the client listener's stop grace (what
+    `gateway serve` sets to STOP_GRACE)."""
     gw = gw or Gateway(settings)
-    runner = make_runner(create_app(gw), shutdown_timeout=2)
+    runner = make_runner(create_app(gw), shutdown_timeout=stop_grace)
     admin_runner = make_runner(create_admin_app(gw))
     await runner.setup()
     await admin_runner.setup()

@@ -23,19 +23,14 @@ from conftest import (
     Running,
     Upstream,
     auth,
-    bound_socket,
     ledger_rows,
     make_settings,
-    serve_on_free_port,
     start_app,
     start_gateway,
 )
 
-from gateway.app import create_admin_app, create_app, make_runner
 from gateway.backends import LEDGER_FILE
-from gateway.config import Settings, loads
-from gateway.listener import LimitedSite
-from gateway.runtime import Gateway
+from gateway.config import loads
 from gateway.upstream.client import UpstreamClient
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -187,23 +182,6 @@ async def test_reload_during_upload_keeps_a_model_listings_upstream(
 # -- a stop while a request whose client has left still waits for its upstream --------------
 
 
-async def start_gateway_with_stop_grace(settings: Settings, grace: float) -> Running:
-    """As conftest's `start_gateway`, with the client listener's stop grace (what `gateway
-    serve` sets to `STOP_GRACE`) short, so that a handler outlives it at once."""
-    gw = Gateway(settings)
-    runner = make_runner(create_app(gw), shutdown_timeout=grace)
-    admin_runner = make_runner(create_admin_app(gw))
-    await runner.setup()
-    await admin_runner.setup()
-    sock = bound_socket()
-    await LimitedSite(runner, sock=sock, max_connections=settings.limits.max_connections).start()
-    port: int = sock.getsockname()[1]
-    admin_port = await serve_on_free_port(admin_runner)
-    return Running(
-        gw, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", runner, admin_runner
-    )
-
-
 async def test_stop_waits_for_a_request_whose_client_left(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -223,9 +201,7 @@ async def test_stop_waits_for_a_request_whose_client_left(
 
     url, up_runner = await start_app(slow)
     state = tmp_path / "state"
-    running = await start_gateway_with_stop_grace(
-        make_settings(url, state, first_byte=10, drain=2), grace=0.1
-    )
+    running = await start_gateway(make_settings(url, state, first_byte=10, drain=2), stop_grace=0.1)
     gw = running.gw
     ledger_closing = asyncio.Event()
     real_close = gw.ledger.close

@@ -19,6 +19,7 @@ from gateway.context import Candidate, Outcome, RequestContext
 from gateway.relay.relay import relay
 from gateway.relay.sink import ClientSink, FlightSink, Sink
 from gateway.relay.sources import (
+    Answer,
     EntrySource,
     FlightSource,
     UpstreamRaw,
@@ -48,6 +49,7 @@ async def from_upstream(
     owner = (ctx.team, client.name)
     owners = gw.owners if ctx.creates_response else None
     sink = ClientSink(request, out, idle)
+    answer = Answer(up, headers, out, idle, gw.metrics, policy.secrets)
     ctype = up.content_type
     taps: list[Tap] = []
     if ctype == "text/event-stream":
@@ -59,12 +61,7 @@ async def from_upstream(
             taps.append(recorder)
         stream_sink: Sink = sink if flight is None else FlightSink(flight)
         source = UpstreamStream(
-            up,
-            headers,
-            out,
-            idle,
-            gw.metrics,
-            policy.secrets,
+            answer,
             drain=policy.settings.limits.drain_timeout,
             watch=usage.watch,
             present=(lambda: sink.present) if flight is None else (lambda: flight.readers > 0),
@@ -94,9 +91,7 @@ async def from_upstream(
         if recorder is not None:
             taps.append(recorder)
         try:
-            await relay(
-                UpstreamWhole(up, headers, out, idle, gw.metrics, policy.secrets), sink, taps
-            )
+            await relay(UpstreamWhole(answer), sink, taps)
         finally:
             if flight is not None:
                 flight.finish(recorder.entry if recorder is not None else None, out.usage)
@@ -105,8 +100,7 @@ async def from_upstream(
         return sink.resp or web.Response()
     if flight is not None:
         flight.finish(None, None)
-    raw = UpstreamRaw(up, headers, out, idle, gw.metrics, policy.secrets, lambda: sink.present)
-    await relay(raw, sink)
+    await relay(UpstreamRaw(answer, lambda: sink.present), sink)
     return sink.resp or web.Response()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import aiohttp
 
@@ -41,16 +42,30 @@ def client_headers(
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An upstream's answer as a source reads it."""
+
+    up: aiohttp.ClientResponse
+    headers: Mapping[str, str]  # the client's, made by `client_headers`
+    out: Outcome
+    idle: float  # the upstream's idle timeout
+    metrics: Metrics
+    secrets: Secrets
+
+
 class _Upstream:
     """Reading one upstream body, each chunk within `idle` seconds (idle time, not total)."""
 
     __slots__ = (
+        "_reading",
         "aborted",
         "complete",
         "headers",
         "idle",
         "metrics",
         "out",
+        "secrets",
         "status",
         "up",
         "upstream",
@@ -58,30 +73,27 @@ class _Upstream:
 
     whole = False
 
-    def __init__(
-        self,
-        up: aiohttp.ClientResponse,
-        headers: Mapping[str, str],
-        out: Outcome,
-        idle: float,
-        metrics: Metrics,
-    ) -> None:
-        self.up, self.headers, self.out, self.idle, self.metrics = up, headers, out, idle, metrics
-        self.status = up.status
-        self.upstream = out.upstream
+    def __init__(self, answer: Answer) -> None:
+        self.up, self.headers, self.out = answer.up, answer.headers, answer.out
+        self.idle, self.metrics, self.secrets = answer.idle, answer.metrics, answer.secrets
+        self.status = answer.up.status
+        self.upstream = answer.out.upstream
         self.complete = False
         self.aborted = False
+        self._reading: asyncio.Timeout | None = None  # the read under way, if any
 
     async def _chunk(self, within: float) -> bytes:
+        """The next chunk within `within` seconds (idle time, not total time)."""
         content = self.up.content
         chunk = content.read_nowait()  # what has arrived already: no timer, no wait
         if chunk or content.at_eof():
             return chunk
         t0 = time.perf_counter()
         try:
-            async with asyncio.timeout(within):
+            async with asyncio.timeout(within) as self._reading:
                 return await content.readany()
         finally:
+            self._reading = None
             self.out.upstream_wait += time.perf_counter() - t0
 
     def tail(self) -> bytes:
@@ -94,20 +106,8 @@ class _Upstream:
 class UpstreamWhole(_Upstream):
     """A JSON body: read whole (usage and cacheability come from it), then masked."""
 
-    __slots__ = ("secrets",)
+    __slots__ = ()
     whole = True
-
-    def __init__(
-        self,
-        up: aiohttp.ClientResponse,
-        headers: Mapping[str, str],
-        out: Outcome,
-        idle: float,
-        metrics: Metrics,
-        secrets: Secrets,
-    ) -> None:
-        super().__init__(up, headers, out, idle, metrics)
-        self.secrets = secrets
 
     async def read(self) -> bytes:
         parts: list[bytes] = []
@@ -128,18 +128,9 @@ class UpstreamRaw(_Upstream):
 
     __slots__ = ("masker", "present")
 
-    def __init__(
-        self,
-        up: aiohttp.ClientResponse,
-        headers: Mapping[str, str],
-        out: Outcome,
-        idle: float,
-        metrics: Metrics,
-        secrets: Secrets,
-        present: Callable[[], bool],
-    ) -> None:
-        super().__init__(up, headers, out, idle, metrics)
-        self.masker = StreamMasker(secrets)
+    def __init__(self, answer: Answer, present: Callable[[], bool]) -> None:
+        super().__init__(answer)
+        self.masker = StreamMasker(answer.secrets)
         self.present = present
 
     async def read(self) -> bytes:
@@ -168,7 +159,6 @@ class UpstreamStream(_Upstream):
     gets `POST_TERMINAL_GRACE` seconds to end it. A graceful stop may `cut` it."""
 
     __slots__ = (
-        "_reading",
         "_terminal",
         "broken",
         "cutting",
@@ -184,12 +174,7 @@ class UpstreamStream(_Upstream):
 
     def __init__(
         self,
-        up: aiohttp.ClientResponse,
-        headers: Mapping[str, str],
-        out: Outcome,
-        idle: float,
-        metrics: Metrics,
-        secrets: Secrets,
+        answer: Answer,
         *,
         drain: float,
         watch: StreamWatch,
@@ -197,8 +182,8 @@ class UpstreamStream(_Upstream):
         wants_rest: Callable[[], bool],
         expects_terminal: bool,
     ) -> None:
-        super().__init__(up, headers, out, idle, metrics)
-        self.masker = SSEMasker(secrets)
+        super().__init__(answer)
+        self.masker = SSEMasker(answer.secrets)
         self.drain, self.watch, self.summary = drain, watch, watch.summary
         self.present, self.wants_rest = present, wants_rest
         self.expects_terminal = expects_terminal
@@ -206,7 +191,6 @@ class UpstreamStream(_Upstream):
         self.cutting = False  # a graceful stop ran out of time: end the stream now
         self.deadline = NEVER  # after a terminal event, or once every client left
         self._terminal = False
-        self._reading: asyncio.Timeout | None = None
 
     def cut(self) -> None:
         """End this stream now, with the contract's error event (a graceful stop calls it
@@ -241,7 +225,7 @@ class UpstreamStream(_Upstream):
                     self.broken = "drain timeout"
                 return b""
             try:
-                chunk = await self._read(timeout)
+                chunk = await self._chunk(timeout)
             except TimeoutError:
                 if self.cutting:
                     self.broken = "the gateway is shutting down"
@@ -257,19 +241,6 @@ class UpstreamStream(_Upstream):
                 return b""
             if out := self.masker.feed(chunk):
                 return out
-
-    async def _read(self, within: float) -> bytes:
-        content = self.up.content
-        chunk = content.read_nowait()  # what has arrived already: no timer, no wait
-        if chunk or content.at_eof():
-            return chunk
-        t0 = time.perf_counter()
-        try:
-            async with asyncio.timeout(within) as self._reading:
-                return await content.readany()
-        finally:
-            self._reading = None
-            self.out.upstream_wait += time.perf_counter() - t0
 
     def tail(self) -> bytes:
         """What the masker held back, as the stream ended."""
