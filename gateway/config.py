@@ -18,20 +18,23 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from gateway.settings import (
+from gateway.schema import (
     INVALID,
     RULE,
     SECRET,
+    FromEnv,
+    Secret,
+    hash_key,
+)
+from gateway.settings import (
     Admin,
     BudgetRule,
     Cache,
-    FromEnv,
     LedgerSettings,
     Limits,
     Listen,
     Logs,
     Price,
-    Secret,
     Settings,
     State,
     Team,
@@ -39,7 +42,6 @@ from gateway.settings import (
     Timeouts,
     Traces,
     Upstream,
-    hash_key,
 )
 
 __all__ = [

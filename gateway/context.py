@@ -24,7 +24,7 @@ from gateway.auth import Principal
 from gateway.budget.store import Reservation
 from gateway.policy import Policy
 from gateway.routes import Route
-from gateway.settings import Secret
+from gateway.schema import Secret
 from gateway.upstream.client import UpstreamClient
 from gateway.usage import Usage
 

@@ -28,7 +28,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from gateway.redact import MARK, Redactor
 from gateway.runtime import Gateway
-from gateway.settings import Telemetry, Traces, hash_key
+from gateway.schema import hash_key
+from gateway.settings import Telemetry, Traces
 from gateway.telemetry.tracing import Tracing
 
 CLIENT = "key-alpha-0123456789"  # held only as a digest

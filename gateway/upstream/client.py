@@ -14,7 +14,8 @@ import aiohttp
 from yarl import URL
 
 from gateway import errors
-from gateway.settings import Secret, Upstream
+from gateway.schema import Secret
+from gateway.settings import Upstream
 
 URLS_KEPT = 256
 
