@@ -245,6 +245,9 @@ def running(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
+            # not the caller's directory: `-m` puts it first on sys.path, and a checkout there
+            # would shadow the tree PYTHONPATH names
+            cwd=log.parent,
             start_new_session=True,
             preexec_fn=pinned(cpus),  # noqa: PLW1509 - this script starts no threads
         )
@@ -373,6 +376,7 @@ def gateway_under_test() -> dict[str, Any]:
     probe = subprocess.run(
         [sys.executable, "-c", "import gateway; print(gateway.__file__)"],
         env=server_env(),
+        cwd=tempfile.gettempdir(),  # as the servers run: not from a checkout that shadows it
         capture_output=True,
         text=True,
         check=False,
