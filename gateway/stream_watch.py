@@ -15,29 +15,34 @@ import re
 from gateway.sse import SSEDecoder
 from gateway.usage import StreamSummary, StreamTracker
 
-# what an event that `StreamTracker.observe` acts on after the first output must contain;
-# each search starts with a literal, which a search skips to at C speed
-_NOTABLE = (
-    re.compile(rb"\[DONE\]").search,
-    re.compile(rb'"usage"\s*:\s*\{').search,
-    re.compile(rb'"error"').search,
-    re.compile(rb'"finish_reason"\s*:\s*"').search,
-    re.compile(rb"response\.(?:completed|incomplete|failed|done|cancelled)").search,
+# what an event that `StreamTracker.observe` acts on after the first output must contain:
+# searched from each quote (or an `event:` line's terminal name, or `[DONE]`), which a search
+# skips to at C speed
+_NOTABLE = re.compile(
+    rb'"(?:usage"\s*:\s*\{|error"|finish_reason"\s*:\s*"'
+    rb'|response\.(?:completed|incomplete|failed|done|cancelled)")'
+)
+_NOTABLE_NAME = re.compile(
+    rb"event: ?(?:error|response\.(?:completed|incomplete|failed|done|cancelled))"
 )
 
 
 def _first_notable(data: bytes) -> int:
     """Where the first thing worth decoding is in the bytes; -1 when nothing is."""
-    first = -1
-    for search in _NOTABLE:
-        m = search(data)
-        if m is not None and (first < 0 or m.start() < first):
-            first = m.start()
-    return first
+    found = [m.start() for m in (_NOTABLE.search(data), _NOTABLE_NAME.search(data)) if m]
+    done = data.find(b"[DONE]")
+    if done >= 0:
+        found.append(done)
+    return min(found) if found else -1
 
 
 def _events(block: bytes) -> int:
     """Events in complete blocks: those with a `data` field (a comment alone is none)."""
+    blocks = block.count(b"\n\n")
+    # a raw line feed is never inside JSON text, so these are the lines that start a field
+    data_lines = block.count(b"\ndata") + block.startswith(b"data")
+    if data_lines == blocks and b"\n:" not in block and not block.startswith(b":"):
+        return blocks  # one data line a block, no comment: the usual stream
     return sum(1 for part in block.split(b"\n\n") if part.startswith(b"data") or b"\ndata" in part)
 
 
