@@ -8,7 +8,7 @@ flight's follower gets only the taps that apply to it.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import orjson
@@ -134,10 +134,15 @@ class CacheRecorder:
     )
 
     def __init__(
-        self, store: CacheStore, key: str, cap: int, result: Completion, make: Any
+        self,
+        store: CacheStore,
+        key: str,
+        cap: int,
+        result: Completion,
+        make: Callable[[tuple[tuple[str, str], ...], bytes], CacheEntry],
     ) -> None:
         self.store, self.key, self.cap, self.result = store, key, cap, result
-        self.make = make  # (headers, body) -> CacheEntry
+        self.make = make
         self.parts: list[bytes] | None = []
         self.size = 0
         self.headers: tuple[tuple[str, str], ...] = ()
