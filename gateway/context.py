@@ -49,6 +49,7 @@ class RequestContext:
     send: bytes  # as the upstream gets it
     parsed: Any  # the body's JSON (a dict) when it is JSON
     stream: bool  # the client asked for a stream
+    hide_usage: bool  # the client did not ask for the usage chunk the gateway asked for
     output_estimate: int  # most output tokens a metered request can produce
     plan: tuple[Candidate, ...]  # tried in order; one for now
 

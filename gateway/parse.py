@@ -75,19 +75,23 @@ def output_estimate(parsed: Parsed, limits: Limits) -> int:
         raise errors.invalid_value(e.param, str(e)) from None
 
 
-def upstream_body(route: Route, parsed: Parsed) -> bytes:
-    """The bytes sent upstream: the client's, except that a Chat Completions stream is asked
-    for its usage (it reports none unless asked), so that it is charged exactly.
-
-    Clients that did not ask then also receive the final usage chunk (`choices: []`), a
-    documented chunk shape that the OpenAI SDKs handle.
-    """
+def adds_usage(route: Route, parsed: Parsed) -> bool:
+    """Whether the gateway asks for the usage of a Chat Completions stream whose client did not
+    (it reports none unless asked): that client must then not get the usage chunk."""
     body = parsed.json
     if route.name != "/v1/chat/completions" or not parsed.stream or not isinstance(body, dict):
-        return parsed.body
+        return False
     options = body.get("stream_options")
-    if isinstance(options, dict) and options.get("include_usage") is True:
+    return not (isinstance(options, dict) and options.get("include_usage") is True)
+
+
+def upstream_body(route: Route, parsed: Parsed) -> bytes:
+    """The bytes sent upstream: the client's, except that a Chat Completions stream is asked
+    for its usage, so that it is charged exactly (see `adds_usage`)."""
+    if not adds_usage(route, parsed):
         return parsed.body
+    body = parsed.json
+    options = body.get("stream_options")
     options = (
         {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
     )

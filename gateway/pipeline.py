@@ -47,6 +47,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         send=parse.upstream_body(route, parsed),
         parsed=parsed.json,
         stream=parsed.stream,
+        hide_usage=parse.adds_usage(route, parsed),
         output_estimate=parse.output_estimate(parsed, limits) if metered else 0,
         plan=candidates,
     )

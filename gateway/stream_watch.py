@@ -123,6 +123,12 @@ class StreamWatch:
         for event in self._decoder.feed(data):
             observe(event)
 
+    def aside(self, block: bytes) -> None:
+        """Observe a whole event the client did not get (a withheld usage chunk), out of the
+        byte order: it must not touch the decoder of what the client got."""
+        for event in SSEDecoder().feed(block):
+            self.tracker.observe(event)
+
     def terminator(self) -> bytes:
         """What ends a partial line and an unfinished event (`SSEDecoder.terminator`)."""
         if self._rest:

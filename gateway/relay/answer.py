@@ -67,6 +67,7 @@ async def from_upstream(
             present=(lambda: sink.present) if flight is None else (lambda: flight.readers > 0),
             wants_rest=lambda: recorder is not None and recorder.parts is not None,
             expects_terminal=ctx.metered,
+            hide_usage=ctx.hide_usage,
         )
         if flight is None:
             await _streamed(gw, source, sink, taps)

@@ -22,6 +22,7 @@ from gateway.sse_masking import SSEMasker
 from gateway.stream_watch import StreamWatch
 from gateway.telemetry.metrics import Metrics
 from gateway.upstream.headers import response_headers
+from gateway.usage_chunk import UsageChunkFilter
 
 UPSTREAM_BROKEN = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)
 POST_TERMINAL_GRACE = 1.0  # seconds an upstream may keep a finished stream open
@@ -165,6 +166,7 @@ class UpstreamStream(_Upstream):
         "deadline",
         "drain",
         "expects_terminal",
+        "hold",
         "masker",
         "present",
         "summary",
@@ -181,9 +183,12 @@ class UpstreamStream(_Upstream):
         present: Callable[[], bool],
         wants_rest: Callable[[], bool],
         expects_terminal: bool,
+        hide_usage: bool = False,
     ) -> None:
         super().__init__(answer)
         self.masker = SSEMasker(answer.secrets)
+        # a Chat stream's usage chunk its client did not ask for: read, never sent on
+        self.hold = UsageChunkFilter() if hide_usage else None
         self.drain, self.watch, self.summary = drain, watch, watch.summary
         self.present, self.wants_rest = present, wants_rest
         self.expects_terminal = expects_terminal
@@ -239,12 +244,28 @@ class UpstreamStream(_Upstream):
                 return b""
             if not chunk:
                 return b""
-            if out := self.masker.feed(chunk):
+            out = self.masker.feed(chunk)
+            if self.hold is not None:
+                out = self._held(out)
+            if out:
                 return out
 
+    def _held(self, data: bytes) -> bytes:
+        hold = self.hold
+        assert hold is not None
+        out = hold.feed(data)
+        if hold.withheld:
+            for block in hold.withheld:
+                self.watch.aside(block)
+            hold.withheld.clear()
+        return out
+
     def tail(self) -> bytes:
-        """What the masker held back, as the stream ended."""
-        return self.masker.flush()
+        """What the filters held back, as the stream ended."""
+        rest = self.masker.flush()
+        if self.hold is not None:
+            rest = self._held(rest) + self.hold.flush()
+        return rest
 
     def ending(self) -> bytes:
         """After the tail: the contract's error event when the stream broke before its

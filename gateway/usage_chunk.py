@@ -1,0 +1,87 @@
+"""A Chat Completions stream without its usage chunk, for a client that did not ask for it.
+
+The gateway asks every Chat Completions stream for its usage (`stream_options.include_usage`),
+which adds a last chunk with `"choices": []` and the usage. A client that did not ask for it
+must not get it: the usual `chunk.choices[0]` loop fails on it. This filter passes every other
+byte through as it came and hands the usage chunk to the caller instead. Pure: bytes in.
+
+Events are passed on whole: the bytes after the last complete event wait for its end, which
+delays nothing a client can use (an SSE reader acts on an event only once it has ended).
+"""
+
+from __future__ import annotations
+
+import re
+
+import orjson
+
+# the blank line that ends an event: two line ends, each LF, CR or CRLF (a CR at the very end
+# of the bytes so far counts as one: a LF after it starts the next block, an empty line)
+_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
+# what the usage chunk's data holds; a quote inside a JSON string is escaped, so this only
+# matches the key itself
+_NO_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
+
+
+def _complete(buf: bytes) -> int:
+    """Where the bytes of complete events end in `buf` (0 when none ended)."""
+    if b"\r" not in buf:
+        end = buf.rfind(b"\n\n")
+        return end + 2 if end >= 0 else 0
+    last = 0
+    for m in _END.finditer(buf):
+        last = m.end()
+    return last
+
+
+def _blocks(whole: bytes) -> list[bytes]:
+    """Complete events, each with the blank line that ends it."""
+    out, start = [], 0
+    for m in _END.finditer(whole):
+        out.append(whole[start : m.end()])
+        start = m.end()
+    if start < len(whole):
+        out.append(whole[start:])
+    return out
+
+
+def is_usage_chunk(block: bytes) -> bool:
+    """An event whose data is a chunk with no choices and a usage object."""
+    data = [
+        line.partition(b":")[2].removeprefix(b" ")
+        for line in block.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        if line.startswith(b"data") and (line[4:5] == b":" or line == b"data")
+    ]
+    try:
+        obj = orjson.loads(b"\n".join(data))
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and obj.get("choices") == [] and isinstance(obj.get("usage"), dict)
+
+
+class UsageChunkFilter:
+    __slots__ = ("_rest", "withheld")
+
+    def __init__(self) -> None:
+        self._rest = b""  # the bytes of an event not ended yet
+        self.withheld: list[bytes] = []  # usage chunks taken out, for the caller to read
+
+    def feed(self, data: bytes) -> bytes:
+        """What the client gets of `data`: complete events, the usage chunk taken out."""
+        buf = self._rest + data if self._rest else data
+        end = _complete(buf)
+        whole, self._rest = buf[:end], buf[end:]
+        if _NO_CHOICES.search(whole) is None:
+            return whole
+        kept = []
+        for block in _blocks(whole):
+            if _NO_CHOICES.search(block) is not None and is_usage_chunk(block):
+                self.withheld.append(block)
+            else:
+                kept.append(block)
+        return b"".join(kept)
+
+    def flush(self) -> bytes:
+        """The stream ended: an event it left unfinished goes on as it is (a reader drops it)."""
+        rest, self._rest = self._rest, b""
+        return rest

@@ -1,0 +1,171 @@
+"""A Chat Completions stream's usage chunk reaches only the clients that asked for it.
+
+The gateway asks every Chat stream for its usage, to charge it exactly; a client that did not
+ask must get the stream it would get from the provider, or the usual
+`chunk.choices[0].delta.content` loop fails on the extra chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import openai
+import orjson
+from conftest import ALPHA_KEY, GatewayFactory, Upstream, auth, ledger_rows
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.usage_chunk import UsageChunkFilter, is_usage_chunk
+
+CHAT: dict[str, Any] = {
+    "model": "gpt-4o-mini",
+    "messages": [{"role": "user", "content": "Tell me about rivers"}],
+    "max_tokens": 7,
+}
+
+
+def standard_loop(base_url: str, key: str) -> str:
+    """The loop of the SDK's README, verbatim: every chunk's first choice."""
+    with openai.OpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0) as client:
+        stream = client.chat.completions.create(**CHAT, stream=True)
+        text = ""
+        for chunk in stream:
+            text += chunk.choices[0].delta.content or ""
+        return text
+
+
+def usage_loop(base_url: str, key: str, **extra: Any) -> tuple[str, list[Any]]:
+    """A loop that reads the usage chunk where one comes."""
+    with openai.OpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0) as client:
+        stream = client.chat.completions.create(**CHAT, stream=True, **extra)
+        text, usages = "", []
+        for chunk in stream:
+            if chunk.usage is not None:
+                usages.append(chunk.usage.model_dump())
+                assert chunk.choices == []
+                continue
+            text += chunk.choices[0].delta.content or ""
+        return text, usages
+
+
+async def test_sdk_loop_without_stream_options_gets_no_usage_chunk(
+    gateway_factory: GatewayFactory, upstream: Upstream
+) -> None:
+    gw = await gateway_factory(alpha_budgets="[{tokens: 100000, per: day}]")
+    direct = await asyncio.to_thread(standard_loop, upstream.url, "anything")
+    via = await asyncio.to_thread(standard_loop, gw.url, ALPHA_KEY)
+    assert via == direct and len(via.split()) == 7
+    assert await asyncio.to_thread(usage_loop, gw.url, ALPHA_KEY) == (direct, [])
+    # the gateway still asked for the usage, and charged it exactly
+    sent = orjson.loads(upstream.state.requests[-1].body)
+    assert sent["stream_options"] == {"include_usage": True}
+    for row in await ledger_rows(gw):
+        assert (row["output_tokens"], row["estimated"], row["status"]) == (7, 0, 200)
+        assert row["input_tokens"] == direct_input_tokens()
+
+
+def direct_input_tokens() -> int:
+    return -(-len("Tell me about rivers") // 4)
+
+
+async def test_sdk_loop_with_stream_options_gets_the_usage_chunk_unchanged(
+    gateway_factory: GatewayFactory, upstream: Upstream
+) -> None:
+    gw = await gateway_factory()
+    asked = {"stream_options": {"include_usage": True}}
+    direct = await asyncio.to_thread(usage_loop, upstream.url, "anything", **asked)
+    via = await asyncio.to_thread(usage_loop, gw.url, ALPHA_KEY, **asked)
+    assert via == direct
+    assert via[1] == [
+        {
+            "completion_tokens": 7,
+            "prompt_tokens": direct_input_tokens(),
+            "total_tokens": 7 + direct_input_tokens(),
+            "completion_tokens_details": via[1][0]["completion_tokens_details"],
+            "prompt_tokens_details": via[1][0]["prompt_tokens_details"],
+        }
+    ]
+
+
+async def test_include_usage_false_is_answered_like_no_stream_options(
+    gateway_factory: GatewayFactory, upstream: Upstream
+) -> None:
+    gw = await gateway_factory()
+    body = {**CHAT, "stream": True, "stream_options": {"include_usage": False}}
+    async with (
+        aiohttp.ClientSession(headers=auth()) as s,
+        s.post(f"{gw.url}/v1/chat/completions", json=body) as r,
+    ):
+        raw = await r.read()
+    assert r.status == 200 and b'"choices":[]' not in raw and raw.endswith(b"data: [DONE]\n\n")
+    assert orjson.loads(upstream.state.requests[-1].body)["stream_options"] == {
+        "include_usage": True
+    }
+    (row,) = await ledger_rows(gw)
+    assert row["output_tokens"] == 7 and row["estimated"] == 0
+
+
+# ---------------------------------------------------------------- the filter itself
+
+HEAD = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"hi"}}],"usage":null}'
+FINISH = b'data: {"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'
+USAGE = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}'
+DONE = b"data: [DONE]"
+
+
+def stream_of(events: list[bytes], end: bytes) -> bytes:
+    return b"".join(e + end + end for e in events)
+
+
+def run(filt: UsageChunkFilter, chunks: list[bytes]) -> bytes:
+    return b"".join([filt.feed(c) for c in chunks]) + filt.flush()
+
+
+def cut(data: bytes, points: list[int]) -> list[bytes]:
+    bounds = sorted({p % (len(data) + 1) for p in points})
+    return [data[a:b] for a, b in zip([0, *bounds], [*bounds, len(data)], strict=True)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    points=st.lists(st.integers(min_value=0, max_value=10_000), max_size=12),
+    end=st.sampled_from([b"\n", b"\r\n", b"\r"]),
+)
+def test_any_chunking_takes_out_exactly_the_usage_chunk(points: list[int], end: bytes) -> None:
+    data = stream_of([HEAD, HEAD, FINISH, USAGE, DONE], end)
+    filt = UsageChunkFilter()
+    got = run(filt, cut(data, points))
+    want = stream_of([HEAD, HEAD, FINISH, DONE], end)
+    # a CR that ends a chunk may leave its event's LF to the next: an empty line a reader skips
+    assert got.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n\n\n", b"\n\n") == (
+        want.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    )
+    assert [b.strip() for b in filt.withheld] == [USAGE]
+
+
+def test_events_pass_through_byte_for_byte_and_at_once() -> None:
+    filt = UsageChunkFilter()
+    first = HEAD + b"\n\n"
+    assert filt.feed(first) == first  # nothing waits but an unfinished event
+    assert filt.feed(b"data: {") == b""
+    assert filt.feed(b'"choices":[{}]}\n\n') == b'data: {"choices":[{}]}\n\n'
+
+
+def test_a_chunk_without_choices_and_usage_goes_through() -> None:
+    """Azure's first chunk (prompt filter results) has no choices and no usage: it is the
+    provider's, not the gateway's, and the client gets it."""
+    azure = b'data: {"choices":[],"prompt_filter_results":[]}\n\n'
+    filt = UsageChunkFilter()
+    assert run(filt, [azure, USAGE + b"\n\n", DONE + b"\n\n"]) == azure + DONE + b"\n\n"
+    assert not is_usage_chunk(azure) and is_usage_chunk(USAGE)
+    assert is_usage_chunk(b'data:{"choices": [ ],\ndata: "usage": {}}\n\n')
+    assert not is_usage_chunk(b'data: {"choices":[],"usage":null}\n\n')
+    assert not is_usage_chunk(b"data: [not json\n\n")
+
+
+def test_an_unfinished_event_at_the_end_goes_on_as_it_came() -> None:
+    filt = UsageChunkFilter()
+    assert run(filt, [HEAD + b"\n\n", USAGE]) == HEAD + b"\n\n" + USAGE
+    assert filt.withheld == []
