@@ -67,8 +67,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
             stream=ctx.stream,
             cache_control=request.headers.get("cache-control", ""),
         )
-        env.outcome.cache = found.result
         if found.entry is not None or found.follow is not None:
+            env.outcome.cache = found.result
             return await _shared(gw, request, env, ctx, found)
     try:
         return await _call(gw, request, env, ctx, found)
@@ -120,6 +120,9 @@ async def _call(
             ctx.output_estimate,
             gw.clock(),
         )
+    if found.result:  # a miss or a bypass is counted once its call is admitted
+        out.cache = found.result
+        gw.cache_counts.count(found.result, gw.metrics)
     up, candidate = await attempts.run(gw.tracing, gw.metrics, env, ctx, request.headers)
     try:
         extra = env.headers()

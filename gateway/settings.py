@@ -227,6 +227,10 @@ class Telemetry(_Schema):
     max_model_labels: Count = 100
 
 
+# the team of requests without a valid key, in the ledger, the metrics and the log line
+UNKNOWN_TEAM = "unknown"
+
+
 def _by_name(value: Any, model: type[_Schema], what: str) -> tuple[Any, list[InitErrorDetails]]:
     """The file names upstreams and teams by key (`teams: {search: {...}}`), in order; code
     passes `Upstream` and `Team` objects. At least one of each is required."""
@@ -243,6 +247,16 @@ def _by_name(value: Any, model: type[_Schema], what: str) -> tuple[Any, list[Ini
             keys = ", ".join(model._file_keys())
             found.append(
                 _problem((i, "name"), RULE, f"unknown key (expected one of: {keys})", None)
+            )
+        if model is Team and name == UNKNOWN_TEAM:
+            found.append(
+                _problem(
+                    (i,),
+                    RULE,
+                    f"the team name {UNKNOWN_TEAM!r} is reserved for requests without a valid "
+                    "key; choose another",
+                    None,
+                )
             )
         if body is None or isinstance(body, Mapping):  # `name:` alone takes every default
             items.append({**(body or {}), "name": str(name)})

@@ -20,6 +20,7 @@ from conftest import (
     Upstream,
     auth,
     free_port,
+    ledger_rows,
     make_settings,
     start_gateway,
 )
@@ -242,14 +243,15 @@ async def test_metrics_after_known_workload(gateway_factory: Any, upstream: Upst
     assert get(m, req, team="alpha", status="200", cache="miss") == 4
     assert get(m, req, team="alpha", status="200", cache="hit") == 1
     assert get(m, req, team="alpha", status="500") == 1
-    assert get(m, req, team="beta", status="429") == 1
+    # the budget refused it before any call: no lookup, and no cache result
+    assert get(m, req, team="beta", status="429", cache="none") == 1
     assert get(m, req, team="unknown", status="401", cache="none") == 1
     assert get(m, "gateway_tokens_total", team="alpha", type="input") == usage["input"]
     assert get(m, "gateway_tokens_total", team="alpha", type="output") == usage["output"]
     cost = (usage["input"] * 0.10 + usage["output"] * 0.40) / 1e6
     assert get(m, "gateway_cost_usd_total", team="alpha") == pytest.approx(cost)
     assert get(m, "gateway_cache_lookups_total", result="hit") == 1
-    assert get(m, "gateway_cache_lookups_total", result="miss") == 6  # the 429 looked up too
+    assert get(m, "gateway_cache_lookups_total", result="miss") == 5  # not the refused 429
     assert get(m, "gateway_cache_saved_tokens_total", team="alpha") > 0
     assert get(m, "gateway_cache_entries") == 4
     assert get(m, "gateway_budget_rejections_total", team="beta") == 1
@@ -260,6 +262,14 @@ async def test_metrics_after_known_workload(gateway_factory: Any, upstream: Upst
     assert get(m, "gateway_overhead_seconds_count") == 8
     assert get(m, "gateway_upstream_duration_seconds_count", upstream="mock") == 5
     assert get(m, "gateway_inflight_requests") == 0 and get(m, "gateway_active_streams") == 0
+    # every finished request has its ledger record, the 401 under team "unknown"
+    rows = await ledger_rows(gw)
+    assert len(rows) == 8
+    assert [(r["team"], r["status"], r["key_id"]) for r in rows[-2:]] == [
+        ("beta", 429, rows[-2]["key_id"]),
+        ("unknown", 401, ""),
+    ]
+    assert rows[-2]["cache"] == "" and rows[-1]["charged_tokens"] == 0
     # keys and ids are never labels
     text = await scrape(gw)
     assert ALPHA_KEY not in text and UPSTREAM_KEY not in text and "req_" not in text

@@ -1,5 +1,7 @@
 """The cache step of a cacheable request: bypass, a stored answer, an identical request in
-flight to join, or a new flight to lead. Counts every lookup once."""
+flight to join, or a new flight to lead. Counts every lookup once: a hit or a coalesced
+answer here, a miss or a bypass when its call is admitted (`CacheCounters.count`), so a
+request the budget refuses, which makes no call, counts as no lookup."""
 
 from __future__ import annotations
 
@@ -57,12 +59,10 @@ async def lookup(
 ) -> Lookup:
     cc = cache_control.lower()
     if not settings.enabled or top.get("background") is True or "no-store" in cc:
-        counters.count("bypass", metrics)
         return Lookup("bypass")
     scope = "shared" if settings.scope == "shared" else f"team:{team}"
     key = cache_key(scope, upstream, body)
     if "no-cache" in cc:  # look nothing up, but store the answer
-        counters.count("bypass", metrics)
         return Lookup("bypass", key)
     entry = await store.get(key)
     if entry is not None and entry.stream == stream:
@@ -70,7 +70,6 @@ async def lookup(
         return Lookup("hit", entry=entry)
     flight = flights.peek(key)
     if flight is None:
-        counters.count("miss", metrics)
         return Lookup("miss", key, lead=flights.open(key, stream))
     flight.readers += 1
     try:
@@ -87,5 +86,4 @@ async def lookup(
     finally:
         flight.readers -= 1
     # the leader's answer cannot be shared: make our own call, storing what it gets
-    counters.count("miss", metrics)
     return Lookup("miss", key)
