@@ -264,7 +264,9 @@ def _show(value: object) -> str:
     if isinstance(value, str):
         text = str(value)
         return repr(text) if len(text) <= _SHOWN else f"{text[:_SHOWN]!r}... ({len(text)} chars)"
-    return _kind(value)
+    if isinstance(value, list | tuple | dict) and not value:
+        return "[]" if isinstance(value, list | tuple) else "{}"
+    return _kind(value)  # what a list or mapping holds may be a secret: only its kind
 
 
 def _kind(value: object) -> str:

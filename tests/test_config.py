@@ -304,6 +304,47 @@ def test_admin_on_another_address_is_fine(listen: str, admin: str) -> None:
     loads(MINIMAL + f"listen: {listen}\nadmin: {admin}\n", {})
 
 
+def test_problems_show_the_value_not_its_type() -> None:
+    text = f"""
+upstreams:
+  a: {{base_url: "http://a", models: [], timeouts: {{connect: -1}}}}
+prices: {{"*": {{input: 1, output: 1}}}}
+teams:
+  t:
+    keys: ["{DIGEST}"]
+    budgets: [{{usd: -3, per: day}}, {{tokens: 1000.5, per: hour}}]
+    models: {{}}
+"""
+    with pytest.raises(ConfigError) as e:
+        loads(text, {}, "m.yaml")
+    assert e.value.problems == [
+        "upstreams.a.models: must be a non-empty list of glob patterns (got [])",
+        "upstreams.a.timeouts.connect: must be a positive number of seconds (got -1)",
+        "teams.t.budgets[0].usd: must be a non-negative number (got -3)",
+        "teams.t.budgets[1].tokens: must be a positive integer (got 1000.5)",
+        "teams.t.models: must be a non-empty list of glob patterns (got {})",
+    ]
+
+
+def test_a_list_that_may_hold_a_secret_shows_only_its_kind() -> None:
+    text = f"""
+upstreams: {{a: {{base_url: "http://a", api_keys: "sk-live-secret"}}}}
+teams: {{t: {{keys: ["{DIGEST}"], models: ["sk-live-other", 3]}}}}
+"""
+    with pytest.raises(ConfigError) as e:
+        loads(text, {}, "m.yaml")
+    assert "sk-live" not in str(e.value)
+
+
+def test_the_team_name_unknown_is_reserved() -> None:
+    with pytest.raises(ConfigError) as e:
+        loads(MINIMAL.replace("teams: {t:", "teams: {unknown:"), {}, "m.yaml")
+    assert e.value.problems == [
+        "teams.unknown: the team name 'unknown' is reserved for requests without a valid key;"
+        " choose another"
+    ]
+
+
 def test_every_problem_at_once_in_file_order() -> None:
     text = f"""
 listen: {{port: 70000}}
@@ -325,7 +366,7 @@ cache: {{ttl: 0, scope: global}}
         "upstreams.a: set api_key or api_keys, not both",
         "upstreams.a.base_url: must start with http:// or https:// (got 'x')",
         "teams.t.budgets[0]: set exactly one of tokens or usd",
-        "teams.u.models: must be a non-empty list of glob patterns (got a list)",
+        "teams.u.models: must be a non-empty list of glob patterns (got [])",
         "cache.ttl: must be a positive number of seconds (got 0)",
         "cache.scope: must be team or shared (got 'global')",
     ]
