@@ -10,6 +10,7 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from gateway import config
+from gateway.amounts import amount
 from gateway.envelope import expect
 from gateway.errors import GatewayError
 from gateway.ledger.report import parse_by, parse_when, row_to_dict
@@ -67,10 +68,10 @@ async def teams(request: web.Request) -> web.Response:
                     {
                         "per": w.per,
                         "unit": w.unit,
-                        "limit": w.limit,
-                        "used": w.used,
-                        "reserved": w.reserved,
-                        "remaining": w.remaining,
+                        "limit": amount(w.unit, w.limit),
+                        "used": amount(w.unit, w.used),
+                        "reserved": amount(w.unit, w.reserved),
+                        "remaining": amount(w.unit, w.remaining),
                         "resets_at": None if w.per == "total" else w.end,
                     }
                     for w in windows

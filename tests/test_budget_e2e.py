@@ -93,6 +93,41 @@ async def test_200_concurrent_never_overshoot_and_no_false_429(
                 assert r.status == 200 and before >= ESTIMATE
 
 
+async def test_admin_teams_shows_whole_tokens_and_rounded_usd(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """After concurrent requests have settled, nothing is reserved: `reserved` is 0, not the
+    1e-20 that float reservations leave behind, and token figures are whole numbers."""
+    gw = await gateway_factory(
+        alpha_budgets="[{tokens: 20000, per: day}, {usd: 1.0, per: month}]"
+    )
+    async with session(headers=auth()) as s:
+
+        async def one(i: int) -> int:
+            body = {**BODY, "input": f"{i} " + "x" * (i * 7 % 13)}
+            async with s.post(f"{gw.url}/v1/responses", json=body) as r:
+                await r.read()
+                return r.status
+
+        assert set(await asyncio.gather(*(one(i) for i in range(40)))) == {200}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"{gw.admin_url}/admin/teams", headers=auth(ADMIN_KEY)) as r,
+    ):
+        text = await r.text()
+    assert "e-" not in text
+    tokens, usd = json.loads(text)["teams"][0]["budgets"]
+    assert tokens["unit"] == "tokens" and usd["unit"] == "usd"
+    assert all(type(tokens[k]) is int for k in ("limit", "used", "reserved", "remaining"))
+    assert tokens["limit"] == 20000 and tokens["reserved"] == 0
+    assert tokens["used"] + tokens["remaining"] == 20000
+    assert usd["reserved"] == 0 and usd["limit"] == 1
+    for k in ("used", "remaining"):
+        assert round(usd[k], 6) == usd[k] and 0 < usd[k] < 1
+    rows = await ledger_rows(gw)
+    assert usd["used"] == round(math.fsum(r["cost_usd"] for r in rows), 6)
+
+
 async def test_plenty_of_budget_admits_every_concurrent_request(
     gateway_factory: GatewayFactory,
 ) -> None:

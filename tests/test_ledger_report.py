@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
-import math
 from datetime import UTC, datetime
 
 import pytest
@@ -105,7 +105,7 @@ def test_row_to_dict_has_grouped_keys_then_numbers() -> None:
     assert out["day"] == "2025-03-01"
     assert out["team"] == "ads"
     assert out["input_tokens"] == 1234567
-    assert out["cost_usd"] == 0.1234567
+    assert out["cost_usd"] == 0.123457  # to the micro-dollar
 
 
 def test_table_aligns_columns_and_ends_with_a_total() -> None:
@@ -162,8 +162,28 @@ def test_csv_round_trips_the_numbers_without_a_total_row() -> None:
         assert parsed["model"] == expected.model
         assert parsed["team"] == expected.team
         for name in NUMERIC_FIELDS:
-            value = float(parsed[name]) if name == "cost_usd" else int(parsed[name])
-            assert value == getattr(expected, name)
+            if name == "cost_usd":
+                assert parsed[name] == f"{expected.cost_usd:.6f}"
+            else:
+                assert int(parsed[name]) == getattr(expected, name)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "table"])
+def test_costs_are_shown_to_the_micro_dollar_never_as_float_noise(fmt: str) -> None:
+    """Sums of float costs carry noise (0.1 + 0.2 != 0.3); what is shown is rounded, in fixed
+    notation, and a sum that is exactly zero shows as zero, not as -0.0 or 8e-20."""
+    noisy = [
+        dataclasses.replace(row("ads", "m"), cost_usd=0.0004946999999999998),
+        dataclasses.replace(row("web", "m"), cost_usd=-8.13e-20),
+        dataclasses.replace(row("x", "m"), cost_usd=1e-7),
+    ]
+    text = render(noisy, ("team",), fmt)
+    assert "0.000495" in text and "e-" not in text and "-0.0" not in text
+    assert "4946999" not in text
+    if fmt == "json":
+        document = json.loads(text)
+        assert [r["cost_usd"] for r in document["rows"]] == [0.000495, 0.0, 0.0]
+        assert document["totals"]["cost_usd"] == 0.000495
 
 
 def test_csv_quotes_awkward_names() -> None:
@@ -180,12 +200,12 @@ def test_json_has_by_rows_with_only_grouped_keys_and_totals() -> None:
     assert [list(r) for r in document["rows"]] == [["team", *NUMERIC_FIELDS]] * 2
     assert [r["team"] for r in document["rows"]] == ["ads", "search-engine-team"]
     assert document["rows"][1]["input_tokens"] == 2469134
-    assert document["rows"][0]["cost_usd"] == 0.1234567
+    assert document["rows"][0]["cost_usd"] == 0.123457
     totals = document["totals"]
     assert list(totals) == list(NUMERIC_FIELDS)
     assert totals["requests"] == 9
     assert totals["estimated_requests"] == 3
-    assert math.isclose(totals["cost_usd"], 0.1234567 * 3)
+    assert totals["cost_usd"] == 0.37037  # the exact sum, rounded once
 
 
 def test_json_of_no_rows() -> None:

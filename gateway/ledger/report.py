@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
+from gateway import amounts
 from gateway.ledger.records import GROUP_KEYS, ReportRow
 
 FORMATS = ("table", "csv", "json")
@@ -94,10 +95,11 @@ def totals(rows: Sequence[ReportRow]) -> ReportRow:
 
 
 def row_to_dict(row: ReportRow, by: Sequence[str]) -> dict[str, object]:
-    """The grouped keys of `row` (in `by` order), then its numeric fields."""
+    """The grouped keys of `row` (in `by` order), then its numeric fields (USD rounded)."""
     out: dict[str, object] = {key: getattr(row, key) for key in normalize_by(by)}
     for name in NUMERIC_FIELDS:
-        out[name] = getattr(row, name)
+        value = getattr(row, name)
+        out[name] = amounts.usd(value) if isinstance(value, float) else value
     return out
 
 
@@ -115,8 +117,8 @@ def render(rows: Sequence[ReportRow], by: Sequence[str], fmt: str) -> str:
 
 def _render_table(rows: Sequence[ReportRow], by: tuple[str, ...]) -> str:
     header = [*by, *NUMERIC_FIELDS]
-    body = [_cells(row, by, _table_number) for row in rows]
-    total = _cells(totals(rows), by, _table_number)
+    body = [_cells(row, by, _number) for row in rows]
+    total = _cells(totals(rows), by, _number)
     if by:
         total[0] = "TOTAL"
         body.append(total)
@@ -141,7 +143,7 @@ def _render_csv(rows: Sequence[ReportRow], by: tuple[str, ...]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([*by, *NUMERIC_FIELDS])
     for row in rows:
-        writer.writerow(_cells(row, by, _exact_number))
+        writer.writerow(_cells(row, by, _number))
     return out.getvalue()
 
 
@@ -160,10 +162,6 @@ def _cells(row: ReportRow, by: tuple[str, ...], number: Callable[[object], str])
     ]
 
 
-def _table_number(value: object) -> str:
-    return f"{value:.6f}" if isinstance(value, float) else str(value)
-
-
-def _exact_number(value: object) -> str:
-    # repr() is the shortest text that parses back to the same float.
-    return repr(value) if isinstance(value, float) else str(value)
+def _number(value: object) -> str:
+    """A report cell: a count as it is, USD (the only float) in fixed notation."""
+    return amounts.usd_text(value) if isinstance(value, float) else str(value)
