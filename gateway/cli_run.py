@@ -1,0 +1,105 @@
+"""Running the gateway in this process until a signal stops it: the listeners, SIGTERM's
+drain, SIGHUP's reload. Shared by `gateway serve` and `gateway demo`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable
+
+from aiohttp import web
+
+from gateway import config
+from gateway.admin import CONFIG_PATH
+from gateway.app import create_admin_app, create_app, make_runner
+from gateway.listener import LimitedSite
+from gateway.runtime import Gateway
+
+STOP_GRACE = 2.0  # seconds a request still running after the drain gets before it is cancelled
+
+
+class ListenError(Exception):
+    """A listener could not bind its address: one line says which and why."""
+
+    def __init__(self, what: str, host: str, port: int, error: OSError) -> None:
+        reason = (error.strerror or str(error)).lower()
+        super().__init__(f"cannot listen on {host}:{port} ({what}): {reason}")
+
+
+def use_uvloop() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def run_gateway(
+    settings: config.Settings,
+    host: str,
+    port: int,
+    config_path: str | None = None,
+    announce: bool = True,
+    ready: Callable[[], None] | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT; SIGHUP reloads the config. A stop drains and flushes.
+
+    `ready` runs once both listeners are bound; an address that cannot be bound raises
+    ListenError with everything started closed again."""
+    gw = Gateway(settings)
+    app = create_app(gw)
+    admin = create_admin_app(gw)
+    if config_path:
+        admin[CONFIG_PATH] = config_path
+    # the drain happens before the runner stops (gw.drain): what is left by then is cut
+    runner = make_runner(app, shutdown_timeout=STOP_GRACE)
+    admin_runner = make_runner(admin, shutdown_timeout=5)
+    await runner.setup()  # starts the Gateway (cleanup_ctx)
+    await admin_runner.setup()
+    where = ("listen", host, port)
+    try:
+        site = LimitedSite(runner, host, port, max_connections=settings.limits.max_connections)
+        await site.start()
+        where = ("admin", settings.admin.host, settings.admin.port)
+        await web.TCPSite(admin_runner, settings.admin.host, settings.admin.port).start()
+    except OSError as e:
+        await admin_runner.cleanup()
+        await runner.cleanup()
+        raise ListenError(*where, e) from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+
+    def on_hup() -> None:
+        if config_path:
+            gw.spawn(_reload(gw, config_path))
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    if announce:
+        gw.log.info(
+            "listening",
+            url=f"http://{host}:{port}",
+            admin=f"http://{settings.admin.host}:{settings.admin.port}",
+        )
+    if ready is not None:
+        ready()
+    await stop.wait()
+    # both listeners stay open while requests in flight finish: /readyz answers 503 and new
+    # requests 503 shutting_down, so a load balancer sees the drain and clients go elsewhere
+    gw.draining = True
+    drain = gw.settings.limits.drain_timeout  # as the last reload left it
+    gw.log.info("draining", inflight=gw.inflight, timeout=drain)
+    await gw.drain(drain)
+    await runner.cleanup()  # closes the listener and what is left, then the Gateway
+    await admin_runner.cleanup()
+
+
+async def _reload(gw: Gateway, path: str) -> None:
+    try:
+        settings = config.load(path)
+    except config.ConfigError as e:
+        gw.log.error("reload refused", problems=e.problems)
+        return
+    await gw.reload(settings)
+    gw.log.info("reloaded", config=path)
