@@ -15,7 +15,8 @@ Modules:
     knobs      the ``x-mock-*`` headers and the record-and-faults middleware
     replies    ids, JSON and error replies, body and model checks
     stream     SSE framing and the paced stream writer
-    responses  the Responses API: objects, the SSE event sequence, the routes
+    objects    the Response object, its terminal forms, the usage blocks of both APIs
+    responses  the Responses API: text answers, the SSE event sequence, the routes
     chat       Chat Completions: JSON and chunk stream
     app        the app factory, the models and echo routes, and the runners
 """

@@ -1,7 +1,7 @@
 """Chat Completions: the ``/v1/chat/completions`` route, as JSON or as a ``data:`` chunk stream.
 
-Owns: the chat usage block, every chunk of a streamed completion in order (role, one chunk per
-word, finish, optional usage chunk, ``[DONE]``) and the handler.
+Owns: every chunk of a streamed completion in order (role, one chunk per word, finish,
+optional usage chunk, ``[DONE]``) and the handler.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import orjson
 from aiohttp import web
 
 from gateway.mock_upstream.knobs import StreamKnobs, response_status, stream_knobs, ttft_s
+from gateway.mock_upstream.objects import chat_usage
 from gateway.mock_upstream.replies import check_model, hex_id, json_body, json_reply
 from gateway.mock_upstream.state import RUNTIME
 from gateway.mock_upstream.stream import DONE, error_payload, pump
@@ -27,21 +28,6 @@ from gateway.mock_upstream.text import (
 )
 
 __all__ = ["chat_completions"]
-
-
-def _chat_usage(gen: Generated) -> dict[str, Any]:
-    return {
-        "prompt_tokens": gen.input_tokens,
-        "completion_tokens": gen.output_tokens,
-        "total_tokens": gen.input_tokens + gen.output_tokens,
-        "prompt_tokens_details": {"cached_tokens": gen.cached_tokens, "audio_tokens": 0},
-        "completion_tokens_details": {
-            "reasoning_tokens": gen.reasoning_tokens,
-            "audio_tokens": 0,
-            "accepted_prediction_tokens": 0,
-            "rejected_prediction_tokens": 0,
-        },
-    }
 
 
 def _chat_frames(
@@ -67,7 +53,7 @@ def _chat_frames(
         return frames
     frames.append(chunk({}, finish))
     if include_usage:
-        usage_chunk = {**head, "choices": [], "usage": _chat_usage(gen)}
+        usage_chunk = {**head, "choices": [], "usage": chat_usage(gen)}
         frames.append(b"data: " + orjson.dumps(usage_chunk) + b"\n\n")
     frames.append(DONE)
     return frames
@@ -112,4 +98,4 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         "annotations": [],
     }
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-    return json_reply({**head, "choices": [choice], "usage": _chat_usage(gen)})
+    return json_reply({**head, "choices": [choice], "usage": chat_usage(gen)})
