@@ -1,9 +1,10 @@
 """The Responses API: text answers, their SSE event sequence and the ``/v1/responses`` routes.
 
-Owns: the message item of a text answer, every event of a streamed text response in order,
-and the handlers for create, retrieve, delete, cancel, input items and input-token counting.
-Retrieved, cancelled and listed responses are synthesised: every "stored" response was asked
-``"hello"``.
+Owns: choosing between a text answer and a function call (the rule is in ``tools``, the call's
+reply in ``calls``), the message item of a text answer, every event of a streamed text response
+in order, and the handlers for create, retrieve, delete, cancel, input items and input-token
+counting. Retrieved, cancelled and listed responses are synthesised: every "stored" response
+was asked ``"hello"``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from gateway.mock_upstream.calls import reply_function_call
 from gateway.mock_upstream.knobs import (
     TRUTHY,
     StreamKnobs,
@@ -35,6 +37,7 @@ from gateway.mock_upstream.text import (
     requested_tokens,
     responses_texts,
 )
+from gateway.mock_upstream.tools import responses_call
 
 __all__ = [
     "cancel_response",
@@ -131,6 +134,9 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     stream = body.get("stream") is True
     if body.get("background") is True and not stream:
         return json_reply(response_object(rid, created_at, model, body, "queued"))
+    if (call := responses_call(request, body)) is not None:
+        obj = response_object(rid, created_at, model, body, "in_progress")
+        return await reply_function_call(request, runtime, obj, call, stream)
     requested = requested_tokens(body, ("max_output_tokens",), options.default_output_tokens)
     gen = generate(request, responses_texts(body), requested)
     return await _reply_response(request, runtime, rid, created_at, model, body, gen, stream)
