@@ -342,6 +342,16 @@ async def test_arguments_from_the_schema(aiohttp_client: AiohttpClient) -> None:
     assert data["output"][0]["arguments"] == "{}"
     assert data["usage"]["output_tokens"] == _call_tokens("ping", "{}")
 
+    # A schema that refers to itself ends in null after a few levels; nonsense types are words.
+    tree = {"properties": {"child": {"$ref": "#"}, "odd": {"type": {}}}}
+    body = {**body, "input": "tree", "tools": [{**bare, "name": "tree", "parameters": tree}]}
+    args = orjson.loads((await _post(client, "/v1/responses", body))["output"][0]["arguments"])
+    assert re.fullmatch("[a-z]+", args["odd"])
+    depth = 0
+    while args is not None:
+        args, depth = args["child"], depth + 1
+    assert 1 < depth < 10
+
 
 # ---------------------------------------------------------------- Chat Completions
 

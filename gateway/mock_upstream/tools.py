@@ -82,15 +82,17 @@ def pieces(arguments: str) -> list[str]:
 
 def responses_call(request: web.Request, body: Mapping[str, Any]) -> Call | None:
     """The function call a Responses request gets, or None for text."""
-    user = _responses_user_texts(body.get("input"))
-    tool = None if user is None else _choose(_tools(body), body.get("tool_choice"), user)
+    if not (tools := _tools(body)) or (user := _responses_user_texts(body.get("input"))) is None:
+        return None
+    tool = _choose(tools, body.get("tool_choice"), user)
     return None if tool is None else _call(request, tool, responses_texts(body))
 
 
 def chat_call(request: web.Request, body: Mapping[str, Any]) -> Call | None:
     """The tool call a Chat Completions request gets, or None for text."""
-    user = _chat_user_texts(body.get("messages"))
-    tool = None if user is None else _choose(_tools(body), body.get("tool_choice"), user)
+    if not (tools := _tools(body)) or (user := _chat_user_texts(body.get("messages"))) is None:
+        return None
+    tool = _choose(tools, body.get("tool_choice"), user)
     return None if tool is None else _call(request, tool, chat_texts(body))
 
 
@@ -157,7 +159,7 @@ def _chat_user_texts(messages: Any) -> list[str] | None:
 
 
 def _choose(tools: list[Tool], choice: Any, user_texts: list[str]) -> Tool | None:
-    if not tools or choice == "none":
+    if choice == "none":
         return None
     if choice == "required":
         return tools[0]
@@ -212,7 +214,7 @@ def _value(schema: Any, root: Mapping[str, Any], seed: str, path: str, depth: in
     kind = schema.get("type")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "null")
-    if kind is None:
+    if not isinstance(kind, str):  # none given (or nonsense): guess from the keywords
         kind = "object" if "properties" in schema else "string"
     simple = {"integer": 1, "number": 1.5, "boolean": True, "null": None}
     if kind in simple:
