@@ -24,8 +24,8 @@ its schema: ``const`` or the first ``enum`` value when given; else by ``type``: 
 word of the mock's vocabulary picked by a hash of the input texts and the property's path,
 integer 1, number 1.5, boolean true, array [], null null, and an object gets its own properties
 by the same rule ({} when it lists none). A list of types, ``anyOf``, ``oneOf`` and ``allOf``
-take their first non-null choice; local ``$ref`` pointers are followed. The same request always
-gets the same arguments; only the ids differ.
+take their first non-null choice; local ``$ref`` pointers are followed; past 8 levels of nesting
+a value is null. The same request always gets the same arguments; only the ids differ.
 
 Usage: input tokens as for text; ``output_tokens = max(1, ceil(len(name + arguments) / 4))``
 plus ``x-mock-reasoning-tokens``. ``x-mock-output-tokens`` and ``max_output_tokens`` do not
