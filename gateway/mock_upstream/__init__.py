@@ -9,14 +9,22 @@ and usage, only the ids differ. Usage arithmetic:
 ``input_tokens = max(1, ceil(chars / 4))`` over instructions plus every input text,
 ``output_tokens = N + reasoning`` where ``N`` is the number of words produced.
 
+A request that offers function ``tools`` and whose user input names one of them (as a whole
+word) gets a function call instead of text, with arguments built from the tool's schema; a
+request whose input ends with a tool's result gets text again. The rule, the arguments and the
+usage of a call are in ``tools``.
+
 Modules:
     state      options, per-app state and runtime, the request recorder
     text       the word list, hashing, token counting (deterministic text and usage)
     knobs      the ``x-mock-*`` headers and the record-and-faults middleware
     replies    ids, JSON and error replies, body and model checks
     stream     SSE framing and the paced stream writer
-    responses  the Responses API: objects, the SSE event sequence, the routes
-    chat       Chat Completions: JSON and chunk stream
+    objects    the Response object, its terminal forms, the usage blocks of both APIs
+    tools      when to answer with a function call, its arguments and usage
+    calls      Responses function calls: the output item, JSON and the SSE event sequence
+    responses  the Responses API: text answers, the SSE event sequence, the routes
+    chat       Chat Completions: text or tool calls, JSON and chunk stream
     app        the app factory, the models and echo routes, and the runners
 """
 

@@ -1,9 +1,10 @@
-"""The Responses API: the Response object, its SSE event sequence and the ``/v1/responses`` routes.
+"""The Responses API: text answers, their SSE event sequence and the ``/v1/responses`` routes.
 
-Owns: building a Response (in progress, then completed, incomplete or failed), its usage block,
-every event of a streamed text response in order, and the handlers for create, retrieve,
-delete, cancel, input items and input-token counting. Retrieved, cancelled and listed responses
-are synthesised: every "stored" response was asked ``"hello"``.
+Owns: choosing between a text answer and a function call (the rule is in ``tools``, the call's
+reply in ``calls``), the message item of a text answer, every event of a streamed text response
+in order, and the handlers for create, retrieve, delete, cancel, input items and input-token
+counting. Retrieved, cancelled and listed responses are synthesised: every "stored" response
+was asked ``"hello"``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from gateway.mock_upstream.calls import reply_function_call
 from gateway.mock_upstream.knobs import (
     TRUTHY,
     StreamKnobs,
@@ -22,6 +24,7 @@ from gateway.mock_upstream.knobs import (
     stream_knobs,
     ttft_s,
 )
+from gateway.mock_upstream.objects import response_object, terminal
 from gateway.mock_upstream.replies import check_model, error, hex_id, json_body, json_reply
 from gateway.mock_upstream.state import RUNTIME, Runtime
 from gateway.mock_upstream.stream import DONE, error_payload, pump, sse
@@ -34,6 +37,7 @@ from gateway.mock_upstream.text import (
     requested_tokens,
     responses_texts,
 )
+from gateway.mock_upstream.tools import responses_call
 
 __all__ = [
     "cancel_response",
@@ -44,58 +48,9 @@ __all__ = [
     "retrieve_response",
 ]
 
-_FAIL_MESSAGE: Final = "The mock upstream was asked to fail this response (x-mock-response-status)."
 _STORED_INPUT: Final = "hello"  # what every "stored" response was asked
 
-# ---------------------------------------------------------------- objects
-
-
-def _usage(gen: Generated) -> dict[str, Any]:
-    return {
-        "input_tokens": gen.input_tokens,
-        "input_tokens_details": {"cached_tokens": gen.cached_tokens},
-        "output_tokens": gen.output_tokens,
-        "output_tokens_details": {"reasoning_tokens": gen.reasoning_tokens},
-        "total_tokens": gen.input_tokens + gen.output_tokens,
-    }
-
-
-def _response_object(
-    rid: str, created_at: int, model: str, body: Mapping[str, Any], status: str
-) -> dict[str, Any]:
-    """A Response in `status` with empty output and no usage; callers fill in the rest."""
-    return {
-        "id": rid,
-        "object": "response",
-        "created_at": created_at,
-        "status": status,
-        "background": body.get("background", False),
-        "completed_at": None,
-        "error": None,
-        "incomplete_details": None,
-        "instructions": body.get("instructions"),
-        "max_output_tokens": body.get("max_output_tokens"),
-        "max_tool_calls": body.get("max_tool_calls"),
-        "model": model,
-        "output": [],
-        "parallel_tool_calls": body.get("parallel_tool_calls", True),
-        "previous_response_id": body.get("previous_response_id"),
-        "prompt_cache_key": body.get("prompt_cache_key"),
-        "reasoning": body.get("reasoning") or {"effort": None, "summary": None},
-        "safety_identifier": body.get("safety_identifier"),
-        "service_tier": "default",
-        "store": body.get("store", True),
-        "temperature": body.get("temperature", 1.0),
-        "text": body.get("text") or {"format": {"type": "text"}, "verbosity": "medium"},
-        "tool_choice": body.get("tool_choice", "auto"),
-        "tools": body.get("tools") or [],
-        "top_logprobs": body.get("top_logprobs", 0),
-        "top_p": body.get("top_p", 1.0),
-        "truncation": body.get("truncation", "disabled"),
-        "usage": None,
-        "user": body.get("user"),
-        "metadata": body.get("metadata") or {},
-    }
+# ---------------------------------------------------------------- text answers
 
 
 def _output_part(text: str) -> dict[str, Any]:
@@ -115,13 +70,8 @@ def _message_item(msg_id: str, status: str, content: list[dict[str, Any]]) -> di
 def _finish(obj: dict[str, Any], msg_id: str, gen: Generated, status: str) -> dict[str, Any]:
     """Turn an in-progress Response into its terminal form (completed, incomplete or failed)."""
     item_status = "completed" if status == "completed" else "incomplete"
-    obj = {**obj, "status": status, "completed_at": int(time.time()), "usage": _usage(gen)}
-    obj["output"] = [_message_item(msg_id, item_status, [_output_part(gen.text)])]
-    if status == "incomplete":
-        obj["incomplete_details"] = {"reason": "max_output_tokens"}
-    elif status == "failed":
-        obj["error"] = {"code": "server_error", "message": _FAIL_MESSAGE}
-    return obj
+    output = [_message_item(msg_id, item_status, [_output_part(gen.text)])]
+    return terminal(obj, output, gen, status)
 
 
 def _responses_frames(
@@ -183,7 +133,10 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     rid, created_at = hex_id("resp_"), int(time.time())
     stream = body.get("stream") is True
     if body.get("background") is True and not stream:
-        return json_reply(_response_object(rid, created_at, model, body, "queued"))
+        return json_reply(response_object(rid, created_at, model, body, "queued"))
+    if (call := responses_call(request, body)) is not None:
+        obj = response_object(rid, created_at, model, body, "in_progress")
+        return await reply_function_call(request, runtime, obj, call, stream)
     requested = requested_tokens(body, ("max_output_tokens",), options.default_output_tokens)
     gen = generate(request, responses_texts(body), requested)
     return await _reply_response(request, runtime, rid, created_at, model, body, gen, stream)
@@ -201,7 +154,7 @@ async def _reply_response(
 ) -> web.StreamResponse:
     status = response_status(request)
     msg_id = hex_id("msg_")
-    obj = _response_object(rid, created_at, model, body, "in_progress")
+    obj = response_object(rid, created_at, model, body, "in_progress")
     if stream:
         knobs = stream_knobs(request, runtime.options)
         frames = _responses_frames(obj, msg_id, gen, status, knobs)
@@ -247,7 +200,7 @@ async def cancel_response(request: web.Request) -> web.StreamResponse:
         return rid
     model = request.app[RUNTIME].options.models[0]
     body = {"background": True, "input": _STORED_INPUT}
-    return json_reply(_response_object(rid, int(time.time()), model, body, "cancelled"))
+    return json_reply(response_object(rid, int(time.time()), model, body, "cancelled"))
 
 
 async def input_items(request: web.Request) -> web.StreamResponse:

@@ -25,8 +25,11 @@ __all__ = [
     "REST_JSON",
     "Generated",
     "chat_texts",
+    "content_texts",
     "generate",
     "input_tokens",
+    "input_usage",
+    "pick_word",
     "requested_tokens",
     "responses_texts",
 ]
@@ -64,7 +67,8 @@ class Generated:
         return len(self.digest) + self.reasoning_tokens
 
 
-def _content_texts(content: Any, out: list[str]) -> None:
+def content_texts(content: Any, out: list[str]) -> None:
+    """Append the texts of a message's `content`: a string, or the parts that have a text."""
     if isinstance(content, str):
         out.append(content)
     elif isinstance(content, list):
@@ -85,7 +89,7 @@ def responses_texts(body: Mapping[str, Any]) -> list[str]:
             if isinstance(item, str):
                 texts.append(item)
             elif isinstance(item, dict):
-                _content_texts(item.get("content"), texts)
+                content_texts(item.get("content"), texts)
                 if isinstance(output := item.get("output"), str):  # function_call_output
                     texts.append(output)
     return texts
@@ -97,12 +101,25 @@ def chat_texts(body: Mapping[str, Any]) -> list[str]:
     if isinstance(messages, list):
         for message in messages:
             if isinstance(message, dict):
-                _content_texts(message.get("content"), texts)
+                content_texts(message.get("content"), texts)
     return texts
 
 
 def input_tokens(texts: list[str]) -> int:
     return max(1, math.ceil(sum(map(len, texts)) / 4))
+
+
+def pick_word(seed: str) -> str:
+    """One word of the vocabulary, picked by a hash of `seed`."""
+    return _FIRST[hashlib.shake_128(seed.encode("utf-8", "surrogatepass")).digest(1)[0]]
+
+
+def input_usage(request: web.Request, texts: list[str]) -> tuple[int, int, int]:
+    """Input, cached and reasoning tokens: the input's count and the x-mock-* knobs."""
+    n_input = input_tokens(texts)
+    cached = min(max(header_int(request, "x-mock-cached-tokens") or 0, 0), n_input)
+    reasoning = max(header_int(request, "x-mock-reasoning-tokens") or 0, 0)
+    return n_input, cached, reasoning
 
 
 def requested_tokens(body: Mapping[str, Any], keys: tuple[str, ...], default: int) -> int:
@@ -123,7 +140,4 @@ def generate(request: web.Request, texts: list[str], requested: int) -> Generate
         else b""
     )
     text = _FIRST[digest[0]] + "".join(map(_REST.__getitem__, digest[1:])) if digest else ""
-    n_input = input_tokens(texts)
-    cached = min(max(header_int(request, "x-mock-cached-tokens") or 0, 0), n_input)
-    reasoning = max(header_int(request, "x-mock-reasoning-tokens") or 0, 0)
-    return Generated(digest, text, n_input, cached, reasoning)
+    return Generated(digest, text, *input_usage(request, texts))
