@@ -21,6 +21,9 @@ _END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 # what the usage chunk's data holds; a quote inside a JSON string is escaped, so this only
 # matches the key itself
 _NO_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
+# a usage chunk is a few hundred bytes: an unfinished event longer than this is not one, and
+# goes on at once rather than being held (bounded memory, no quadratic re-scanning)
+HELD_MAX = 64 * 1024
 
 
 def _complete(buf: bytes) -> int:
@@ -71,6 +74,8 @@ class UsageChunkFilter:
         buf = self._rest + data if self._rest else data
         end = _complete(buf)
         whole, self._rest = buf[:end], buf[end:]
+        if len(self._rest) > HELD_MAX:
+            whole, self._rest = buf, b""
         if _NO_CHOICES.search(whole) is None:
             return whole
         kept = []

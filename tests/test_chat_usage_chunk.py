@@ -17,7 +17,7 @@ from conftest import ALPHA_KEY, GatewayFactory, Upstream, auth, ledger_rows
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.usage_chunk import UsageChunkFilter, is_usage_chunk
+from gateway.usage_chunk import HELD_MAX, UsageChunkFilter, is_usage_chunk
 
 CHAT: dict[str, Any] = {
     "model": "gpt-4o-mini",
@@ -169,3 +169,13 @@ def test_an_unfinished_event_at_the_end_goes_on_as_it_came() -> None:
     filt = UsageChunkFilter()
     assert run(filt, [HEAD + b"\n\n", USAGE]) == HEAD + b"\n\n" + USAGE
     assert filt.withheld == []
+
+
+def test_a_long_unfinished_event_is_not_held() -> None:
+    """Only an event that could be the usage chunk (a few hundred bytes) waits for its end."""
+    filt = UsageChunkFilter()
+    big = b'data: {"choices":[{"delta":{"content":"' + b"x" * HELD_MAX
+    assert filt.feed(big[:1000]) == b""
+    assert filt.feed(big[1000:]) == big  # over the bound: everything held goes on
+    assert filt.feed(b'"}}]}\n\n') == b'"}}]}\n\n'
+    assert run(filt, [USAGE + b"\n\n", DONE + b"\n\n"]) == DONE + b"\n\n"
