@@ -62,3 +62,16 @@ def fields(obj: dict[str, Any]) -> dict[str, Any]:
                 raise AmbiguousKeys(f"two top-level fields named {name!r} differ only in case")
             seen[k.lower()] = k
     return out
+
+
+def with_model(body: bytes, model: str) -> bytes:
+    """A JSON object body with its top-level `model` (whatever the case of its name) set to
+    `model`; any other body as it is."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body
+    if not isinstance(obj, dict):
+        return body
+    key = next((k for k in obj if k.lower() == "model"), "model")
+    return orjson.dumps({**obj, key: model})

@@ -40,7 +40,7 @@ async def list_models(
             for m in items or []
             if isinstance(m, dict)
             and isinstance(m.get("id"), str)
-            and policy.router.route(m["id"]) == client.name
+            and policy.router.route(m["id"])[:1] == (client.name,)
             and allowed(m["id"])
         ]
 

@@ -26,10 +26,10 @@ def by_model(policy: Policy, principal: Principal, model: str) -> tuple[Candidat
     team = principal.team.name
     if not policy.team_models[team](model):
         raise errors.model_not_allowed(policy.redactor(model), team)
-    name = policy.router.route(model)
-    if name is None:
+    names = policy.router.route(model)
+    if not names:
         raise errors.model_not_found(policy.redactor(model))
-    return (candidate(policy.upstreams[name]),)
+    return tuple(candidate(policy.upstreams[name]) for name in names)
 
 
 async def by_owner(

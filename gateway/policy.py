@@ -40,7 +40,10 @@ class Policy:
         self.settings = settings
         self.upstreams = upstreams
         self.auth = Authenticator(settings.teams)
-        self.router = Router((u.name, u.models) for u in settings.upstreams)
+        self.router = Router(
+            ((u.name, u.models) for u in settings.upstreams),
+            ((r.models, r.upstreams) for r in settings.routes),
+        )
         self.teams: dict[str, Team] = {t.name: t for t in settings.teams}
         self.team_models = {t.name: GlobSet(t.models) for t in settings.teams}
         self.prices = PriceBook(settings.prices)

@@ -22,18 +22,25 @@ class GlobSet:
 
 
 class Router:
-    """Picks the first upstream, in file order, whose model patterns match."""
+    """Picks the upstreams that serve a model, in the order they are tried: those of the first
+    route whose patterns match it, else the first upstream, in file order, whose models do."""
 
-    __slots__ = ("_routes",)
+    __slots__ = ("_routes", "_upstreams")
 
-    def __init__(self, routes: Iterable[tuple[str, Iterable[str]]]) -> None:
-        self._routes = tuple((name, GlobSet(pats)) for name, pats in routes)
+    def __init__(
+        self,
+        upstreams: Iterable[tuple[str, Iterable[str]]],
+        routes: Iterable[tuple[Iterable[str], Iterable[str]]] = (),
+    ) -> None:
+        self._routes = tuple((GlobSet(pats), tuple(names)) for pats, names in routes)
+        self._upstreams = tuple((name, GlobSet(pats)) for name, pats in upstreams)
 
-    def route(self, model: str) -> str | None:
-        for name, matches in self._routes:
+    def route(self, model: str) -> tuple[str, ...]:
+        """The upstreams to try for `model`, in order; empty when none serves it."""
+        for matches, names in self._routes:
             if matches(model):
-                return name
-        return None
-
-    def serves(self, upstream: str, model: str) -> bool:
-        return any(name == upstream and matches(model) for name, matches in self._routes)
+                return names
+        for name, matches in self._upstreams:
+            if matches(model):
+                return (name,)
+        return ()

@@ -156,6 +156,10 @@ def _none_as_empty_table(value: Any) -> Any:
     return {} if value is None else value
 
 
+def _none_as_empty_list(value: Any) -> Any:
+    return () if value is None else value
+
+
 def _http_url(value: str) -> str:
     if not value.startswith(("http://", "https://")):
         raise PydanticCustomError(INVALID, "must start with http:// or https://")

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from annotated_types import Ge, Interval
+from annotated_types import Ge, Interval, MinLen
 from pydantic import (
     AfterValidator,
     BeforeValidator,
@@ -61,6 +61,7 @@ from gateway.schema import (
     _fail,
     _http_url,
     _must_be,
+    _none_as_empty_list,
     _none_as_empty_table,
     _not_empty,
     _problem,
@@ -68,6 +69,21 @@ from gateway.schema import (
     _secret_or_none,
     _store,
 )
+
+
+def _model_map(value: Any) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping):
+        raise PydanticCustomError(
+            RULE, "must be a mapping of model name -> the name this upstream knows it by"
+        )
+    for k, v in value.items():
+        if not isinstance(k, str) or not k or not isinstance(v, str) or not v:
+            raise PydanticCustomError(
+                RULE, f"{str(k)[:40]!r} must map to a non-empty model name (a string)"
+            )
+    return tuple(value.items())  # hashable, as every setting is
 
 
 class Listen(_Schema):
@@ -111,7 +127,16 @@ class Upstream(_Schema):
     api_keys: Annotated[tuple[ApiKey, ...], AfterValidator(_not_empty)] = ()
     auth_header: Annotated[AuthHeader, _must_be(" or ".join(AUTH_HEADERS))] = "authorization"
     models: Globs = ALL_MODELS
+    # the name this upstream knows a model by, where it differs: the body sent is rewritten
+    model_map: Annotated[tuple[tuple[str, str], ...], PlainValidator(_model_map)] = ()
     timeouts: Timeouts = Timeouts()
+
+    def upstream_model(self, model: str) -> str | None:
+        """The name this upstream knows `model` by, when its `model_map` renames it."""
+        for name, there in self.model_map:
+            if name == model:
+                return there
+        return None
 
     @classmethod
     def _file_keys(cls) -> list[str]:
@@ -133,6 +158,17 @@ class Upstream(_Schema):
         if key:
             data["api_keys"] = (key,)
         return data, []
+
+
+class Route(_Schema):
+    """Requests for `models` go to `upstreams`, tried in this order."""
+
+    models: Globs = Field(description="a non-empty list of glob patterns")
+    upstreams: Annotated[
+        tuple[Annotated[str, Strict(), MinLen(1)], ...],
+        MinLen(1),
+        _must_be("a non-empty list of upstream names"),
+    ] = Field(description="a non-empty list of upstream names")
 
 
 class BudgetRule(_Schema):
@@ -272,6 +308,8 @@ class Settings(_Schema):
     limits: Limits = Limits()
     prices: Annotated[Mapping[str, Price], BeforeValidator(_none_as_empty_table)] = {}
     upstreams: tuple[Upstream, ...]  # tried in file order
+    # optional: without routes, the first upstream whose models match serves a model
+    routes: Annotated[tuple[Route, ...], BeforeValidator(_none_as_empty_list)] = ()
     teams: tuple[Team, ...]
     cache: Cache = Cache()
     state: State = State()
@@ -320,6 +358,36 @@ class Settings(_Schema):
                 ],
             )
         return admin
+
+    @field_validator("routes")
+    @classmethod
+    def _routes_name_upstreams(
+        cls, routes: tuple[Route, ...], info: ValidationInfo
+    ) -> tuple[Route, ...]:
+        upstreams = info.data.get("upstreams")
+        if upstreams is None:  # wrong themselves: reported there
+            return routes
+        known = {u.name for u in upstreams}
+        found: list[InitErrorDetails] = []
+        for i, route in enumerate(routes):
+            for j, name in enumerate(route.upstreams):
+                if name not in known:
+                    listed = ", ".join(sorted(known))
+                    found.append(
+                        _problem(
+                            (i, "upstreams", j),
+                            RULE,
+                            f"no upstream named {name!r} (upstreams: {listed})",
+                            None,
+                        )
+                    )
+                elif name in route.upstreams[:j]:
+                    found.append(
+                        _problem((i, "upstreams", j), RULE, f"{name!r} is listed twice", None)
+                    )
+        if found:
+            raise _fail("Route", found)
+        return routes
 
     @field_validator("teams", mode="wrap")
     @classmethod

@@ -397,7 +397,7 @@ def test_unknown_keys_name_the_allowed_ones() -> None:
         loads(text + "cache: {size: 1}\n", {}, "u.yaml")
     assert e.value.problems == [
         "upstreams.u.name: unknown key (expected one of: base_url, api_key, api_keys,"
-        " auth_header, models, timeouts)",
+        " auth_header, models, model_map, timeouts)",
         "cache.size: unknown key (expected one of: enabled, ttl, max_bytes, scope,"
         " max_entry_bytes)",
     ]

@@ -21,7 +21,8 @@ _REQUEST_NUMBERS = (
 def client_span(
     tracing: Tracing, env: Envelope, ctx: RequestContext, client: UpstreamClient
 ) -> Span:
-    model = ctx.policy.shown(ctx.model) if ctx.model else ""
+    # the model as this upstream is asked for it (its `model_map` may rename it)
+    model = ctx.policy.shown(client.cfg.upstream_model(ctx.model) or ctx.model) if ctx.model else ""
     name = f"chat {model}" if model else f"{ctx.method} {ctx.route.name}"
     assert env.span is not None
     if not env.sampled:  # the parent-based sampler drops it too: skip building attributes

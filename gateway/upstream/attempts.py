@@ -1,6 +1,6 @@
 """Running a request's attempt plan: each candidate (an upstream and a key) gets exactly one
-call, in order, until one answers. The plan has one candidate for now; this loop is where
-retries and fallbacks go."""
+call, in order, until one answers: a candidate that could not be reached at all passes the
+request to the next (a route's fallback upstream). This loop is where retries go."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import aiohttp
 
 from gateway.context import Attempt, Candidate, Envelope, Outcome, RequestContext
 from gateway.errors import GatewayError
+from gateway.jsonbody import with_model
 from gateway.telemetry.genai import client_span
 from gateway.telemetry.metrics import Metrics
 from gateway.telemetry.tracing import Tracing
+from gateway.upstream.client import UpstreamClient
 from gateway.upstream.headers import request_headers
 
 
@@ -38,6 +40,12 @@ async def run(
     raise AssertionError("an admitted request has a plan")
 
 
+def body_for(ctx: RequestContext, client: UpstreamClient) -> bytes:
+    """The body as this upstream gets it: its `model_map` renames the model."""
+    mapped = client.cfg.upstream_model(ctx.model) if ctx.model else None
+    return ctx.send if mapped is None else with_model(ctx.send, mapped)
+
+
 async def attempt(
     tracing: Tracing,
     metrics: Metrics,
@@ -58,7 +66,7 @@ async def attempt(
     record = Attempt(client.name, time.perf_counter())
     out.attempts.append(record)
     try:
-        up = await client.send(ctx.method, ctx.target, headers, ctx.send)
+        up = await client.send(ctx.method, ctx.target, headers, body_for(ctx, client))
     except GatewayError as e:
         record.reached = e.reached
         metrics.upstream_errors.labels(client.name, e.code).inc()
