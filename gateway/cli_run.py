@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 from collections.abc import Callable
 
@@ -23,8 +24,10 @@ class ListenError(Exception):
     """A listener could not bind its address: one line says which and why."""
 
     def __init__(self, what: str, host: str, port: int, error: OSError) -> None:
-        reason = (error.strerror or str(error)).lower()
-        super().__init__(f"cannot listen on {host}:{port} ({what}): {reason}")
+        # asyncio words a failed bind with the address tuple: the errno says it plainly
+        reason = (os.strerror(error.errno) if error.errno else str(error)).lower()
+        where = f"[{host}]" if ":" in host else host
+        super().__init__(f"cannot listen on {where}:{port} ({what}): {reason}")
 
 
 def use_uvloop() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,7 @@ __all__ = [
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # references are swapped for plain-scalar placeholders before YAML parsing, so that
 # `{key: ${VAR:-}}` in a flow mapping parses; they are put back before substitution
-_PLACEHOLDER = re.compile(r"__GATEWAY_ENV_(\d+)__")
+_PLACEHOLDER = "__GATEWAY_ENV_{nonce}_{n}__"
 _NULLS = frozenset({"~", "null", "Null", "NULL"})
 _SHOWN = 40  # longest string shown whole in a problem
 
@@ -126,10 +127,12 @@ def load(path: str | Path, env: Mapping[str, str] | None = None) -> Settings:
 
 def loads(text: str, env: Mapping[str, str] | None = None, source: str = "<config>") -> Settings:
     refs: list[str] = []
+    # a nonce no file can guess: text that looks like a placeholder stays what it is
+    nonce = secrets.token_hex(8)
 
     def hide(m: re.Match[str]) -> str:
         refs.append(m.group(0))
-        return f"__GATEWAY_ENV_{len(refs) - 1}__"
+        return _PLACEHOLDER.format(nonce=nonce, n=len(refs) - 1)
 
     try:
         raw = yaml.safe_load(_VAR.sub(hide, text))
@@ -139,7 +142,8 @@ def loads(text: str, env: Mapping[str, str] | None = None, source: str = "<confi
         raise ConfigError(
             source, [f"{where}: not valid YAML: {getattr(e, 'problem', e)}"]
         ) from None
-    return parse(_unhide(raw, refs), os.environ if env is None else env, source)
+    placeholder = re.compile(_PLACEHOLDER.format(nonce=nonce, n=r"(\d+)"))
+    return parse(_unhide(raw, refs, placeholder), os.environ if env is None else env, source)
 
 
 def default_config_path(env: Mapping[str, str] | None = None) -> str:
@@ -147,13 +151,15 @@ def default_config_path(env: Mapping[str, str] | None = None) -> str:
     return e.get("GATEWAY_CONFIG") or "./gateway.yaml"
 
 
-def _unhide(node: Any, refs: list[str]) -> Any:
+def _unhide(node: Any, refs: list[str], placeholder: re.Pattern[str]) -> Any:
     if isinstance(node, str):
-        return _PLACEHOLDER.sub(lambda m: refs[int(m.group(1))], node)
+        return placeholder.sub(lambda m: refs[int(m.group(1))], node)
     if isinstance(node, dict):
-        return {_unhide(k, refs): _unhide(v, refs) for k, v in node.items()}
+        return {
+            _unhide(k, refs, placeholder): _unhide(v, refs, placeholder) for k, v in node.items()
+        }
     if isinstance(node, list):
-        return [_unhide(v, refs) for v in node]
+        return [_unhide(v, refs, placeholder) for v in node]
     return node
 
 

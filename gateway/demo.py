@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import secrets
 import shlex
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -68,9 +70,46 @@ def config_text(mock_url: str, state_dir: Path, keys: DemoKeys, port: int, admin
     )
 
 
+HEADER = "# The embedded demo:"  # the first line of every config the demo writes
+
+
+class DemoError(Exception):
+    """Why the demo cannot start, in one line."""
+
+
 def write_config(path: Path, text: str) -> None:
+    """Write the config through a new file moved into place: a link at `path` is replaced,
+    never followed. A file there that the demo did not write is left alone."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    if path.is_symlink() or (path.exists() and not _ours(path)):
+        raise DemoError(f"{path} exists and was not written by the demo; choose another --state")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".gateway-demo-", suffix=".yaml")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _ours(path: Path) -> bool:
+    try:
+        with path.open() as f:
+            return f.readline().startswith(HEADER)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def check_args(port: int, admin_port: int, state: str) -> None:
+    for what, value in (("--port", port), ("--admin-port", admin_port)):
+        if not 1 <= value <= 65535:
+            raise DemoError(f"{what} {value}: must be a port number from 1 to 65535")
+    if port == admin_port:
+        raise DemoError(f"--port and --admin-port are both {port}: choose two ports")
+    if "${" in state:  # the config would read it as a variable
+        raise DemoError(f"--state {state!r}: a path with '${{' cannot be used; choose another")
 
 
 def shown_path(path: Path) -> str:
@@ -79,7 +118,10 @@ def shown_path(path: Path) -> str:
         rel = os.path.relpath(path)
     except ValueError:  # another drive
         rel = str(path)
-    return shlex.quote(str(path) if rel.startswith("..") else rel)
+    shown = str(path) if rel.startswith("..") else rel
+    if shown.startswith("-"):  # not an option to the command it follows
+        shown = "./" + shown
+    return shlex.quote(shown)
 
 
 def commands() -> tuple[str, str]:
@@ -139,6 +181,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     configure_logging("info", "console" if sys.stdout.isatty() else "json")
     keys = DemoKeys.fresh()
     port, admin_port = args.port, args.admin_port
+    try:
+        check_args(port, admin_port, args.state)
+    except DemoError as e:
+        print(f"gateway demo: {e}", file=sys.stderr)
+        return 1
     state_dir = Path(args.state).absolute()
     config_path = state_dir / CONFIG_NAME
     python, gateway = commands()
@@ -172,5 +219,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         asyncio.run(main())
     except ListenError as e:
         print(f"gateway demo: {e}; choose free ones with --port and --admin-port", file=sys.stderr)
+        return 1
+    except DemoError as e:
+        print(f"gateway demo: {e}", file=sys.stderr)
+        return 1
+    except config.ConfigError as e:
+        print(e, file=sys.stderr)
         return 1
     return 0

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 import orjson
 from aiohttp import web
 
+from gateway import amounts
+
 
 class GatewayError(Exception):
     """A failure the gateway answers itself, with the contract's status, type and code."""
@@ -131,9 +133,12 @@ def budget_exceeded(
     team: str, window: str, retry_after: int, reserve: float = 0.0, limit: float = 0.0
 ) -> GatewayError:
     if limit:
+        usd = window.endswith(":usd")
+        held = f"{amounts.usd_text(reserve)} USD" if usd else f"{amounts.tokens(reserve)} tokens"
+        whole = f"{amounts.usd_text(limit)} USD" if usd else f"{amounts.tokens(limit)} tokens"
         message = (
-            f"This request reserves {reserve:g} (its input estimate plus max_output_tokens), "
-            f"more than team '{team}''s whole '{window}' budget of {limit:g}: lower "
+            f"This request reserves {held} (its input estimate plus max_output_tokens), "
+            f"more than team '{team}''s whole '{window}' budget of {whole}: lower "
             "max_output_tokens or split the request."
         )
     else:

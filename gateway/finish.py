@@ -35,37 +35,39 @@ async def finish(gw: Gateway, env: Envelope) -> None:
                 gw.log.exception("settling a reservation failed", request_id=env.request_id)
     shown = policy.shown(env.model) if env.model else ""  # never a key, never 5,000 characters
     upstream = out.upstream or (ctx.plan[0].client.name if ctx is not None and ctx.plan else "")
-    # a request refused before it had a team (no or a wrong key) is still recorded
+    # a request refused before it had a team (no or a wrong key) is logged and counted under
+    # "unknown", but not written to the ledger: without a key nobody may add durable state
     team = env.principal.team.name if env.principal is not None else UNKNOWN_TEAM
     stream = out.streamed or (ctx is not None and ctx.stream)
     ttft_ms = out.ttft * 1000 if out.ttft is not None else None
-    gw.ledger.append(
-        LedgerRecord(
-            ts=now,
-            request_id=env.request_id,
-            team=team,
-            key_id=env.principal.key_id if env.principal is not None else "",
-            model=shown,
-            upstream=upstream,
-            route=env.route.name,
-            status=out.status,
-            stream=stream,
-            cache=out.cache,
-            input_tokens=usage.input_tokens if usage else 0,
-            cached_tokens=usage.cached_tokens if usage else 0,
-            output_tokens=usage.output_tokens if usage else 0,
-            reasoning_tokens=usage.reasoning_tokens if usage else 0,
-            charged_tokens=charged,
-            cost_usd=cost,
-            estimated=estimated,
-            duration_ms=duration * 1000,
-            ttft_ms=ttft_ms,
-            saved_tokens=out.saved.total_tokens if out.saved is not None else 0,
-            response_id=(out.response_id or "")
-            if ctx is not None and ctx.creates_response
-            else "",
+    if env.principal is not None:
+        gw.ledger.append(
+            LedgerRecord(
+                ts=now,
+                request_id=env.request_id,
+                team=team,
+                key_id=env.principal.key_id,
+                model=shown,
+                upstream=upstream,
+                route=env.route.name,
+                status=out.status,
+                stream=stream,
+                cache=out.cache,
+                input_tokens=usage.input_tokens if usage else 0,
+                cached_tokens=usage.cached_tokens if usage else 0,
+                output_tokens=usage.output_tokens if usage else 0,
+                reasoning_tokens=usage.reasoning_tokens if usage else 0,
+                charged_tokens=charged,
+                cost_usd=cost,
+                estimated=estimated,
+                duration_ms=duration * 1000,
+                ttft_ms=ttft_ms,
+                saved_tokens=out.saved.total_tokens if out.saved is not None else 0,
+                response_id=(out.response_id or "")
+                if ctx is not None and ctx.creates_response
+                else "",
+            )
         )
-    )
     overhead = max(0.0, duration - out.upstream_wait)
     _observe(gw, env, team, upstream, duration, overhead, usage, cost)
     _end_spans(env, team, usage)

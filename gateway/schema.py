@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Self, get_args
 from annotated_types import Ge, Gt, Interval, MinLen
 from pydantic import (
     AfterValidator,
+    AllowInfNan,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -193,13 +194,15 @@ Text = Annotated[str, Strict(), _must_be("a string")]
 OptionalText = Annotated[str, Strict(), BeforeValidator(_none_as_empty), _must_be("a string")]
 Flag = Annotated[bool, Strict(), _must_be("true or false")]
 Count = Annotated[int, Strict(), Ge(1), _must_be("a positive integer")]
-Seconds = Annotated[float, Strict(), Gt(0), _must_be("a positive number of seconds")]
+Seconds = Annotated[
+    float, Strict(), AllowInfNan(False), Gt(0), _must_be("a positive number of seconds")
+]
 Globs = Annotated[
     tuple[Annotated[str, Strict(), MinLen(1)], ...],
     MinLen(1),
     _must_be("a non-empty list of glob patterns"),
 ]
-_USD = Annotated[float, Strict(), Ge(0)]
+_USD = Annotated[float, Strict(), AllowInfNan(False), Ge(0)]
 Money = Annotated[_USD, _must_be("a non-negative number (USD per million tokens)")]
 ApiKey = Annotated[Secret, AfterValidator(_filled), _must_be("a non-empty string", secret=True)]
 KeyDigest = Annotated[bytes, PlainValidator(_digest)]

@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 from annotated_types import Ge, Interval, MinLen
 from pydantic import (
     AfterValidator,
+    AllowInfNan,
     BeforeValidator,
     Field,
     PlainValidator,
@@ -103,7 +104,9 @@ class Limits(_Schema):
     max_body_bytes: Count = 10 * 1024 * 1024
     default_max_output_tokens: Count = 4096
     # a graceful stop waits this long for requests in flight
-    drain_timeout: Annotated[float, Strict(), Ge(0), _must_be("a number of seconds")] = 30.0
+    drain_timeout: Annotated[
+        float, Strict(), AllowInfNan(False), Ge(0), _must_be("a number of seconds")
+    ] = 30.0
     header_timeout: Seconds = 10.0  # from a request head's first byte to its end
     body_timeout: Seconds = 30.0  # longest pause between chunks of a request body
     max_connections: Count = 10000  # open client connections; more wait in the listen backlog
@@ -237,14 +240,22 @@ class State(_Schema):
 class LedgerSettings(_Schema):
     url: OptionalText = ""  # empty: SQLite under state.path
     flush_interval: Annotated[
-        float, Strict(), Ge(0.01), _must_be("a number of seconds, at least 0.01")
+        float,
+        Strict(),
+        AllowInfNan(False),
+        Ge(0.01),
+        _must_be("a number of seconds, at least 0.01"),
     ] = 0.5
 
 
 class Traces(_Schema):
     endpoint: OptionalText = ""  # empty: $OTEL_EXPORTER_OTLP_ENDPOINT (see gateway.config) or off
     sample_ratio: Annotated[
-        float, Strict(), Interval(ge=0, le=1), _must_be("a number between 0 and 1")
+        float,
+        Strict(),
+        AllowInfNan(False),
+        Interval(ge=0, le=1),
+        _must_be("a number between 0 and 1"),
     ] = 1.0
     capture_content: Flag = False
 
@@ -284,7 +295,7 @@ def _by_name(value: Any, model: type[_Schema], what: str) -> tuple[Any, list[Ini
             found.append(
                 _problem((i, "name"), RULE, f"unknown key (expected one of: {keys})", None)
             )
-        if model is Team and name == UNKNOWN_TEAM:
+        if model is Team and str(name).strip().casefold() == UNKNOWN_TEAM:
             found.append(
                 _problem(
                     (i,),

@@ -18,9 +18,9 @@ import orjson
 # the blank line that ends an event: two line ends, each LF, CR or CRLF (a CR at the very end
 # of the bytes so far counts as one: a LF after it starts the next block, an empty line)
 _END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
-# what the usage chunk's data holds; a quote inside a JSON string is escaped, so this only
-# matches the key itself
-_NO_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
+# what the usage chunk's data holds (either is enough to look closer: its lines may split one);
+# a quote inside a JSON string is escaped, so these only match the keys themselves
+_NO_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]|"usage"\s*:\s*\{')
 # a usage chunk is a few hundred bytes: an unfinished event longer than this is not one, and
 # goes on at once rather than being held (bounded memory, no quadratic re-scanning)
 HELD_MAX = 64 * 1024
@@ -87,6 +87,11 @@ class UsageChunkFilter:
         return b"".join(kept)
 
     def flush(self) -> bytes:
-        """The stream ended: an event it left unfinished goes on as it is (a reader drops it)."""
+        """The stream ended: an event it left unfinished goes on as it is (a reader drops it,
+        unless the gateway ends it with an error event of its own), except the usage chunk,
+        which is withheld with the blank line it lacked."""
         rest, self._rest = self._rest, b""
+        if rest and _NO_CHOICES.search(rest) is not None and is_usage_chunk(rest):
+            self.withheld.append(rest + b"\n\n")
+            return b""
         return rest

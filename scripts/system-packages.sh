@@ -14,8 +14,11 @@ if [ "$(id -u)" != 0 ]; then
   echo "note: not root: prometheus is not installed (apt-get needs root); the dashboard test will skip"
   exit 0
 fi
-echo "installing Debian's prometheus package with apt-get (as root), for the dashboard test"
-if ! (apt-get update -qq && apt-get install -y -qq prometheus >/dev/null); then
+echo "installing Debian's prometheus package with apt-get (as root), for the dashboard test;" \
+  "where systemd runs, Debian starts its service on :9090"
+if ! (apt-get update -qq \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
+    >/dev/null); then
   echo "note: could not install prometheus; the dashboard test will skip"
 fi
 exit 0

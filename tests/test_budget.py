@@ -31,3 +31,13 @@ def test_window_bounds(per: str, now: float, start: float, end: float) -> None:
 def test_total_window_never_resets() -> None:
     start, end = window_bounds("total", 1e9)
     assert start == 0.0 and seconds_until(end, 1e9) == TOTAL_RETRY_AFTER
+
+
+def test_a_request_over_a_whole_budget_is_told_in_whole_tokens_or_rounded_usd() -> None:
+    from gateway import errors
+
+    usd = errors.budget_exceeded("ads", "day:usd", 60, 4.96e-05, 2e-05).message
+    assert "reserves 0.000050 USD" in usd and "budget of 0.000020 USD" in usd
+    assert "e-0" not in usd
+    tokens = errors.budget_exceeded("ads", "day", 60, 1200.0, 1000.0).message
+    assert "reserves 1200 tokens" in tokens and "budget of 1000 tokens" in tokens

@@ -98,9 +98,7 @@ async def test_admin_teams_shows_whole_tokens_and_rounded_usd(
 ) -> None:
     """After concurrent requests have settled, nothing is reserved: `reserved` is 0, not the
     1e-20 that float reservations leave behind, and token figures are whole numbers."""
-    gw = await gateway_factory(
-        alpha_budgets="[{tokens: 20000, per: day}, {usd: 1.0, per: month}]"
-    )
+    gw = await gateway_factory(alpha_budgets="[{tokens: 20000, per: day}, {usd: 1.0, per: month}]")
     async with session(headers=auth()) as s:
 
         async def one(i: int) -> int:

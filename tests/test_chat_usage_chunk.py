@@ -13,7 +13,8 @@ from typing import Any
 import aiohttp
 import openai
 import orjson
-from conftest import ALPHA_KEY, GatewayFactory, Upstream, auth, ledger_rows
+from aiohttp import web
+from conftest import ALPHA_KEY, GatewayFactory, Upstream, auth, ledger_rows, start_app
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -167,7 +168,7 @@ def test_a_chunk_without_choices_and_usage_goes_through() -> None:
 
 def test_an_unfinished_event_at_the_end_goes_on_as_it_came() -> None:
     filt = UsageChunkFilter()
-    assert run(filt, [HEAD + b"\n\n", USAGE]) == HEAD + b"\n\n" + USAGE
+    assert run(filt, [HEAD + b"\n\n", FINISH]) == HEAD + b"\n\n" + FINISH
     assert filt.withheld == []
 
 
@@ -179,3 +180,48 @@ def test_a_long_unfinished_event_is_not_held() -> None:
     assert filt.feed(big[1000:]) == big  # over the bound: everything held goes on
     assert filt.feed(b'"}}]}\n\n') == b'"}}]}\n\n'
     assert run(filt, [USAGE + b"\n\n", DONE + b"\n\n"]) == DONE + b"\n\n"
+
+
+def test_a_usage_chunk_the_stream_left_unfinished_is_withheld_too() -> None:
+    """Cut before its blank line, the gateway's error event would end it for the reader."""
+    filt = UsageChunkFilter()
+    assert run(filt, [HEAD + b"\n\n", USAGE + b"\n"]) == HEAD + b"\n\n"
+    assert filt.withheld == [USAGE + b"\n\n\n"]
+
+
+def test_a_usage_chunk_split_over_data_lines_is_withheld() -> None:
+    split = b'data: {"id":"c","choices":\ndata: [],"usage":{"prompt_tokens":3}}\n\n'
+    filt = UsageChunkFilter()
+    assert run(filt, [HEAD + b"\n\n", split, DONE + b"\n\n"]) == HEAD + b"\n\n" + DONE + b"\n\n"
+    assert filt.withheld == [split]
+
+
+async def test_a_stream_cut_after_an_unfinished_usage_chunk(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """The client gets the content and the gateway's error event, never the usage chunk; the
+    usage it carried is charged."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(HEAD + b"\n\n" + FINISH + b"\n\n")
+        await resp.write(USAGE + b"\n")  # and the connection ends, the blank line never sent
+        return resp
+
+    url, runner = await start_app(handler)
+    try:
+        gw = await gateway_factory(url)
+        body = {**CHAT, "stream": True}
+        async with (
+            aiohttp.ClientSession(headers=auth()) as s,
+            s.post(f"{gw.url}/v1/chat/completions", json=body) as r,
+        ):
+            raw = await r.read()
+        assert b'"choices":[]' not in raw and b'"usage":{' not in raw
+        assert raw.startswith(HEAD + b"\n\n" + FINISH + b"\n\n")
+        assert b"upstream_stream_interrupted" in raw
+        (row,) = await ledger_rows(gw)
+        assert (row["input_tokens"], row["output_tokens"], row["estimated"]) == (3, 1, 0)
+    finally:
+        await runner.cleanup()

@@ -336,11 +336,13 @@ teams: {{t: {{keys: ["{DIGEST}"], models: ["sk-live-other", 3]}}}}
     assert "sk-live" not in str(e.value)
 
 
-def test_the_team_name_unknown_is_reserved() -> None:
+@pytest.mark.parametrize("name", ["unknown", "Unknown", "UNKNOWN", "'unknown '"])
+def test_the_team_name_unknown_is_reserved(name: str) -> None:
     with pytest.raises(ConfigError) as e:
-        loads(MINIMAL.replace("teams: {t:", "teams: {unknown:"), {}, "m.yaml")
+        loads(MINIMAL.replace("teams: {t:", f"teams: {{{name}:"), {}, "m.yaml")
+    shown = name.strip("'")
     assert e.value.problems == [
-        "teams.unknown: the team name 'unknown' is reserved for requests without a valid key;"
+        f"teams.{shown}: the team name 'unknown' is reserved for requests without a valid key;"
         " choose another"
     ]
 
@@ -480,3 +482,35 @@ def test_any_tree_gives_settings_or_one_line_problems(tree: object) -> None:
         parse(tree, {"X": "5"})
     except ConfigError as e:
         assert e.problems and all(p and "\n" not in p for p in e.problems), e.problems
+
+
+def test_infinite_and_nan_numbers_are_refused() -> None:
+    """An infinite price makes every cost NaN, which the ledger cannot store; an infinite
+    timeout or budget is a typo for "none" that would never end or never refuse."""
+    text = f"""
+upstreams: {{a: {{base_url: "http://a", timeouts: {{idle: .inf}}}}}}
+prices: {{"*": {{input: .inf, output: .nan}}}}
+teams: {{t: {{keys: ["{DIGEST}"], budgets: [{{usd: .inf, per: day}}]}}}}
+limits: {{drain_timeout: .inf}}
+telemetry: {{traces: {{sample_ratio: .nan}}}}
+"""
+    with pytest.raises(ConfigError) as e:
+        loads(text, {}, "m.yaml")
+    assert e.value.problems == [
+        "upstreams.a.timeouts.idle: must be a positive number of seconds (got inf)",
+        "prices.*.input: must be a non-negative number (USD per million tokens) (got inf)",
+        "prices.*.output: must be a non-negative number (USD per million tokens) (got nan)",
+        "teams.t.budgets[0].usd: must be a non-negative number (got inf)",
+        "limits.drain_timeout: must be a number of seconds (got inf)",
+        "telemetry.traces.sample_ratio: must be a number between 0 and 1 (got nan)",
+    ]
+
+
+def test_text_that_looks_like_a_placeholder_is_taken_literally() -> None:
+    text = f"""
+upstreams: {{u: {{base_url: "http://127.0.0.1:9", api_key: "${{KEY}}"}}}}
+teams: {{t: {{keys: ["{DIGEST}"]}}}}
+state: {{path: "/tmp/__GATEWAY_ENV_0__/__GATEWAY_ENV_9__"}}
+"""
+    settings = loads(text, {"KEY": "sk-secret-value"})
+    assert settings.state.path == "/tmp/__GATEWAY_ENV_0__/__GATEWAY_ENV_9__"

@@ -196,3 +196,57 @@ def test_every_option_says_what_it_does_and_its_default() -> None:
         if action.option_strings and not action.required:
             assert "(default: " in text, (where, action.option_strings, text)
     assert seen >= 16
+
+
+def run_demo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "demo", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--port", "70000"], "--port 70000: must be a port number from 1 to 65535"),
+        (["--port", "0"], "--port 0: must be a port number from 1 to 65535"),
+        (["--port", "18555", "--admin-port", "18555"], "are both 18555"),
+        (["--state", "a${HOME}b"], "a path with '${' cannot be used"),
+    ],
+)
+def test_bad_arguments_are_one_line(tmp_path: Path, args: list[str], says: str) -> None:
+    done = run_demo(tmp_path, *args)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and says in done.stderr, done.stderr
+
+
+def test_a_config_the_demo_did_not_write_is_left_alone(tmp_path: Path) -> None:
+    mine = tmp_path / "gateway.yaml"
+    mine.write_text("# my own gateway\n")
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("keep me\n")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "gateway.yaml").symlink_to(target)
+    for state in (".", "linked"):
+        port, admin = str(free_port()), str(free_port())
+        done = run_demo(tmp_path, "--state", state, "--port", port, "--admin-port", admin)
+        assert done.returncode == 1 and done.stdout == "", done.stderr
+        assert "was not written by the demo" in done.stderr and done.stderr.count("\n") == 1
+    assert mine.read_text() == "# my own gateway\n" and target.read_text() == "keep me\n"
+
+
+def test_a_state_path_that_starts_with_a_dash_is_shown_runnable(tmp_path: Path) -> None:
+    from gateway.demo import shown_path
+
+    here = Path.cwd()
+    try:
+        os.chdir(tmp_path)
+        assert shown_path(tmp_path / "-st" / "gateway.yaml") == "./-st/gateway.yaml"
+        assert shown_path(tmp_path / "a b" / "x") == "'a b/x'"
+    finally:
+        os.chdir(here)

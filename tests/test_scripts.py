@@ -43,7 +43,11 @@ def run(tmp_path: Path, uid: int, apt: bool, prometheus: bool) -> tuple[str, lis
 def test_as_root_it_says_it_installs_prometheus_then_does(tmp_path: Path) -> None:
     out, calls = run(tmp_path, uid=0, apt=True, prometheus=False)
     assert "installing Debian's prometheus package with apt-get (as root)" in out
-    assert calls == ["apt-get update -qq", "apt-get install -y -qq prometheus"]
+    assert "where systemd runs, Debian starts its service on :9090" in out
+    assert calls == [
+        "apt-get update -qq",
+        "apt-get install -y -qq --no-install-recommends prometheus",
+    ]
 
 
 @pytest.mark.parametrize(("uid", "apt", "says"), [(1000, True, "not root"), (0, False, "no apt")])

@@ -264,7 +264,9 @@ class UpstreamStream(_Upstream):
         """What the filters held back, as the stream ended."""
         rest = self.masker.flush()
         if self.hold is not None:
-            rest = self._held(rest) + self.hold.flush()
+            rest = self._held(rest)
+            rest += self.hold.flush()
+            self._held(b"")  # what the flush withheld, read for its usage
         return rest
 
     def ending(self) -> bytes:
