@@ -1,9 +1,9 @@
 """The mock as an aiohttp application, and the ways to run it.
 
 Owns: the route table, the models and catch-all echo routes, the ``x-request-id`` header on
-every response, building the per-app ``Runtime``, ``create_mock_app``, ``start_mock`` (on a
-real socket, for tests and embedding) and the blocking ``run_mock`` behind
-``gateway mock-upstream``.
+every response, building the per-app ``Runtime`` and fault state, ``create_mock_app``,
+``start_mock`` (on a real socket, for tests and embedding) and the blocking ``run_mock``
+behind ``gateway mock-upstream``.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def create_mock_app(options: MockOptions | None = None) -> web.Application:
     if not options.models:
         raise ValueError("MockOptions.models must name at least one model")
     app = web.Application(middlewares=[record_and_faults], client_max_size=_MAX_BODY_BYTES)
-    app[MOCK_STATE] = MockState()
+    app[MOCK_STATE] = MockState(faults=options.faults())
     app[RUNTIME] = _runtime(options)
     app.on_response_prepare.append(_add_request_id)
     routes: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = [
