@@ -28,6 +28,7 @@ Modules:
     calls      Responses function calls: the output item, JSON and the SSE event sequence
     responses  the Responses API: text answers, the SSE event sequence, the routes
     chat       Chat Completions: text or tool calls, JSON and chunk stream
+    control    the ``/mock/`` control routes: queue and clear faults, refuse keys
     app        the app factory, the models and echo routes, and the runners
 """
 
