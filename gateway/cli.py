@@ -104,9 +104,19 @@ def cmd_usage(args: argparse.Namespace) -> int:
 def cmd_mock(args: argparse.Namespace) -> int:
     from gateway.mock_upstream import MockOptions, run_mock
 
-    run_mock(
-        args.host, args.port, MockOptions(ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s)
-    )
+    try:
+        options = MockOptions(
+            ttft_ms=args.ttft_ms,
+            tokens_per_s=args.tokens_per_s,
+            refused_keys=tuple(args.refuse_key),
+            required_keys=tuple(args.require_key),
+            fail_ratio=args.fail_ratio,
+            fail_status=args.fail_status,
+        )
+    except ValueError as e:
+        print(f"gateway mock-upstream: {e}", file=sys.stderr)
+        return 2
+    run_mock(args.host, args.port, options)
     return 0
 
 
@@ -196,6 +206,35 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         metavar="N",
         help="pace of streamed output, 0 for no pacing (default: 0)",
+    )
+    m.add_argument(
+        "--refuse-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="answer requests with this upstream key 401 invalid_api_key; repeatable "
+        "(default: none)",
+    )
+    m.add_argument(
+        "--require-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="accept only these upstream keys, others get 401; repeatable (default: any key)",
+    )
+    m.add_argument(
+        "--fail-ratio",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="fail this fraction of requests, 0 to 1, evenly spread (default: 0)",
+    )
+    m.add_argument(
+        "--fail-status",
+        default="503",
+        metavar="KIND",
+        help="how --fail-ratio fails: 400-599[:retry-after seconds], reset, close or "
+        "cut[:events] (default: 503)",
     )
     m.set_defaults(func=cmd_mock)
     return p

@@ -1,9 +1,9 @@
 """The mock as an aiohttp application, and the ways to run it.
 
-Owns: the route table, the models and catch-all echo routes, the ``x-request-id`` header on
-every response, building the per-app ``Runtime``, ``create_mock_app``, ``start_mock`` (on a
-real socket, for tests and embedding) and the blocking ``run_mock`` behind
-``gateway mock-upstream``.
+Owns: the route table (the ``/mock/`` control routes are in ``control``), the models and
+catch-all echo routes, the ``x-request-id`` header on every response, building the per-app
+``Runtime`` and fault state, ``create_mock_app``, ``start_mock`` (on a real socket, for tests
+and embedding) and the blocking ``run_mock`` behind ``gateway mock-upstream``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import orjson
 from aiohttp import web
 
 from gateway.mock_upstream.chat import chat_completions
+from gateway.mock_upstream.control import CONTROL_ROUTES
 from gateway.mock_upstream.knobs import record_and_faults
 from gateway.mock_upstream.replies import JSON_TYPE, error, hex_id, json_reply
 from gateway.mock_upstream.responses import (
@@ -76,7 +77,7 @@ def create_mock_app(options: MockOptions | None = None) -> web.Application:
     if not options.models:
         raise ValueError("MockOptions.models must name at least one model")
     app = web.Application(middlewares=[record_and_faults], client_max_size=_MAX_BODY_BYTES)
-    app[MOCK_STATE] = MockState()
+    app[MOCK_STATE] = MockState(faults=options.faults())
     app[RUNTIME] = _runtime(options)
     app.on_response_prepare.append(_add_request_id)
     routes: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = [
@@ -90,6 +91,7 @@ def create_mock_app(options: MockOptions | None = None) -> web.Application:
         ("GET", "/v1/models", _list_models),
         ("GET", "/v1/models/{model:.+}", _get_model),
         ("*", "/v1/{tail:.*}", _echo),
+        *CONTROL_ROUTES,
     ]
     for method, path, handler in routes:
         app.router.add_route(method, path, handler)
