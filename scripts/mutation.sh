@@ -8,6 +8,7 @@
 # nothing observable are explained in scripts/mutation-survivors.md.
 #
 #   scripts/mutation.sh                 # a fresh run, then the report
+#   scripts/mutation.sh 'gateway.sse.*'  # only the mutants whose names match
 #   scripts/mutation.sh --report        # the report of the last run only
 #   JOBS=1 MIN_SCORE=90 scripts/mutation.sh
 set -euo pipefail
@@ -22,7 +23,7 @@ if [ "${1:-}" != "--report" ]; then
   rm -rf mutants  # no results carried over from an earlier run of other code or tests
   started=$(date +%s)
   # its progress line is redrawn thousands of times: keep the log, show its tail on failure
-  if ! "$VENV/bin/mutmut" run --max-children "${JOBS:-$(nproc)}" >mutants.log 2>&1; then
+  if ! "$VENV/bin/mutmut" run --max-children "${JOBS:-$(nproc)}" "$@" >mutants.log 2>&1; then
     tail -n 40 mutants.log
     echo "mutmut run failed; the whole log is in mutants.log" >&2
     exit 1
@@ -54,6 +55,8 @@ with open("mutants/results.txt", encoding="utf-8") as f:
         if not m:
             continue
         module, status = m["module"], m["status"].strip()
+        if status == "not checked":  # a run of some modules only (a pattern was given)
+            continue
         by_module[module][status] += 1
         if status not in DETECTED:
             survivors[module].append(f"{m['name']} ({status})")
