@@ -263,3 +263,64 @@ async def test_a_reload_that_removes_or_adds_a_window_still_settles(store: Budge
     again = await store.reserve(reloaded, 960, 0.0, NOW + 2)
     assert isinstance(again, Reservation)
     assert {per for per, _, _ in again.windows} == {"day", "week"}
+
+
+async def test_a_request_of_exactly_the_whole_limit_fits_an_empty_window(
+    store: BudgetStore,
+) -> None:
+    r = await reserved(store, 300, 0.0)  # the hour holds 300 in all
+    assert [w.reserved for w in await store.windows(TEAM, NOW)] == [300, 300, 0]
+    await store.settle(r, 0, 0.0, NOW)
+    await reserved(store, 1, 0.0)
+    # now it does not fit, but a reset will make room: not "larger than the whole window"
+    got = await refused(store, 300, 0.0)
+    assert (got.team, got.window, got.retry_after, got.limit) == ("t", "hour", 1800, 0.0)
+
+
+async def test_a_request_larger_than_the_window_is_told_when_it_resets(store: BudgetStore) -> None:
+    got = await refused(store, 301, 0.0)
+    assert (got.team, got.window, got.retry_after, got.limit) == ("t", "hour", 1800, 300)
+
+
+async def test_windows_refusing_with_the_same_wait_name_the_first_in_team_order(
+    store: BudgetStore,
+) -> None:
+    both = team(BudgetRule(per="day", tokens=100), BudgetRule(per="day", usd=0.5))
+    first = await store.reserve(both, 80, 0.4, NOW)
+    assert isinstance(first, Reservation)
+    got = await store.reserve(both, 80, 0.4, NOW)
+    day_end = window_bounds("day", NOW)[1]
+    assert got == Rejection("t", "day", int(day_end - NOW))
+
+
+async def test_a_reload_that_changes_a_limit_counts_the_new_limit_at_once(
+    store: BudgetStore,
+) -> None:
+    await reserved(store, 200, 0.0)  # of the hour's 300
+    raised = team(BudgetRule(per="hour", tokens=500))
+    assert isinstance(await store.reserve(raised, 250, 0.0, NOW), Reservation)
+    lowered = team(BudgetRule(per="hour", tokens=460))
+    got = await store.reserve(lowered, 20, 0.0, NOW)  # 450 held: 20 more passes 460
+    assert isinstance(got, Rejection) and got.window == "hour"
+    (hour,) = await store.windows(lowered, NOW)
+    assert (hour.limit, hour.reserved) == (460, 450)
+
+
+async def test_settle_skips_a_window_it_never_counted_and_settles_the_others(
+    store: BudgetStore,
+) -> None:
+    r = await reserved(store, 100, 0.2)
+    unknown = Reservation(r.team, r.tokens, r.usd, (("week", "tokens", 0.0), *r.windows))
+    await store.settle(unknown, 40, 0.05, NOW + 1)
+    day, hour, month = await store.windows(TEAM, NOW + 1)
+    assert (day.used, day.reserved, hour.used, hour.reserved) == (40, 0, 40, 0)
+    assert month.used == pytest.approx(0.05)
+
+
+async def test_two_requests_just_before_a_window_ends_share_that_window(
+    store: BudgetStore,
+) -> None:
+    instant = ts(2026, 6, 10, 13) - 4e-7  # fromtimestamp would round it up to 13:00
+    await reserved(store, 300, 0.0, instant)
+    got = await refused(store, 300, 0.0, instant)
+    assert got.window == "hour" and got.retry_after == 1
