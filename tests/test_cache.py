@@ -34,6 +34,28 @@ def test_key_is_canonical_and_scoped() -> None:
     assert cache_key("t", "u", {**a, "stream": True}) != cache_key("t", "u", a)
 
 
+def test_a_known_body_has_a_known_key() -> None:
+    # CONTRACT section 5: sha256(scope NUL upstream NUL canonical JSON). Entries written by
+    # one version are found by the next only while this holds: a changed format must be seen.
+    body = {
+        "model": "gpt-4o",
+        "input": [{"role": "user", "content": "h\u00e9llo"}],
+        "temperature": 0.5,
+        "stream": False,
+    }
+    assert canonical_json(body) == (
+        b'{"input":[{"content":"h\xc3\xa9llo","role":"user"}],'
+        b'"model":"gpt-4o","stream":false,"temperature":0.5}'
+    )
+    assert cache_key("team:alpha", "openai", body) == (
+        "a3599b7f43fa72f3559122d8e10f0c981aace5aeab435873453364e05f0896f5"
+    )
+
+
+def test_scope_and_upstream_are_kept_apart() -> None:
+    assert cache_key("team:a", "bopenai", {}) != cache_key("team:ab", "openai", {})
+
+
 def test_entry_roundtrip() -> None:
     e = CacheEntry(
         200,
