@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import re
 
-# RFC 3986 pchar without `;` (path parameters, which Java servers strip) and without `%`,
-# which is only allowed as a well-formed escape of a character that cannot change the path
-_SEGMENT_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,=:@]+")
+# RFC 3986 pchar without `;` (path parameters, which Java servers strip); `%` only as a
+# well-formed escape, and only of a character that cannot change the path (below)
+_SEGMENT = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,=:@]|%[0-9A-Fa-f]{2})+")
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 # escaped characters whose meaning does not depend on who decodes them: never a letter,
 # digit, dot, slash, backslash, percent, `;`, `?`, `#`, control or non-ASCII byte
@@ -41,11 +41,9 @@ def canonical_path(target: str) -> tuple[str, str] | None:
 
 
 def _segment_ok(segment: str) -> bool:
-    if segment in ("", ".", ".."):
-        return False
-    if "%" not in segment:
-        return _SEGMENT_CHARS.fullmatch(segment) is not None
-    bare = _ESCAPE.sub("", segment)
-    if "%" in bare or (bare and _SEGMENT_CHARS.fullmatch(bare) is None):
-        return False  # a stray or malformed `%`, or a character outside the segment set
-    return all(chr(int(h, 16)) in _SAFE_ESCAPED for h in _ESCAPE.findall(segment))
+    # the pattern refuses an empty segment, a stray or malformed `%` and any other character
+    return (
+        segment not in (".", "..")
+        and _SEGMENT.fullmatch(segment) is not None
+        and all(chr(int(h, 16)) in _SAFE_ESCAPED for h in _ESCAPE.findall(segment))
+    )

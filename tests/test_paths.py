@@ -60,6 +60,7 @@ def test_canonical_paths_pass_unchanged(target: str) -> None:
         "/v1/responses/é",
         "/v1/responses/a b",
         "/v1/responses/resp_1#frag",
+        "/v1/responses?limit=1#frag",  # a fragment after the query is a fragment still
         "http://evil/v1/responses",  # absolute and asterisk forms
         "*",
         "",
