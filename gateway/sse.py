@@ -43,14 +43,14 @@ class SSEDecoder:
         return not (self._buf or self._data or self._pending_cr) and self._event is None
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
-        if self._pending_cr:
-            self._pending_cr = False
-            if chunk[:1] == b"\n":
-                chunk = chunk[1:]
-        buf = self._buf + chunk if self._buf else chunk
+        if not chunk:
+            return []  # nothing read: a CR that ended the last chunk still waits for its LF
+        if self._pending_cr and chunk[:1] == b"\n":
+            chunk = chunk[1:]  # the LF of a CRLF split across chunks
+        # a CR at the very end may be the first half of a CRLF split across chunks
+        self._pending_cr = chunk[-1:] == b"\r"
+        buf = self._buf + chunk
         if b"\r" in buf:
-            # a CR at the very end may be the first half of a CRLF split across chunks
-            self._pending_cr = buf[-1:] == b"\r"
             buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         lines = buf.split(b"\n")
         self._buf = lines.pop()
@@ -62,16 +62,15 @@ class SSEDecoder:
                 self._event = None
                 self._data = []
                 continue
-            if line[0] == 58:  # ':' comment
-                continue
+            # a comment (`:` first) has an empty field name: ignored like any unknown field
             name, sep, value = line.partition(b":")
             if sep and value[:1] == b" ":
                 value = value[1:]
             if name == b"data":
                 self._data.append(value)
             elif name == b"event":
-                self._event = value.decode("utf-8", "replace")
+                self._event = value.decode(errors="replace")
             elif name == b"id" and b"\0" not in value:
-                self._id = value.decode("utf-8", "replace")
+                self._id = value.decode(errors="replace")
             # `retry` and unknown fields carry nothing the gateway needs
         return events

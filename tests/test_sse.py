@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -121,3 +124,105 @@ def test_first_output_is_the_first_delta() -> None:
     assert not tracker.observe(SSEEvent("response.created", b"{}"))
     assert tracker.observe(SSEEvent("response.output_text.delta", b'{"delta":"a"}'))
     assert not tracker.observe(SSEEvent("response.output_text.delta", b'{"delta":"b"}'))
+
+
+def feed_all(chunks: list[bytes]) -> tuple[list[SSEEvent], SSEDecoder]:
+    dec = SSEDecoder()
+    return [ev for c in chunks for ev in dec.feed(c)], dec
+
+
+def test_lf_that_starts_the_next_chunk_completes_the_crlf() -> None:
+    events, _ = feed_all([b"data: a\r", b"\ndata: b\r", b"\n\r", b"\n"])
+    assert events == [SSEEvent(None, b"a\nb")]  # one event: no blank line between a and b
+
+
+def test_an_empty_chunk_between_cr_and_lf_changes_nothing() -> None:
+    events, _ = feed_all([b"data: a\r", b"", b"\ndata: b\n\n"])
+    assert events == [SSEEvent(None, b"a\nb")]
+
+
+def test_only_one_lf_after_a_split_cr_is_dropped() -> None:
+    events, _ = feed_all([b"data: a\r", b"\n\ndata: b\n\n"])
+    assert events == [SSEEvent(None, b"a"), SSEEvent(None, b"b")]
+
+
+def test_a_cr_not_at_the_end_of_a_chunk_leaves_the_next_lf_alone() -> None:
+    events, _ = feed_all([b"data: a\r\r", b"x", b"\ndata: b\n\n"])
+    assert events == [SSEEvent(None, b"a"), SSEEvent(None, b"b")]  # `x` is an unknown field
+
+
+def test_a_bare_colon_is_a_comment_and_unknown_fields_are_ignored() -> None:
+    events, _ = feed_all([b":\n;data: x\ndata:y\n:data: z\n\n"])
+    assert events == [SSEEvent(None, b"y")]
+
+
+def test_event_name_and_id_that_are_not_utf8_are_replaced_not_fatal() -> None:
+    events, _ = feed_all([b"event: \xffx\nid: 7\xfe\ndata: d\n\n"])
+    assert events == [SSEEvent("\ufffdx", b"d", "7\ufffd")]
+
+
+def test_an_id_with_nul_is_ignored_and_the_last_id_persists() -> None:
+    events, _ = feed_all([b"id: 1\ndata: a\n\nid: 2\x003\ndata: b\n\n"])
+    assert events == [SSEEvent(None, b"a", "1"), SSEEvent(None, b"b", "1")]
+
+
+@pytest.mark.parametrize(
+    ("fed", "terminator", "between"),
+    [
+        (b"", b"", True),
+        (b"data: a\n\n", b"", True),
+        (b"data: a", b"\n\n", False),  # a partial line, then the event it belongs to
+        (b"data: a\n", b"\n", False),  # a field: the event needs its blank line
+        (b"event: x\n", b"\n", False),  # an event name alone is an unfinished event too
+        (b"id: 1\n", b"", True),  # an id alone starts no event
+        (b"id: 1\n: pi", b"\n\n", False),  # any partial line may be a field: both end
+        (b"data: a\r", b"\n\n", False),  # a CR: an LF first, which a reader drops as its half
+        (b"data: a\n\r", b"\n", False),  # the event is ended; only the CR's LF is due
+        (b"data: a\r\n\r\n", b"", True),
+    ],
+)
+def test_terminator_ends_exactly_what_is_unfinished(
+    fed: bytes, terminator: bytes, between: bool
+) -> None:
+    dec = SSEDecoder()
+    dec.feed(fed)
+    assert (dec.terminator(), dec.between_events()) == (terminator, between)
+
+
+LINE_ENDS = st.sampled_from([b"\n", b"\r", b"\r\n"])
+FIELDS = st.sampled_from(
+    [b"data: x", b"data:y", b"data", b"event: e", b"id: 9", b": ping", b":", b"retry: 5", b""]
+)
+
+
+@st.composite
+def sse_streams(draw: st.DrawFn) -> bytes:
+    lines = draw(st.lists(st.tuples(FIELDS, LINE_ENDS), max_size=20))
+    tail = draw(st.sampled_from([b"", b"data: part", b"da"]))
+    return b"".join(field + end for field, end in lines) + tail
+
+
+@settings(max_examples=150, deadline=None)
+@given(sse_streams(), st.lists(st.integers(0, 400), max_size=10))
+def test_any_chunking_gives_the_same_events_and_state(raw: bytes, cuts: list[int]) -> None:
+    """Cut anywhere, empty chunks included: CR, LF and CRLF split across chunks all read the
+    same as the whole stream."""
+    bounds = sorted(c % (len(raw) + 1) for c in [0, len(raw), *cuts])
+    chunks = [raw[a:b] for a, b in itertools.pairwise(bounds)]
+    whole_events, whole = feed_all([raw])
+    events, dec = feed_all(chunks)
+    assert events == whole_events
+    assert (dec.terminator(), dec.between_events()) == (whole.terminator(), whole.between_events())
+
+
+@settings(max_examples=150, deadline=None)
+@given(sse_streams())
+def test_own_event_after_the_terminator_arrives_whole(raw: bytes) -> None:
+    """What a reader of the bytes gets when the gateway appends an event of its own."""
+    dec = SSEDecoder()
+    dec.feed(raw)
+    ending = dec.terminator()
+    dec.feed(ending)
+    assert dec.between_events()
+    events, _ = feed_all([raw + ending + b"event: own\ndata: {}\n\n"])
+    assert (events[-1].event, events[-1].data) == ("own", b"{}")
