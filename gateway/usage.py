@@ -25,7 +25,7 @@ TERMINAL_RESPONSE_EVENTS = frozenset(
         "response.cancelled",
     }
 )
-_STATUS_OF_EVENT = {
+_STATUS_OF_EVENT: dict[str | None, str] = {
     "response.completed": "completed",
     "response.incomplete": "incomplete",
     "response.failed": "failed",
@@ -76,11 +76,10 @@ def parse_usage(u: Any) -> Usage | None:
         return None
     if "input_tokens" in u or "output_tokens" in u:
         inp, out = _int(u.get("input_tokens")), _int(u.get("output_tokens"))
-        total = _int(u["total_tokens"]) if "total_tokens" in u else inp + out
         return Usage(
             inp,
             out,
-            total or inp + out,
+            _int(u.get("total_tokens")) or inp + out,  # the provider's total, when it has one
             _detail(u, "input_tokens_details", "cached_tokens"),
             _detail(u, "output_tokens_details", "reasoning_tokens"),
         )
@@ -150,7 +149,7 @@ class StreamTracker:
         """Feed one event; returns True when it is the stream's first output event."""
         s = self.summary
         data = ev.data
-        if data[:6] == b"[DONE]":
+        if data.startswith(b"[DONE]"):  # as the OpenAI SDK tests it
             s.terminal = s.done = True
             return False
         s.events += 1
@@ -193,7 +192,7 @@ class StreamTracker:
             s.terminal = True
             snapshot: Mapping[str, Any] = response if isinstance(response, Mapping) else {}
             status = snapshot.get("status")
-            s.status = status if isinstance(status, str) else _STATUS_OF_EVENT.get(kind or "")
+            s.status = status if isinstance(status, str) else _STATUS_OF_EVENT.get(kind)
             s.usage = parse_usage(snapshot.get("usage")) or s.usage
             s.finish_reasons = (finish_reason(snapshot),)
             err = snapshot.get("error")
