@@ -31,9 +31,9 @@ class SSEDecoder:
     def terminator(self) -> bytes:
         """What to send before appending an event of one's own to the bytes fed so far:
         line breaks that end a partial line and an undispatched event, if there is one."""
-        out = b"\n" if self._pending_cr else b""  # a reader takes the next LF as CRLF's half
-        if self._buf:
-            out += b"\n"
+        # one LF ends a partial line, or is what a reader takes as the second half of a CRLF
+        # whose CR ended the bytes (never both: after a CR no partial line is left)
+        out = b"\n" if self._buf or self._pending_cr else b""
         if self._buf or self._data or self._event is not None:
             out += b"\n"
         return out
