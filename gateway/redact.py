@@ -54,7 +54,7 @@ _TOKEN = re.compile(r"[^\s\"'`<>()\[\]{},;|\\]{" + str(MIN_TOKEN) + ",}")
 # (base64 `/`, `+`, `=`): the token is cut into pieces at them and runs of pieces are tried.
 _SOFT = re.compile(r"[.:=&?/@!#+*%$~^]")
 # A key glued to its neighbours is found only if it spans at most _MAX_SPAN pieces, and only
-# in tokens of at most _MAX_PIECES pieces: past that a token is a blob (base64 image data has
+# in tokens cut at most _MAX_PIECES times: past that a token is a blob (base64 image data has
 # a `/` or `+` every few characters) and trying every run would cost seconds per megabyte.
 _MAX_SPAN = 4
 _MAX_PIECES = 64
@@ -73,8 +73,9 @@ class Redactor:
         digests: Iterable[bytes] = (),
         extra: tuple[str, ...] = (),
     ) -> None:
-        # longest value first: a key that contains another key is replaced whole
-        literals = sorted({v for v in values if v}, key=len, reverse=True)
+        # a key that starts with another key is tried first, so it is replaced whole: in
+        # reverse order every string comes before its prefixes
+        literals = sorted({v for v in values if v}, reverse=True)
         shapes = f"(?=[{_FIRST}]){_GUARD}(?:{'|'.join(SHAPES)})"
         self._known = re.compile("|".join([*(re.escape(v) for v in literals), shapes]))
         self._digests = frozenset(digests)
@@ -98,18 +99,18 @@ class Redactor:
         return text
 
     def _client_keys(self, text: str) -> str:
-        out: list[str] = []
-        done = 0
-        for m in _TOKEN.finditer(text):
-            start = m.start()
-            for a, b in self._spans(m.group(), escaped=start > 0 and text[start - 1] == "\\"):
-                out.append(text[done : start + a])
-                out.append(MARK)
-                done = start + b
-        if not out:
+        found = [
+            (start + a, start + b)
+            for m in _TOKEN.finditer(text)
+            for start in (m.start(),)
+            for a, b in self._spans(m.group(), escaped=text[start - 1 : start] == "\\")
+        ]
+        if not found:
             return text
-        out.append(text[done:])
-        return "".join(out)
+        # what lies between the keys, joined by the mark
+        kept_from = [0, *(b for _, b in found)]
+        kept_to = [*(a for a, _ in found), len(text)]
+        return MARK.join(text[a:b] for a, b in zip(kept_from, kept_to, strict=True))
 
     def _spans(self, token: str, escaped: bool) -> list[tuple[int, int]]:
         """The parts of a token that hash to a client key's digest, in order, not overlapping."""
@@ -128,8 +129,9 @@ class Redactor:
         if escaped and (e := _ESCAPE.match(token)):
             firsts.insert(1, (e.end(), 0))  # `\nKEY` in JSON text: the token reads "nKEY"
         found: list[tuple[int, int]] = []
+        done = 0  # where the last key found ends: the next one starts there or later
         for a, k in firsts:
-            if found and a < found[-1][1]:
+            if a < done:
                 continue
             for b in ends[k : k + _MAX_SPAN]:
                 if b - a < MIN_TOKEN or b - a == len(token):
@@ -137,6 +139,7 @@ class Redactor:
                 part = raw[a:b] if ascii_only else _utf8(token[a:b])
                 if sha256(part).digest() in digests:
                     found.append((a, b))
+                    done = b
                     break
         return found
 
@@ -144,6 +147,6 @@ class Redactor:
 def _utf8(text: str) -> bytes:
     # surrogateescape: how aiohttp decodes a header's bytes, so digests match `auth.py`'s
     try:
-        return text.encode("utf-8", "surrogateescape")
+        return text.encode(errors="surrogateescape")
     except UnicodeEncodeError:  # a lone surrogate no header could carry: never a key
-        return text.encode("utf-8", "surrogatepass")
+        return text.encode(errors="surrogatepass")

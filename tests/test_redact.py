@@ -140,6 +140,61 @@ def test_100_kb_is_redacted_quickly(redactor: Redactor) -> None:
     assert took < 1.0  # measured ~10 ms; the bound only catches a runaway
 
 
+def test_a_held_secret_that_starts_with_another_is_replaced_whole() -> None:
+    for values in (["secret-one", "secret-one-two"], ["secret-one-two", "secret-one"]):
+        assert Redactor(values)("a secret-one-two b secret-one") == f"a {MARK} b {MARK}"
+
+
+def test_from_settings_takes_extra_patterns(tmp_path: Path) -> None:
+    r = Redactor.from_settings(make_settings("http://127.0.0.1:1", tmp_path), (r"PIN \d{4}",))
+    assert r(f"PIN 1234 {ALPHA_KEY}") == f"{MARK} {MARK}"
+
+
+def digests(*keys: str | bytes) -> list[bytes]:
+    return [hashlib.sha256(k if isinstance(k, bytes) else k.encode()).digest() for k in keys]
+
+
+def test_a_client_key_with_bytes_that_are_not_utf8_is_found_as_auth_reads_it() -> None:
+    # a header byte 0xff reaches auth.py as U+DCFF (surrogateescape) and is hashed as 0xff
+    r = Redactor(digests=digests(b"key-\xff-0123456789"))
+    assert r("key is key-\udcff-0123456789 here") == f"key is {MARK} here"
+    assert r("glued=key-\udcff-0123456789.") == f"glued={MARK}."
+
+
+def test_keys_as_short_as_min_token_are_found_glued_and_shorter_ones_are_not_looked_for() -> None:
+    r = Redactor(digests=digests("k1234567", "k123456"))
+    assert r("key=k1234567&x=1") == f"key={MARK}&x=1"
+    # shorter than MIN_TOKEN: not hashed at all (hashing every short word would cost time)
+    assert r("key=k123456&x=1") == "key=k123456&x=1"
+    assert r("x=k123456") == "x=k123456"
+
+
+def test_a_glued_key_may_start_with_a_short_piece() -> None:
+    r = Redactor(digests=digests("ab.cdefghij"))
+    assert r("x=ab.cdefghij&y=1") == f"x={MARK}&y=1"
+
+
+def test_glued_keys_next_to_each_other_are_all_found() -> None:
+    r = Redactor(digests=digests("AAAA.BBBB", "CCCCCCCC"))
+    assert r("AAAA.BBBB.CCCCCCCC") == f"{MARK}.{MARK}"
+    assert r("x=AAAA.BBBB&y=CCCCCCCC&z=AAAA.BBBB") == f"x={MARK}&y={MARK}&z={MARK}"
+
+
+def test_a_key_containing_another_is_replaced_whole_after_a_json_escape() -> None:
+    r = Redactor(digests=digests("AAAAAAAA.BBBBBBBB", "BBBBBBBB"))
+    assert r(orjson.dumps("\nAAAAAAAA.BBBBBBBB").decode()) == f'"\\n{MARK}"'
+
+
+@pytest.mark.parametrize(("cuts", "found"), [(63, True), (64, True), (65, False)])
+def test_a_token_cut_more_than_max_pieces_times_is_a_blob(cuts: int, found: bool) -> None:
+    # base64 data has a soft separator every few characters: trying every run of its pieces
+    # would cost seconds a megabyte, so such a token is not cut (a key in it stays)
+    r = Redactor(digests=digests(CLIENT))
+    text = "a/" * (cuts - 1) + CLIENT + "/"
+    assert (r(text) == "a/" * (cuts - 1) + MARK + "/") is found
+    assert (CLIENT in r(text)) is not found
+
+
 # --- properties ------------------------------------------------------------------------------
 
 SEPARATORS = list(" \n\t\"'`()[]{}<>,;|.:=&?/@!")
