@@ -15,6 +15,7 @@ trace ids and digests would all match it.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable
 from hashlib import sha256
@@ -108,9 +109,8 @@ class Redactor:
         if not found:
             return text
         # what lies between the keys, joined by the mark
-        kept_from = [0, *(b for _, b in found)]
-        kept_to = [*(a for a, _ in found), len(text)]
-        return MARK.join(text[a:b] for a, b in zip(kept_from, kept_to, strict=True))
+        cuts = [0, *itertools.chain.from_iterable(found), len(text)]
+        return MARK.join(text[cuts[i] : cuts[i + 1]] for i in range(0, len(cuts), 2))
 
     def _spans(self, token: str, escaped: bool) -> list[tuple[int, int]]:
         """The parts of a token that hash to a client key's digest, in order, not overlapping."""
