@@ -27,22 +27,17 @@ _NOTABLE_NAME = re.compile(
 )
 
 
-def _first_notable(data: bytes) -> int:
-    """Where the first thing worth decoding is in the bytes; -1 when nothing is."""
+def _first_notable(data: bytes) -> int | None:
+    """Where the first thing worth decoding is in the bytes; None when nothing is."""
     found = [m.start() for m in (_NOTABLE.search(data), _NOTABLE_NAME.search(data)) if m]
-    done = data.find(b"[DONE]")
-    if done >= 0:
-        found.append(done)
-    return min(found) if found else -1
+    if b"[DONE]" in data:
+        found.append(data.index(b"[DONE]"))
+    return min(found, default=None)
 
 
 def _events(block: bytes) -> int:
     """Events in complete blocks: those with a `data` field (a comment alone is none)."""
-    blocks = block.count(b"\n\n")
-    # a raw line feed is never inside JSON text, so these are the lines that start a field
-    data_lines = block.count(b"\ndata") + block.startswith(b"data")
-    if data_lines == blocks and b"\n:" not in block and not block.startswith(b":"):
-        return blocks  # one data line a block, no comment: the usual stream
+    # a raw line feed is never inside JSON text, so `\ndata` starts a field
     return sum(1 for part in block.split(b"\n\n") if part.startswith(b"data") or b"\ndata" in part)
 
 
@@ -65,14 +60,10 @@ class StreamWatch:
             self._skim(data)
             return False
         observe = self.tracker.observe
-        if b"\r" in data:
-            first = False
-            for event in self._decoder.feed(data):
-                if observe(event):
-                    first = True
-            return first
         # decode an event at a time until the first output event (one chunk may hold the
-        # whole stream), then to the end of the event under way, then skim the rest
+        # whole stream), then to the end of the event under way, then skim the rest. Any cut
+        # reads the same to the decoder, so CR line ends need no case of their own here: the
+        # skimming that would miscount them hands them back to the decoder.
         first, pos, summary = False, 0, self.tracker.summary
         while not summary.first_output_seen:
             end = data.find(b"\n\n", pos)
@@ -91,12 +82,11 @@ class StreamWatch:
             self._decode(data[pos : nl + 1])
             pos = nl + 1
         self._skimming = True
-        if pos < len(data):
-            self._skim(data[pos:])
+        self._skim(data[pos:])
         return first
 
     def _skim(self, data: bytes) -> None:
-        buf = self._rest + data if self._rest else data
+        buf = self._rest + data
         if b"\r" in buf:  # line ends only the decoder splits right: decode from here on
             self._skimming, self._rest = False, b""
             self._decode(buf)
@@ -107,15 +97,14 @@ class StreamWatch:
             return
         whole, self._rest = buf[: end + 2], buf[end + 2 :]
         at = _first_notable(whole)
-        if at < 0:
+        if at is None:
             self.tracker.skipped(_events(whole))
             return
         # the events before the one holding it are counted; that one and the rest decoded
-        # (the decoder is between events: `whole` starts one, and so does `start`)
-        before = whole.rfind(b"\n\n", 0, at)
-        start = before + 2 if before >= 0 else 0
-        if start > 0:
-            self.tracker.skipped(_events(whole[:start]))
+        # (the decoder is between events: `whole` starts one, and so does `start`, just after
+        # the last blank line before `at`, or the start of `whole`: the blank line in front)
+        start = (b"\n\n" + whole[:at]).rfind(b"\n\n")
+        self.tracker.skipped(_events(whole[:start]))
         self._decode(whole[start:])
 
     def _decode(self, data: bytes) -> None:
@@ -131,7 +120,6 @@ class StreamWatch:
 
     def terminator(self) -> bytes:
         """What ends a partial line and an unfinished event (`SSEDecoder.terminator`)."""
-        if self._rest:
-            self._decoder.feed(self._rest)  # a partial event: it dispatches nothing
-            self._rest = b""
+        rest, self._rest = self._rest, b""
+        self._decoder.feed(rest)  # a partial event, if any: it dispatches nothing
         return self._decoder.terminator()
