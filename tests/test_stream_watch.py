@@ -302,12 +302,31 @@ def test_a_switch_to_cr_line_ends_while_skimming_is_decoded() -> None:
 
 
 def test_lf_after_cr_line_ends_goes_back_to_skimming() -> None:
+    # the CR chunk stops inside its event (the CR of its blank line is the half of a CRLF
+    # that the next chunk completes): that event is finished by decoding, then skimming goes on
     cr = _delta(2, "b").replace(b"\n", b"\r")
     watch, tracker, _ = _watch(
-        CREATED + _delta(1, "a"), cr[:-3], cr[-3:] + _delta(3, "c") + _delta(4, "d")
+        CREATED + _delta(1, "a"),
+        cr[:-1],
+        b"\n\n" + _delta(3, "c") + _delta(4, "d") + _terminal("completed", 5),
     )
-    assert watch.summary.events == 5
-    assert _names(tracker)[-1] == "response.output_text.delta"
+    s = watch.summary
+    assert (s.events, s.terminal, s.status) == (6, True, "completed")
+    assert _names(tracker) == [
+        "response.created",
+        "response.output_text.delta",
+        "response.output_text.delta",
+        "response.completed",
+    ]
+
+
+def test_a_watch_reads_into_its_own_tracker() -> None:
+    watch = StreamWatch()
+    assert watch.summary == StreamSummary()
+    stream = CREATED + _delta(1, "a") + _delta(2, "b") + _terminal("completed", 3)
+    assert watch.feed(stream) is True
+    assert watch.summary is watch.tracker.summary
+    assert (watch.summary.events, watch.summary.terminal) == (4, True)
 
 
 @pytest.mark.parametrize(
