@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from gateway.sse import SSEDecoder, SSEEvent
 from gateway.stream_watch import StreamWatch, _events, _first_notable
-from gateway.usage import StreamSummary, StreamTracker
+from gateway.usage import StreamSummary, StreamTracker, Usage
 
 
 def _event(name: str | None, obj: object) -> bytes:
@@ -341,3 +341,16 @@ def test_terminator_while_skimming_ends_the_partial_event(tail: bytes, ending: b
     watch, _, _ = _watch(CREATED + _delta(1, "a"), _delta(2, "b") + tail)
     assert watch.terminator() == ending
     assert watch.terminator() == ending  # asked again: the same, the rest is not fed twice
+
+
+def test_an_event_aside_is_observed_without_touching_what_the_client_got() -> None:
+    chat = (
+        b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"delta":{"content":"hi"}}]}'
+    )
+    watch = StreamWatch()
+    watch.feed(chat + b"\n\ndata: {")  # the client got part of an event
+    usage = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n'
+    watch.aside(usage)
+    assert watch.summary.usage == Usage(3, 2, 5)
+    assert watch.summary.events == 2
+    assert watch.terminator() == b"\n\n"  # the client's partial event is still under way
