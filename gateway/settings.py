@@ -267,6 +267,71 @@ class Logs(_Schema):
     format: Annotated[Literal["json", "console"], _must_be("json or console")] = "json"
 
 
+RETRY_CONDITIONS = ("connect_error", "timeout")  # and HTTP statuses 400..599
+
+
+def _retry_condition(item: object) -> bool:
+    if isinstance(item, str):
+        return item in RETRY_CONDITIONS
+    return isinstance(item, int) and not isinstance(item, bool) and 400 <= item <= 599
+
+
+def _retry_on(value: Any) -> tuple[str | int, ...]:
+    if not isinstance(value, list | tuple) or not value:
+        raise PydanticCustomError(
+            RULE, "must be a non-empty list of connect_error, timeout or HTTP statuses (400-599)"
+        )
+    out: list[str | int] = []
+    for item in value:
+        if _retry_condition(item):
+            out.append(item)
+        else:
+            shown = repr(item)[:40]
+            raise PydanticCustomError(
+                RULE, f"{shown} is not connect_error, timeout or an HTTP status from 400 to 599"
+            )
+    return tuple(out)
+
+
+class Backoff(_Schema):
+    base: Seconds = 0.1
+    max: Seconds = 2.0
+
+
+class Retries(_Schema):
+    """Without this section a request makes one attempt."""
+
+    attempts: Annotated[
+        int, Strict(), Interval(ge=1, le=10), _must_be("an integer from 1 to 10")
+    ] = 3  # per request over keys and upstreams, the first included
+    backoff: Backoff = Backoff()
+    on: Annotated[tuple[str | int, ...], PlainValidator(_retry_on)] = (
+        "connect_error",
+        "timeout",
+        429,
+        500,
+        502,
+        503,
+        504,
+    )
+    # over the last 10 s, retries <= budget x first attempts + 3
+    budget: Annotated[
+        float, Strict(), Interval(ge=0, le=10), _must_be("a number from 0 to 10")
+    ] = 0.2
+
+    @classmethod
+    def _prepare(cls, data: Any) -> tuple[Any, list[InitErrorDetails]]:
+        """YAML 1.1 reads a bare `on:` key as true."""
+        if isinstance(data, Mapping) and True in data and "on" not in data:
+            data = {("on" if k is True else k): v for k, v in data.items()}
+        return data, []
+
+
+class Health(_Schema):
+    eject_after: Count = 5  # failures in a row that eject a key or an upstream
+    eject_for: Seconds = 30.0  # doubling for each ejection in a row, at most 300
+
+
 class Telemetry(_Schema):
     service_name: Text = "llm-gateway"
     traces: Traces = Traces()
@@ -321,6 +386,8 @@ class Settings(_Schema):
     upstreams: tuple[Upstream, ...]  # tried in file order
     # optional: without routes, the first upstream whose models match serves a model
     routes: Annotated[tuple[Route, ...], BeforeValidator(_none_as_empty_list)] = ()
+    retries: Retries | None = None  # None: one attempt per request
+    health: Health = Health()
     teams: tuple[Team, ...]
     cache: Cache = Cache()
     state: State = State()
