@@ -81,6 +81,24 @@ async def teams(request: web.Request) -> web.Response:
     return _json({"teams": out})
 
 
+async def upstreams(request: web.Request) -> web.Response:
+    """Each upstream and each of its keys (by key id, never the key): state, until when,
+    requests of the last minute and their error ratio. This replica's view."""
+    gw = request.app[GATEWAY]
+    now, health = gw.clock(), gw.health
+    out = []
+    for client in gw.policy.upstreams.values():
+        keys = [
+            {"key_id": kid, **health.key(client.name, kid).shown(now)}
+            for kid in client.key_ids
+            if kid
+        ]
+        out.append(
+            {"upstream": client.name, **health.upstream(client.name).shown(now), "keys": keys}
+        )
+    return _json({"upstreams": out})
+
+
 async def usage(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     q = request.query
@@ -156,6 +174,7 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_get("/metrics", _metrics_handler(), expect_handler=expect)
     app.router.add_get("/admin/teams", _guard(teams), expect_handler=expect)
     app.router.add_get("/admin/usage", _guard(usage), expect_handler=expect)
+    app.router.add_get("/admin/upstreams", _guard(upstreams), expect_handler=expect)
     app.router.add_get("/admin/cache", _guard(cache_stats), expect_handler=expect)
     app.router.add_delete("/admin/cache", _guard(cache_purge), expect_handler=expect)
     app.router.add_post("/admin/reload", _guard(reload), expect_handler=expect)

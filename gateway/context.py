@@ -34,7 +34,16 @@ class Candidate:
     """One way to answer a request: an upstream and the key to use there."""
 
     client: UpstreamClient
-    key: Secret | None
+    index: int  # the key's place in the upstream's pool
+
+    @property
+    def key(self) -> Secret | None:
+        return self.client.keys[self.index]
+
+    @property
+    def kid(self) -> str:
+        """The key as it may be shown ("" for an upstream without a key)."""
+        return self.client.key_ids[self.index]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +60,7 @@ class RequestContext:
     stream: bool  # the client asked for a stream
     hide_usage: bool  # the client did not ask for the usage chunk the gateway asked for
     output_estimate: int  # most output tokens a metered request can produce
-    plan: tuple[Candidate, ...]  # tried in order; one for now
+    plan: tuple[UpstreamClient, ...]  # the upstreams that may answer, tried in this order
 
     @property
     def team(self) -> str:
@@ -80,6 +89,9 @@ class Attempt:
     status: int = 0  # the upstream's HTTP status; 0 when none arrived
     reached: bool = False  # failed after the request may have reached the upstream
     ended: float = 0.0
+    key_id: str = ""
+    outcome: str = "ok"  # ok: its answer was relayed | retried | failed (and was the last)
+    error: str = ""  # what went wrong: connect_error, timeout, or the HTTP status
 
 
 @dataclass(slots=True)
@@ -136,5 +148,11 @@ class Envelope:
     outcome: Outcome = field(default_factory=Outcome)
 
     def headers(self) -> dict[str, str]:
-        """The headers every answer of the gateway carries."""
-        return {"x-request-id": self.request_id, "x-gateway-trace-id": self.trace_id}
+        """The headers every answer of the gateway carries; once upstreams were called, also
+        which answered (or was called last) and how many calls there were."""
+        out = {"x-request-id": self.request_id, "x-gateway-trace-id": self.trace_id}
+        attempts = self.outcome.attempts
+        if attempts:
+            out["x-gateway-upstream"] = attempts[-1].upstream
+            out["x-gateway-attempts"] = str(len(attempts))
+        return out

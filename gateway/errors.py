@@ -30,6 +30,7 @@ class GatewayError(Exception):
         self.headers = dict(headers or {})
         self.param = param
         self.reached = False  # an upstream failure after the request may have reached it
+        self.timed_out = False  # an upstream failure by timeout (connect or first byte)
 
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.code, self.param)
@@ -179,6 +180,12 @@ def upstream_unavailable(upstream: str, reached: bool = False) -> GatewayError:
 
 
 def upstream_timeout(upstream: str, seconds: float) -> GatewayError:
+    err = _upstream_timeout(upstream, seconds)
+    err.timed_out = True
+    return err
+
+
+def _upstream_timeout(upstream: str, seconds: float) -> GatewayError:
     err = GatewayError(
         504,
         "upstream_error",

@@ -34,7 +34,7 @@ async def finish(gw: Gateway, env: Envelope) -> None:
             except Exception:  # the record, metrics and log line still go out
                 gw.log.exception("settling a reservation failed", request_id=env.request_id)
     shown = policy.shown(env.model) if env.model else ""  # never a key, never 5,000 characters
-    upstream = out.upstream or (ctx.plan[0].client.name if ctx is not None and ctx.plan else "")
+    upstream = out.upstream or (ctx.plan[0].name if ctx is not None and ctx.plan else "")
     # a request refused before it had a team (no or a wrong key) is logged and counted under
     # "unknown", but not written to the ledger: without a key nobody may add durable state
     team = env.principal.team.name if env.principal is not None else UNKNOWN_TEAM
@@ -66,6 +66,7 @@ async def finish(gw: Gateway, env: Envelope) -> None:
                 response_id=(out.response_id or "")
                 if ctx is not None and ctx.creates_response
                 else "",
+                attempts=len(out.attempts),
             )
         )
     overhead = max(0.0, duration - out.upstream_wait)
@@ -87,6 +88,7 @@ async def finish(gw: Gateway, env: Envelope) -> None:
         duration_ms=round(duration * 1000, 3),
         ttft_ms=round(ttft_ms, 3) if ttft_ms is not None else None,
         overhead_ms=round(overhead * 1000, 3),
+        attempts=len(out.attempts),
         error=out.error,
     )
 
@@ -116,6 +118,7 @@ def _observe(
             m.upstream_duration.labels(a.upstream, model, str(a.status or out.status)).observe(
                 (a.ended or ended) - a.started, exemplar
             )
+            m.upstream_attempts.labels(a.upstream, a.outcome).inc()
     if usage is not None:
         tokens = m.tokens
         tokens.labels(team, model, "input").inc(usage.input_tokens)

@@ -61,7 +61,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             gw.cache_counts,
             gw.metrics,
             team=ctx.team,
-            upstream=candidates[0].client.name,
+            upstream=candidates[0].name,
             body=parsed.json,
             top=parsed.top,
             stream=ctx.stream,
@@ -84,7 +84,7 @@ async def _shared(
     gw: Gateway, request: web.Request, env: Envelope, ctx: RequestContext, found: Lookup
 ) -> web.StreamResponse:
     """An answer another request paid for: a stored one, or an identical request's."""
-    out, idle = env.outcome, ctx.plan[0].client.cfg.timeouts.idle
+    out, idle = env.outcome, ctx.plan[0].cfg.timeouts.idle
     try:
         extra = {
             **env.headers(),
@@ -123,7 +123,9 @@ async def _call(
     if found.result:  # a miss or a bypass is counted once its call is admitted
         out.cache = found.result
         gw.cache_counts.count(found.result, gw.metrics)
-    up, candidate = await attempts.run(gw.tracing, gw.metrics, env, ctx, request.headers)
+    up, candidate = await attempts.run(
+        gw.tracing, gw.metrics, gw.health, gw.retry_budget, env, ctx, request.headers
+    )
     try:
         extra = env.headers()
         if out.reservation is not None:

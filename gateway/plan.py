@@ -1,6 +1,6 @@
-"""Routing a request to its attempt plan: the candidates (upstream and key) that may answer
-it, in order. A request about a stored response goes where the response was made, and only
-for the team that made it."""
+"""Routing a request to its attempt plan: the upstreams that may answer it, in order (keys
+are chosen attempt by attempt, by their health: `gateway.upstream.attempts`). A request about a
+stored response goes where the response was made, and only for the team that made it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from collections.abc import MutableMapping
 
 from gateway import errors
 from gateway.auth import Principal
-from gateway.context import Candidate
 from gateway.errors import GatewayError
 from gateway.ledger.records import ReportReader
 from gateway.policy import Policy
@@ -18,23 +17,19 @@ from gateway.upstream.client import UpstreamClient
 Owners = MutableMapping[str, tuple[str, str]]
 
 
-def candidate(client: UpstreamClient) -> Candidate:
-    return Candidate(client, client.next_key())
-
-
-def by_model(policy: Policy, principal: Principal, model: str) -> tuple[Candidate, ...]:
+def by_model(policy: Policy, principal: Principal, model: str) -> tuple[UpstreamClient, ...]:
     team = principal.team.name
     if not policy.team_models[team](model):
         raise errors.model_not_allowed(policy.redactor(model), team)
     names = policy.router.route(model)
     if not names:
         raise errors.model_not_found(policy.redactor(model))
-    return tuple(candidate(policy.upstreams[name]) for name in names)
+    return tuple(policy.upstreams[name] for name in names)
 
 
 async def by_owner(
     policy: Policy, principal: Principal, owners: Owners, ledger: ReportReader, path: str
-) -> tuple[Candidate, ...]:
+) -> tuple[UpstreamClient, ...]:
     rid = path.split("/")[3]
     owner = owners.get(rid)
     if owner is None:
@@ -51,7 +46,7 @@ async def by_owner(
             f"No response found with id {errors.quoted(policy.redactor(rid))}.",
         )
     client = policy.upstreams.get(owner[1]) or policy.default_upstream
-    return (candidate(client),)
+    return (client,)
 
 
 async def plan(
@@ -62,11 +57,11 @@ async def plan(
     owners: Owners,
     ledger: ReportReader,
     path: str,
-) -> tuple[Candidate, ...]:
+) -> tuple[UpstreamClient, ...]:
     if route.owned:
         return await by_owner(policy, principal, owners, ledger, path)
     if route.refused:
         raise errors.not_found()
     if model:
         return by_model(policy, principal, model)
-    return (candidate(policy.default_upstream),)
+    return (policy.default_upstream,)

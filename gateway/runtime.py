@@ -24,6 +24,8 @@ from gateway.settings import Settings
 from gateway.telemetry.metrics import Metrics, named_models
 from gateway.telemetry.tracing import Tracing
 from gateway.upstream.client import UpstreamClient
+from gateway.upstream.health import Health
+from gateway.upstream.retry_budget import RetryBudget
 
 
 class Cuttable(Protocol):
@@ -52,6 +54,11 @@ class Gateway:
         redactor = self.tracing.redactor = Redactor.from_settings(settings)
         clients = {u.name: UpstreamClient(u) for u in settings.upstreams}
         self.policy = Policy(settings, clients, redactor)
+        # per replica: each keeps its own view of upstream and key health
+        self.health = Health(settings.health.eject_after, settings.health.eject_for, clock)
+        self.health.on_ejection = self._ejected
+        self.metrics.watch_upstreams(self._healthy, clients)
+        self.retry_budget = RetryBudget(settings.retries.budget if settings.retries else 0.0)
         self.backends = backends or build_backends(settings, clock=clock)
         self.budget: BudgetStore = self.backends.budget
         self.cache: CacheStore = self.backends.cache
@@ -71,6 +78,12 @@ class Gateway:
         self._reloading = asyncio.Lock()
         self.streams: set[Cuttable] = set()  # upstream streams being read
         self._tasks: set[asyncio.Task[Any]] = set()
+
+    def _healthy(self, upstream: str) -> bool:
+        return self.health.healthy(upstream, self.clock())
+
+    def _ejected(self, upstream: str, reason: str) -> None:
+        self.metrics.key_ejections.labels(upstream, reason).inc()
 
     @property
     def settings(self) -> Settings:
@@ -124,6 +137,13 @@ class Gateway:
                     await client.start()
             redactor = self.tracing.redactor = Redactor.from_settings(settings)
             self.policy = Policy(settings, clients, redactor)
+            self.health.configure(
+                settings.health.eject_after,
+                settings.health.eject_for,
+                ((c.name, c.key_ids) for c in clients.values()),
+            )
+            self.retry_budget.ratio = settings.retries.budget if settings.retries else 0.0
+            self.metrics.watch_upstreams(self._healthy, clients)
             self.metrics.model.know(named_models(settings))
             await self.refresh_budget_gauges()
             for client in retired:

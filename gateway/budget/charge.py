@@ -17,9 +17,16 @@ def charge(model: str, metered: bool, out: Outcome, prices: PriceBook) -> tuple[
     if not metered:
         return 0, 0.0, False
     reservation = out.reservation
+    # attempts before the last that the upstream may have billed without saying so (sent,
+    # then timed out or cut): each is charged the estimate
+    unanswered = sum(1 for a in out.attempts[:-1] if a.reached and not a.status)
+    est_tokens, est_usd = (reservation.tokens, reservation.usd) if reservation else (0, 0.0)
+    tokens, usd = unanswered * est_tokens, unanswered * est_usd
+    estimated = unanswered > 0 and reservation is not None
     if out.usage is not None:
-        tokens = out.usage.total_tokens if reservation is not None else 0
-        return tokens, prices.cost(model, out.usage), False
-    if reservation is not None and any(a.status == 200 or a.reached for a in out.attempts):
-        return reservation.tokens, reservation.usd, True
-    return 0, 0.0, False
+        real = out.usage.total_tokens if reservation is not None else 0
+        return tokens + real, usd + prices.cost(model, out.usage), estimated
+    last = out.attempts[-1] if out.attempts else None
+    if reservation is not None and last is not None and (last.status == 200 or last.reached):
+        return tokens + est_tokens, usd + est_usd, True
+    return tokens, usd, estimated

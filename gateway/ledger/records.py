@@ -38,6 +38,7 @@ class LedgerRecord:
     ttft_ms: float | None
     saved_tokens: int = 0
     response_id: str = ""  # the id of a response this request created (POST /v1/responses)
+    attempts: int = 0  # upstream calls made (`upstream` is the one that answered, or the last)
 
 
 @dataclass(frozen=True, slots=True)

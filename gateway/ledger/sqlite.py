@@ -45,14 +45,18 @@ _SCHEMA = (
         duration_ms REAL NOT NULL,
         ttft_ms REAL,
         saved_tokens INTEGER NOT NULL DEFAULT 0,
-        response_id TEXT NOT NULL DEFAULT ''
+        response_id TEXT NOT NULL DEFAULT '',
+        attempts INTEGER NOT NULL DEFAULT 0
     )
     """,
     "CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts)",
     "CREATE INDEX IF NOT EXISTS ledger_team_ts ON ledger (team, ts)",
 )
 # columns added after the first release, for databases created before them
-_ADDED_COLUMNS = {"response_id": "TEXT NOT NULL DEFAULT ''"}
+_ADDED_COLUMNS = {
+    "response_id": "TEXT NOT NULL DEFAULT ''",
+    "attempts": "INTEGER NOT NULL DEFAULT 0",
+}
 _INDEX_RESPONSE = (
     "CREATE INDEX IF NOT EXISTS ledger_response ON ledger (response_id) WHERE response_id != ''"
 )

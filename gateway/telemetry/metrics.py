@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -244,5 +245,44 @@ class Metrics:
                 registry=r,
             )
         )
+        self.upstream_attempts = Family(
+            Counter(
+                "gateway_upstream_attempts",
+                "Attempts by outcome: ok (its answer was relayed), retried (it failed and another"
+                " attempt followed), failed (it failed and was the last).",
+                ["upstream", "outcome"],
+                registry=r,
+            )
+        )
+        self.key_ejections = Family(
+            Counter(
+                "gateway_upstream_key_ejections",
+                "Keys taken out of an upstream's pool, by reason (auth, failures).",
+                ["upstream", "reason"],
+                registry=r,
+            )
+        )
+        # each upstream's child reads the health view when scraped (`watch_upstreams`)
+        self.upstream_healthy = Gauge(
+            "gateway_upstream_healthy",
+            "1 while an upstream takes requests, 0 while it is ejected.",
+            ["upstream"],
+            registry=r,
+        )
+        self._upstreams: set[str] = set()
         for result in ("hit", "miss", "bypass", "coalesced"):
             self.cache_lookups.labels(result)
+
+
+    def watch_upstreams(self, healthy: Callable[[str], bool], names: Iterable[str]) -> None:
+        """`gateway_upstream_healthy` for these upstreams, read at each scrape."""
+        wanted = set(names)
+        for gone in self._upstreams - wanted:
+            self.upstream_healthy.remove(gone)
+        for name in wanted - self._upstreams:
+            self.upstream_healthy.labels(name).set_function(partial(_as_float, healthy, name))
+        self._upstreams = wanted
+
+
+def _as_float(healthy: Callable[[str], bool], name: str) -> float:
+    return 1.0 if healthy(name) else 0.0

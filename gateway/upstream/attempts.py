@@ -1,43 +1,230 @@
-"""Running a request's attempt plan: each candidate (an upstream and a key) gets exactly one
-call, in order, until one answers: a candidate that could not be reached at all passes the
-request to the next (a route's fallback upstream). This loop is where retries go."""
+"""Running a request's attempt plan: each attempt is one call to one key of one upstream.
+
+Without `retries` a request makes one attempt. With it, a connect error, a timeout or an
+answer whose status is in `retries.on` is tried again, up to `retries.attempts` in all: the
+next healthy key of the same upstream first, then the next upstream of the route, then round
+again. An upstream 401 or 403 takes that key out of the pool and the request goes on with
+another key. Nothing of an answer has reached the client when it is retried: the answer chosen
+here is the one relayed. Each retry waits a full-jitter exponential backoff, never less than a
+resting key's `retry-after`, and needs room in the retry budget; when it has none, the last
+answer goes to the client as it came (or the last gateway error is raised).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import email.utils
+import math
+import random
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import aiohttp
+from opentelemetry.trace import Status, StatusCode
 
 from gateway.context import Attempt, Candidate, Envelope, Outcome, RequestContext
 from gateway.errors import GatewayError
 from gateway.jsonbody import with_model
+from gateway.settings import Retries
 from gateway.telemetry.genai import client_span
 from gateway.telemetry.metrics import Metrics
 from gateway.telemetry.tracing import Tracing
 from gateway.upstream.client import UpstreamClient
 from gateway.upstream.headers import request_headers
+from gateway.upstream.health import Health
+from gateway.upstream.retry_budget import RetryBudget
+
+AUTH_REFUSED = (401, 403)
+
+
+class Picker:
+    """The order one request tries keys in: every key of the first upstream (starting at the
+    pool's next key), then those of the next upstream. A key that is not usable now (resting,
+    ejected, or its upstream ejected) is passed over; when every one is, the request still goes
+    to the one that is back soonest, so an outage never turns into a refusal of its own."""
+
+    __slots__ = ("health", "order", "tried")
+
+    def __init__(self, plan: Sequence[UpstreamClient], health: Health) -> None:
+        self.health = health
+        self.order = [Candidate(c, i) for c in plan for i in c.key_order()]
+        self.tried: set[tuple[str, int]] = set()
+
+    def next(self, now: float) -> Candidate:
+        usable = [c for c in self.order if self.health.usable(c.client.name, c.kid, now)]
+        if not usable:  # every key is out: the one back soonest
+            chosen = min(self.order, key=self.back_at)
+        else:
+            fresh = [c for c in usable if (c.client.name, c.index) not in self.tried]
+            if not fresh:  # each has had its turn: round again
+                self.tried.clear()
+                fresh = usable
+            chosen = fresh[0]
+        self.tried.add((chosen.client.name, chosen.index))
+        return chosen
+
+    def back_at(self, c: Candidate) -> float:
+        """When `c` can take requests again (in the past when it can now)."""
+        up = self.health.upstream(c.client.name)
+        key = self.health.key(c.client.name, c.kid)
+        return max(up.until, key.until)
+
+    def others(self, c: Candidate, now: float) -> bool:
+        """Whether another key or upstream than `c` could take the request now."""
+        return any(
+            o is not c and self.health.usable(o.client.name, o.kid, now) for o in self.order
+        )
+
+
+def retry_after(headers: Mapping[str, str], now: float) -> float:
+    """Seconds an answer asks to wait (`retry-after-ms`, `retry-after` as seconds or an HTTP
+    date); 0 when it asks nothing."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            value = float(ms) / 1000
+            return value if math.isfinite(value) and value > 0 else 0.0
+        except ValueError:
+            pass
+    text = headers.get("retry-after")
+    if text is None:
+        return 0.0
+    try:
+        value = float(text)
+        return value if math.isfinite(value) and value > 0 else 0.0
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return 0.0
+    return max(0.0, when.timestamp() - now)
+
+
+def backoff(retries: Retries, retry: int) -> float:
+    """Full jitter: uniform in [0, min(max, base x 2^(retry-1))]."""
+    cap = min(retries.backoff.max, retries.backoff.base * 2 ** (retry - 1))
+    return random.uniform(0, cap)
+
+
+class Failure(Exception):
+    """An attempt that did not give an answer to relay: `error` says why."""
+
+    def __init__(self, error: str, gateway: GatewayError | None, up: aiohttp.ClientResponse | None):
+        self.error, self.gateway, self.up = error, gateway, up
 
 
 async def run(
     tracing: Tracing,
     metrics: Metrics,
+    health: Health,
+    budget: RetryBudget,
     env: Envelope,
     ctx: RequestContext,
     incoming: Mapping[str, str],
 ) -> tuple[aiohttp.ClientResponse, Candidate]:
-    """The first answer of the plan's candidates; a candidate that could not be reached at
-    all passes the request to the next one. Raises the last candidate's error."""
-    out = env.outcome
-    last = len(ctx.plan) - 1
-    for i, candidate in enumerate(ctx.plan):
+    """The answer to relay and who gave it; raises the last gateway error when no attempt got
+    an answer."""
+    out, retries = env.outcome, ctx.policy.settings.retries
+    limit = retries.attempts if retries is not None else 1
+    picker = Picker(ctx.plan, health)
+    clock = health.clock
+    now = clock()
+    budget.first(now)
+    candidate = picker.next(now)
+    n = 1
+    while True:
+        health.begin(candidate.client.name, candidate.kid, now)
         try:
             up = await attempt(tracing, metrics, env, ctx, out, candidate, incoming)
-            return up, candidate
+            failure = judge(health, candidate, up, clock())
+            if failure is None:
+                return up, candidate
         except GatewayError as e:
-            if i == last or e.reached:  # one the upstream may have billed is not repeated
-                raise
-    raise AssertionError("an admitted request has a plan")
+            failure = Failure("timeout" if e.timed_out else "connect_error", e, None)
+            health.failed(candidate.client.name, candidate.kid)
+        record = out.attempts[-1]
+        record.error = failure.error
+        now = clock()
+        nxt, wait = _next(retries, picker, failure, candidate, n, limit, budget, now)
+        if nxt is None:  # this one is the answer: the client gets it as it came
+            record.outcome = "failed"
+            _mark(out, failure.error)
+            if failure.up is not None:
+                return failure.up, candidate
+            assert failure.gateway is not None
+            raise failure.gateway
+        record.outcome = "retried"
+        _mark(out, failure.error)
+        if failure.up is not None:
+            failure.up.close()  # an error answer nobody will read: not worth its connection
+        budget.retried(now)
+        if wait > 0:  # the upstream's time, not the gateway's: not overhead
+            await asyncio.sleep(wait)
+            out.upstream_wait += wait
+        candidate, n, now = nxt, n + 1, clock()
+
+
+def judge(
+    health: Health, c: Candidate, up: aiohttp.ClientResponse, now: float
+) -> Failure | None:
+    """What an answer says of its key and upstream; a Failure when it may be worth another
+    attempt (the caller decides), None when it is the answer."""
+    status, name = up.status, c.client.name
+    if status in AUTH_REFUSED:
+        health.refused(name, c.kid)
+    elif status == 429:
+        health.rest(name, c.kid, retry_after(up.headers, time.time()))
+    elif status >= 500:
+        health.failed(name, c.kid)
+    else:
+        health.succeeded(name, c.kid)
+        return None
+    return Failure(str(status), None, up)
+
+
+def _next(
+    retries: Retries | None,
+    picker: Picker,
+    failure: Failure,
+    c: Candidate,
+    n: int,
+    limit: int,
+    budget: RetryBudget,
+    now: float,
+) -> tuple[Candidate | None, float]:
+    """The next attempt and the wait before it, or (None, 0) when there is none."""
+    if retries is None or n >= limit:
+        return None, 0.0
+    auth = failure.error in ("401", "403")
+    if auth:  # another key may take it, whatever `on` says; the same key never
+        if not picker.others(c, now):
+            return None, 0.0
+    elif failure.error not in retries.on and _status(failure.error) not in retries.on:
+        return None, 0.0
+    if not budget.allows_retry(now):
+        return None, 0.0
+    nxt = picker.next(now)
+    wait = backoff(retries, n)
+    back = picker.back_at(nxt) - now if not picker.health.usable(
+        nxt.client.name, nxt.kid, now
+    ) else 0.0
+    if back > 0:  # every key is resting or out: wait for the one back soonest, if it is soon
+        if back > retries.backoff.max:
+            return None, 0.0
+        wait = max(wait, back)
+    return nxt, wait
+
+
+def _status(error: str) -> int:
+    return int(error) if error.isdigit() else 0
+
+
+def _mark(out: Outcome, error: str) -> None:
+    span = out.client_span
+    if span is not None and span.is_recording():
+        span.set_attribute("error.type", error)
+        span.set_status(Status(StatusCode.ERROR))
 
 
 def body_for(ctx: RequestContext, client: UpstreamClient) -> bytes:
@@ -63,12 +250,15 @@ async def attempt(
         incoming.items(), {"x-request-id": env.request_id, **client.auth_header(candidate.key)}
     )
     tracing.inject(span, headers)
-    record = Attempt(client.name, time.perf_counter())
+    record = Attempt(client.name, time.perf_counter(), key_id=candidate.kid)
     out.attempts.append(record)
     try:
         up = await client.send(ctx.method, ctx.target, headers, body_for(ctx, client))
     except GatewayError as e:
-        record.reached = e.reached
+        # billed, perhaps, only when it was sent and then timed out: a connection refused,
+        # reset or closed before any answer byte is a connect error, charged nothing
+        record.reached = e.reached and e.timed_out
+        record.ended = time.perf_counter()
         metrics.upstream_errors.labels(client.name, e.code).inc()
         raise
     finally:

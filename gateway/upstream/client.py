@@ -7,7 +7,6 @@ replaces it retires it: it closes when the last request holding it ends.
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections.abc import Mapping
 
 import aiohttp
@@ -16,6 +15,7 @@ from yarl import URL
 from gateway import errors
 from gateway.schema import Secret
 from gateway.settings import Upstream
+from gateway.upstream.health import key_id
 
 URLS_KEPT = 256
 
@@ -27,7 +27,10 @@ class UpstreamClient:
         self.cfg = cfg
         self.name = cfg.name
         self._session: aiohttp.ClientSession | None = None
-        self._keys = itertools.cycle(cfg.api_keys) if cfg.api_keys else None
+        self.keys: tuple[Secret | None, ...] = cfg.api_keys or (None,)
+        # how a key is shown (12 hex of its SHA-256); "" for an upstream without a key
+        self.key_ids = tuple(key_id(k.get()) if k is not None else "" for k in self.keys)
+        self._turn = 0  # where the next request starts in the key pool
         self._urls: dict[str, URL] = {}  # by path and query: most requests go to a few
         self.users = 0  # requests holding this client
         self.retired = False  # replaced by a reload: close once no request holds it
@@ -66,8 +69,18 @@ class UpstreamClient:
             self._session = None
 
     def next_key(self) -> Secret | None:
-        """The key the next attempt uses: the configured keys in turn."""
-        return next(self._keys) if self._keys is not None else None
+        """The key the next call uses: the configured keys in turn."""
+        return self.keys[self.key_order()[0]]
+
+    def key_order(self) -> range | list[int]:
+        """The pool's keys, by index, in the order one request tries them: each request
+        starts at the next key, so requests spread over the pool."""
+        n = len(self.keys)
+        if n == 1:
+            return range(1)
+        start = self._turn
+        self._turn = (start + 1) % n
+        return [(start + i) % n for i in range(n)]
 
     def auth_header(self, key: Secret | None) -> dict[str, str]:
         if key is None:
@@ -112,7 +125,11 @@ class UpstreamClient:
                 return await session.request(
                     method, url, data=body or None, headers=headers, allow_redirects=False
                 )
-        except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError):
+        except aiohttp.ConnectionTimeoutError:
+            err = errors.upstream_unavailable(self.name)
+            err.timed_out = True  # a retry condition of its own: `timeout`, not connect_error
+            raise err from None
+        except aiohttp.ClientConnectorError:
             raise errors.upstream_unavailable(self.name) from None
         except TimeoutError:
             raise errors.upstream_timeout(self.name, self.cfg.timeouts.first_byte) from None
