@@ -38,6 +38,7 @@ upstreams:
 routes:
   - models: ["nusantara-*"]
     upstreams: [primary, backup]
+{retries}
 teams:
   alpha: {{keys: ["${{ALPHA_KEY}}"]}}
 prices: {{"*": {{input: 1.0, output: 2.0}}}}
@@ -53,8 +54,8 @@ async def backup() -> AsyncIterator[Upstream]:
     await up.runner.cleanup()
 
 
-async def routed(primary: str, backup: Upstream, state: Path) -> Running:
-    text = CONFIG.format(primary=primary, backup=backup.url, state=state)
+async def routed(primary: str, backup: Upstream, state: Path, retries: str = "") -> Running:
+    text = CONFIG.format(primary=primary, backup=backup.url, state=state, retries=retries)
     return await start_gateway(loads(text, ENV))
 
 
@@ -62,7 +63,7 @@ async def test_a_dead_first_upstream_falls_back_with_the_model_renamed(
     backup: Upstream, tmp_path: Path
 ) -> None:
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: refused before any byte
-    gw = await routed(dead, backup, tmp_path / "state")
+    gw = await routed(dead, backup, tmp_path / "state", "retries: {attempts: 2}")
     try:
         async with aiohttp.ClientSession(headers=auth()) as s:
             async with s.post(f"{gw.url}/v1/responses", json=BODY) as r:
@@ -109,7 +110,7 @@ async def test_the_first_upstream_of_a_route_serves_when_it_is_up(
 async def test_an_upstream_error_answer_is_not_a_fallback(
     backup: Upstream, upstream: Upstream, tmp_path: Path
 ) -> None:
-    """Without retries, only a candidate that was never reached passes the request on."""
+    """Without `retries` a request makes one attempt: the first upstream's answer is it."""
     gw = await routed(upstream.url, backup, tmp_path / "state")
     try:
         async with (
