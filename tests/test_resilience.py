@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -100,6 +101,13 @@ async def direct(up: Upstream, body: dict[str, Any]) -> bytes:
         return await r.read()
 
 
+_MADE_UP = re.compile(rb'(resp|msg)_[0-9a-f]+|"(created_at|completed_at)":\d+')
+
+
+def same_but_ids(a: bytes, b: bytes) -> bool:
+    return _MADE_UP.sub(b"", a) == _MADE_UP.sub(b"", b) and len(a) > 1000
+
+
 @pytest.mark.parametrize("fault", ["503", "reset", "429"])
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_fault_before_the_first_byte_is_retried_and_unseen(
@@ -114,9 +122,9 @@ async def test_a_fault_before_the_first_byte_is_retried_and_unseen(
         assert status == 200
         assert headers["x-gateway-attempts"] == "2" and headers["x-gateway-upstream"] == "primary"
         assert len(upstream.state.requests) == 2 and backup.state.requests == []
-        if stream:  # byte-identical but for the ids the mock makes up per answer
-            assert raw.count(b"event: ") == (await direct(upstream, body)).count(b"event: ")
-            assert raw.rstrip().endswith(b"}") and b"response.completed" in raw
+        if stream:  # byte-identical but for the ids and times the mock makes up per answer
+            assert same_but_ids(raw, await direct(upstream, body))
+            assert b"response.completed" in raw
         else:
             assert orjson.loads(raw)["status"] == "completed"
         (row,) = await ledger_rows(gw)
