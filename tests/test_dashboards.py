@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -409,7 +410,9 @@ def test_k8s_manifests_agree_with_the_config() -> None:
 # --- end to end: a real Prometheus scraping a real gateway -------------------------------
 
 MODEL = "nusantara-base"
+FLAKY_MODEL = "flaky-base"  # served by the upstream `flaky` only
 KEYS = {"search": "k1", "near": "k-near", "over": "k-over"}
+UPSTREAM_KEY, REFUSED_KEY = "sk-upstream", "sk-refused"  # the mock answers the second with 401
 E2E_CONFIG = """
 listen: {host: 127.0.0.1, port: 0}
 admin: {host: 127.0.0.1, port: 0}
@@ -417,9 +420,22 @@ limits: {default_max_output_tokens: 32, drain_timeout: 5}
 upstreams:
   mock:
     base_url: ${MOCK_URL}
-    api_key: ${UPSTREAM_KEY}
+    # the refused key is ejected (auth) at its first 401; its request goes on with the other
+    api_keys: ["${UPSTREAM_KEY}", "${REFUSED_KEY}"]
     models: ["*"]
     timeouts: {connect: 2, first_byte: 10, idle: 10}
+  flaky:   # fails eject_after times in a row at the start, then stays ejected
+    base_url: ${MOCK_URL}
+    api_key: ${UPSTREAM_KEY}
+    models: ["flaky-*"]
+    timeouts: {connect: 2, first_byte: 10, idle: 10}
+routes:
+  - {models: ["flaky-*"], upstreams: [flaky]}
+# only a 503 (x-mock-fail-first) is retried: each 500 of the bursts stays one failed attempt
+retries: {attempts: 3, backoff: {base: 0.01, max: 0.05}, on: [503]}
+# eject_after: more than FAILS, so the 500 bursts never eject `mock`; eject_for: longer than
+# this test, so `flaky` is out until it ends
+health: {eject_after: 8, eject_for: 300}
 teams:
   search:
     keys: ["${TEAM_KEY}"]
@@ -457,13 +473,14 @@ class Stack:
 @pytest.fixture
 async def gateway_stack(tmp_path: Path) -> AsyncIterator[Stack]:
     async with contextlib.AsyncExitStack() as stack:
-        mock_runner, mock_port = await start_mock(options=MockOptions())
+        mock_runner, mock_port = await start_mock(options=MockOptions(refused_keys=(REFUSED_KEY,)))
         stack.push_async_callback(mock_runner.cleanup)
         settings = loads(
             E2E_CONFIG,
             {
                 "MOCK_URL": f"http://127.0.0.1:{mock_port}",
-                "UPSTREAM_KEY": "sk-upstream",
+                "UPSTREAM_KEY": UPSTREAM_KEY,
+                "REFUSED_KEY": REFUSED_KEY,
                 "TEAM_KEY": KEYS["search"],
                 "NEAR_KEY": KEYS["near"],
                 "OVER_KEY": KEYS["over"],
@@ -565,7 +582,10 @@ FAIL = {"x-mock-status": "500"}
 
 
 async def _workload(s: aiohttp.ClientSession, stack: Stack, n: int) -> list[tuple[int, str]]:
-    """One round: misses, cache hits (JSON and stream), a budget 429, upstream 500s."""
+    """One round: misses, cache hits (JSON and stream), a budget 429, a 503 retried into a
+    200, upstream 500s."""
+    fault = uuid.uuid4().hex  # a fresh fault id: the mock fails its first request only
+    retried = {"x-mock-fail-first": "503:1", "x-mock-fault-id": fault}
     return [
         await _post(s, stack, "search", {"model": MODEL, "input": f"question {n}"}),
         await _post(s, stack, "search", {"model": MODEL, "input": "the same question"}),
@@ -574,6 +594,8 @@ async def _workload(s: aiohttp.ClientSession, stack: Stack, n: int) -> list[tupl
             s, stack, "search", {"model": MODEL, "input": "the same story", "stream": True}
         ),
         await _post(s, stack, "over", {"model": MODEL, "input": f"more {n}"}),
+        # a 503, retried: a unique input, or a cache hit would never reach the upstream
+        await _post(s, stack, "search", {"model": MODEL, "input": f"retry {fault}"}, **retried),
         # rate(...[5m]) divides by 5 minutes: a burst gets upstream errors past 0.1/s soon
         *[
             await _post(s, stack, "search", {"model": MODEL, "input": "fail"}, **FAIL)
@@ -611,6 +633,34 @@ class Observed:
             if a.get("status") != "success" or not a["data"]["result"]
         ]
 
+    def series(self, where: str, *labels: str) -> dict[tuple[str, ...], float]:
+        """A panel query's answer: the values of `labels` -> the value."""
+        answer = self.dashboard[where]
+        if answer.get("status") != "success":
+            return {}
+        return {
+            tuple(r["metric"].get(name, "") for name in labels): float(r["value"][1])
+            for r in answer["data"]["result"]
+        }
+
+    def upstream_problems(self) -> list[str]:
+        """What the upstream panels miss of the workload: a 503 retried, 500s that were the
+        last attempt, the refused key ejected (auth), `flaky` and its key ejected (failures)."""
+        problems = []
+        attempts = self.series(
+            "Upstream attempts/s by upstream and outcome [A]", "upstream", "outcome"
+        )
+        wanted = {("mock", "ok"), ("mock", "retried"), ("mock", "failed"), ("flaky", "failed")}
+        if missing := wanted - attempts.keys():
+            problems.append(f"attempts: no {sorted(missing)}")
+        health = self.series("Upstream health [A]", "upstream")
+        if health != {("mock",): 1.0, ("flaky",): 0.0}:
+            problems.append(f"health: {health}")
+        ejections = self.series("Key ejections by upstream and reason [A]", "upstream", "reason")
+        if missing := {("mock", "auth"), ("flaky", "failures")} - ejections.keys():
+            problems.append(f"key ejections: no {sorted(missing)}")
+        return problems
+
 
 async def _observe(s: aiohttp.ClientSession, prom: str) -> Observed:
     dash = {w: await _query(s, prom, substitute(e)) for w, e in dashboard_queries()}
@@ -646,6 +696,7 @@ async def _wait_for_everything(s: aiohttp.ClientSession, prom: str, deadline: fl
         rules_ok = [r for g in seen.groups for r in g["rules"] if r["health"] == "ok"]
         done = (
             not seen.empty_panels()
+            and not seen.upstream_problems()
             and seen.active >= EXPECTED_ACTIVE
             and seen.exemplars
             and len(rules_ok) == len(alert_rules())
@@ -694,11 +745,20 @@ async def test_a_real_prometheus_gets_data_for_every_panel_and_alert(
             await _post(s, stack, "over", {"model": MODEL, "input": "y"}),
             await _post(s, stack, "nobody", {"model": MODEL, "input": "z"}),
         ]
-        assert [st for st, _ in first] == [200] * 5 + [500] * FAILS + [200, 200, 429, 401]
+        assert [st for st, _ in first] == [200] * 6 + [500] * FAILS + [200, 200, 429, 401]
         assert [c for _, c in first[:4]] == ["miss", "miss", "miss", "miss"]
         again = await _workload(s, stack, 1)
-        assert [st for st, _ in again] == [200, 200, 200, 200, 429] + [500] * FAILS
+        assert [st for st, _ in again] == [200, 200, 200, 200, 429, 200] + [500] * FAILS
         assert [c for _, c in again[:4]] == ["miss", "hit", "miss", "hit"]
+        # `flaky` fails eject_after times in a row: ejected, with its key (reason failures)
+        eject_after = stack.gw.settings.health.eject_after
+        assert eject_after > FAILS  # the bursts at `mock` never eject it
+        down = [
+            await _post(s, stack, "search", {"model": FLAKY_MODEL, "input": f"down {i}"}, **FAIL)
+            for i in range(eject_after)
+        ]
+        assert [st for st, _ in down] == [500] * eject_after
+        assert not stack.gw.health.healthy("flaky", time.time())
 
         # keep traffic flowing while Prometheus scrapes, until everything expected shows up
         async with asyncio.TaskGroup() as tg:
@@ -716,6 +776,7 @@ async def test_a_real_prometheus_gets_data_for_every_panel_and_alert(
     bad = {w: a.get("error") for w, a in seen.dashboard.items() if a.get("status") != "success"}
     assert not bad, bad
     assert not seen.empty_panels(), f"panels without data: {seen.empty_panels()}"
+    assert not seen.upstream_problems(), seen.upstream_problems()
     # every alert expression is valid PromQL
     bad = {n: a.get("error") for n, a in seen.alerts.items() if a.get("status") != "success"}
     assert not bad, bad
