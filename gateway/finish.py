@@ -115,7 +115,10 @@ def _observe(
     if out.attempts:
         ended = time.perf_counter()
         for a in out.attempts:
-            m.upstream_duration.labels(a.upstream, model, str(a.status or out.status)).observe(
+            # an attempt with no answer is labelled with the gateway error it ended in, not
+            # with the status a later attempt gave the client
+            status = str(a.status) if a.status else ("504" if a.error == "timeout" else "502")
+            m.upstream_duration.labels(a.upstream, model, status).observe(
                 (a.ended or ended) - a.started, exemplar
             )
             m.upstream_attempts.labels(a.upstream, a.outcome).inc()

@@ -21,6 +21,7 @@ from conftest import (
     start_gateway,
     start_upstream,
 )
+from prometheus_client import generate_latest
 
 from gateway.config import ConfigError, loads
 from gateway.jsonbody import with_model
@@ -84,6 +85,11 @@ async def test_a_dead_first_upstream_falls_back_with_the_model_renamed(
             ("nusantara-base", "backup", 200)
         ] * 2
         assert rows[0]["output_tokens"] == 6 and rows[0]["cost_usd"] > 0
+        # the attempt that found nobody listening is labelled with its own 502, not the 200
+        # the backup gave the client
+        text = generate_latest(gw.gw.metrics.registry).decode()
+        assert 'status="502",upstream="primary"} 2.0' in text
+        assert 'status="200",upstream="primary"' not in text
     finally:
         await gw.stop()
 
