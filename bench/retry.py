@@ -4,8 +4,9 @@ run with the same pinning (`run.py`'s harness: the gateway on one CPU, the rest 
 
     python bench/retry.py [--concurrency 1 8] [--duration 5] [--rounds 2]
 
-The failing upstream is the mock with `--fail-ratio 0.5`: every other upstream call fails, so
-with retries on, nearly every client request takes two attempts (the report shows the mean).
+The retried gateway routes every request to an upstream that always fails (a mock with
+`--fail-ratio 1.0`, never ejected) and then to a healthy one, so each client request takes
+exactly two attempts (the report shows the measured mean; a run with any failed request stops).
 Target: a retried request costs at most what two single attempts cost (ratio <= 2.0).
 """
 
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as harness  # the harness next to this file
 
 RETRIES = {"attempts": 2, "backoff": {"base": 0.0001, "max": 0.001}, "budget": 10.0}
+HEALTH = {"eject_after": 1_000_000_000, "eject_for": 1}  # the failing upstream stays in
 
 
 def failing_mock(tmp: Path, pin: harness.Pinning) -> contextlib.AbstractContextManager[Any]:
@@ -32,8 +34,8 @@ def failing_mock(tmp: Path, pin: harness.Pinning) -> contextlib.AbstractContextM
     cmd = [sys.executable, "-m", "gateway", "mock-upstream", "--port", str(port)]
     return harness.running(
         "mock-failing",
-        [*cmd, "--fail-ratio", "0.5", "--fail-status", "503"],
-        f"{base}/v1/models",  # fails every other call too: the harness retries until ready
+        [*cmd, "--fail-ratio", "1.0", "--fail-status", "503"],
+        f"{base}/mock/faults",  # /v1 fails every call; the control route answers
         base,
         tmp / "mock-failing.log",
         harness._with_path(harness.server_env(), harness.REPO_ROOT),
@@ -42,9 +44,10 @@ def failing_mock(tmp: Path, pin: harness.Pinning) -> contextlib.AbstractContextM
 
 
 def gateway(
-    tmp: Path, label: str, mock: Any, key: str, pin: harness.Pinning
+    tmp: Path, label: str, mock: Any, key: str, pin: harness.Pinning, failing: Any = None
 ) -> tuple[contextlib.AbstractContextManager[Any], str]:
-    """The gateway's context manager and its /metrics URL."""
+    """The gateway's context manager and its /metrics URL; with `failing`, every request goes
+    there first, then to `mock`."""
     cfg = harness.gateway_config(
         mock.url,
         tmp / f"state-{label}",
@@ -56,6 +59,11 @@ def gateway(
         budget=None,
     )
     cfg["retries"] = RETRIES
+    if failing is not None:
+        ok = cfg["upstreams"].pop("mock")
+        cfg["upstreams"] = {"failing": {**ok, "base_url": failing.url}, "mock": ok}
+        cfg["routes"] = [{"models": ["*"], "upstreams": ["failing", "mock"]}]
+        cfg["health"] = HEALTH
     metrics = f"http://127.0.0.1:{cfg['admin']['port']}/metrics"
     return harness.start_gateway(tmp, label, cfg, key, pin), metrics
 
@@ -87,17 +95,19 @@ def main(argv: list[str] | None = None) -> int:
         ok_mock = stack.enter_context(harness.start_mock(tmp, pin))
         bad_mock = stack.enter_context(failing_mock(tmp, pin))
         plain_cm, _ = gateway(tmp, "plain", ok_mock, key, pin)
-        retried_cm, retried_metrics = gateway(tmp, "retried", bad_mock, key, pin)
+        retried_cm, retried_metrics = gateway(tmp, "retried", ok_mock, key, pin, bad_mock)
         plain = stack.enter_context(plain_cm)
         retried = stack.enter_context(retried_cm)
         for c in ours.concurrency:
             cpu: dict[str, list[float]] = {"plain": [], "retried": []}
             attempts: list[float] = []
             for round_ in range(ours.rounds):
-                for name, gw, mock in (("plain", plain, ok_mock), ("retried", retried, bad_mock)):
+                for name, gw in (("plain", plain), ("retried", retried)):
                     target = harness.Target("gateway", gw.url, key, gw, True)
                     calls = attempts_so_far(retried_metrics)
-                    result = harness.measure(args, scenario, c, target, mock, None, pin, None)
+                    result = harness.measure(args, scenario, c, target, ok_mock, None, pin, None)
+                    if result["errors"] or result["warmup_errors"]:
+                        raise SystemExit(f"{name} c={c}: failed requests: {result['statuses']}")
                     cpu[name].append(result["proxy_cpu_us_per_request"])
                     if name == "retried" and result["requests"]:
                         total = result["requests"] + result["warmup_requests"]

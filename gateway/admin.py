@@ -85,16 +85,17 @@ async def upstreams(request: web.Request) -> web.Response:
     """Each upstream and each of its keys (by key id, never the key): state, until when,
     requests of the last minute and their error ratio. This replica's view."""
     gw = request.app[GATEWAY]
-    now, health = gw.clock(), gw.health
+    health = gw.health
+    now, wall = health.clock(), gw.clock()
     out = []
     for client in gw.policy.upstreams.values():
         keys = [
-            {"key_id": kid, **health.key(client.name, kid).shown(now)}
+            {"key_id": kid, **health.key(client.name, kid).shown(now, wall)}
             for kid in client.key_ids
             if kid
         ]
         out.append(
-            {"upstream": client.name, **health.upstream(client.name).shown(now), "keys": keys}
+            {"upstream": client.name, **health.upstream(client.name).shown(now, wall), "keys": keys}
         )
     return _json({"upstreams": out})
 

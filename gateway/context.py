@@ -102,6 +102,8 @@ class Outcome:
     cache: str = ""  # hit | miss | bypass | coalesced | "" (not cacheable)
     saved: Usage | None = None  # a cache hit or coalesced answer: what it would have cost
     reservation: Reservation | None = None
+    # held before retrying attempts the upstream may have billed: released, unspent, at the end
+    more_reservations: list[Reservation] = field(default_factory=list)
     attempts: list[Attempt] = field(default_factory=list)
     usage: Usage | None = None
     ttft: float | None = None  # seconds from start to the first output event

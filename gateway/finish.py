@@ -31,6 +31,8 @@ async def finish(gw: Gateway, env: Envelope) -> None:
         if out.reservation is not None:
             try:
                 await gw.budget.settle(out.reservation, charged, cost, now)
+                for more in out.more_reservations:  # the charge above covers what they held
+                    await gw.budget.settle(more, 0, 0.0, now)
             except Exception:  # the record, metrics and log line still go out
                 gw.log.exception("settling a reservation failed", request_id=env.request_id)
     shown = policy.shown(env.model) if env.model else ""  # never a key, never 5,000 characters

@@ -7,6 +7,7 @@ pipeline. One limit, checked right after decoding, refuses it up front.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
@@ -66,12 +67,15 @@ def fields(obj: dict[str, Any]) -> dict[str, Any]:
 
 def with_model(body: bytes, model: str) -> bytes:
     """A JSON object body with its top-level `model` (whatever the case of its name) set to
-    `model`; any other body as it is."""
+    `model`; any other body as it is. Decoded by the standard library, whose integers have no
+    size limit and whose floats print back as they were read, so no other value changes."""
     try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError:
+        obj = json.loads(body)
+    except (ValueError, RecursionError):
         return body
     if not isinstance(obj, dict):
         return body
     key = next((k for k in obj if k.lower() == "model"), "model")
-    return orjson.dumps({**obj, key: model})
+    obj[key] = model
+    # escaped non-ASCII: the same text, and a lone surrogate cannot break the encoding
+    return json.dumps(obj, separators=(",", ":")).encode()

@@ -123,9 +123,34 @@ async def _call(
     if found.result:  # a miss or a bypass is counted once its call is admitted
         out.cache = found.result
         gw.cache_counts.count(found.result, gw.metrics)
+
+    async def reserve_more() -> bool:
+        """One more estimate before a retry of an attempt the upstream may have billed: each
+        such attempt is charged one, so each must be held first (refused: no retry)."""
+        if out.reservation is None:
+            return True
+        try:
+            more = await reserve(
+                gw.budget,
+                ctx.policy,
+                gw.metrics,
+                team,
+                ctx.model,
+                len(ctx.body),
+                ctx.output_estimate,
+                gw.clock(),
+                counted=False,
+            )
+        except errors.GatewayError:
+            return False
+        out.more_reservations.append(more)
+        return True
+
     up, candidate = await attempts.run(
-        gw.tracing, gw.metrics, gw.health, gw.retry_budget, env, ctx, request.headers
+        gw.tracing, gw.metrics, gw.health, gw.retry_budget, env, ctx, request.headers, reserve_more
     )
+    # an answer from further down the route is not the first upstream's to store
+    store_key = found.store_key if candidate.client is ctx.plan[0] else None
     try:
         extra = env.headers()
         if out.reservation is not None:
@@ -133,7 +158,7 @@ async def _call(
         if out.cache:
             extra["x-gateway-cache"] = out.cache
         return await answer.from_upstream(
-            gw, request, ctx, out, up, candidate, extra, env.started, found.store_key, found.lead
+            gw, request, ctx, out, up, candidate, extra, env.started, store_key, found.lead
         )
     finally:
         up.release()

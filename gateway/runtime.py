@@ -55,7 +55,7 @@ class Gateway:
         clients = {u.name: UpstreamClient(u) for u in settings.upstreams}
         self.policy = Policy(settings, clients, redactor)
         # per replica: each keeps its own view of upstream and key health
-        self.health = Health(settings.health.eject_after, settings.health.eject_for, clock)
+        self.health = Health(settings.health.eject_after, settings.health.eject_for, time.monotonic)
         self.health.on_ejection = self._ejected
         self.metrics.watch_upstreams(self._healthy, clients)
         self.retry_budget = RetryBudget(settings.retries.budget if settings.retries else 0.0)
@@ -80,7 +80,7 @@ class Gateway:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def _healthy(self, upstream: str) -> bool:
-        return self.health.healthy(upstream, self.clock())
+        return self.health.healthy(upstream, self.health.clock())
 
     def _ejected(self, upstream: str, reason: str) -> None:
         self.metrics.key_ejections.labels(upstream, reason).inc()
@@ -141,6 +141,7 @@ class Gateway:
                 settings.health.eject_after,
                 settings.health.eject_for,
                 ((c.name, c.key_ids) for c in clients.values()),
+                changed=(c.name for c in retired),  # its settings changed: a new upstream
             )
             self.retry_budget.ratio = settings.retries.budget if settings.retries else 0.0
             self.metrics.watch_upstreams(self._healthy, clients)

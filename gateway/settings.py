@@ -315,9 +315,9 @@ class Retries(_Schema):
         504,
     )
     # over the last 10 s, retries <= budget x first attempts + 3
-    budget: Annotated[
-        float, Strict(), Interval(ge=0, le=10), _must_be("a number from 0 to 10")
-    ] = 0.2
+    budget: Annotated[float, Strict(), Interval(ge=0, le=10), _must_be("a number from 0 to 10")] = (
+        0.2
+    )
 
     @classmethod
     def _prepare(cls, data: Any) -> tuple[Any, list[InitErrorDetails]]:

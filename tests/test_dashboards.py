@@ -761,7 +761,7 @@ async def test_a_real_prometheus_gets_data_for_every_panel_and_alert(
             for i in range(eject_after)
         ]
         assert [st for st, _ in down] == [500] * eject_after
-        assert not stack.gw.health.healthy("flaky", time.time())
+        assert not stack.gw.health.healthy("flaky", stack.gw.health.clock())
 
         # keep traffic flowing while Prometheus scrapes, until everything expected shows up
         async with asyncio.TaskGroup() as tg:

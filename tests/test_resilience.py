@@ -113,23 +113,34 @@ def same_but_ids(a: bytes, b: bytes) -> bool:
 async def test_a_fault_before_the_first_byte_is_retried_and_unseen(
     upstream: Upstream, backup: Upstream, tmp_path: Path, fault: str, stream: bool
 ) -> None:
-    # two keys: the retry takes the pool's next key, on the same upstream
+    """An error answer is retried on the pool's next key, the same upstream; a connection that
+    broke is the upstream's failure, so the route's next upstream gets the retry, and as the
+    request was sent (the upstream may have billed it) that attempt is charged its estimate."""
     gw = await resilient(upstream, backup, tmp_path / "state", keys=f"[{GOOD}, {GOOD2}]")
     try:
         body = {**BODY, "stream": stream}
         upstream.state.faults.queue(make_fault(fault), count=1)
         status, headers, raw = await post(gw, body)
         assert status == 200
-        assert headers["x-gateway-attempts"] == "2" and headers["x-gateway-upstream"] == "primary"
-        assert len(upstream.state.requests) == 2 and backup.state.requests == []
+        answered = backup if fault == "reset" else upstream
+        name = "backup" if fault == "reset" else "primary"
+        assert headers["x-gateway-attempts"] == "2" and headers["x-gateway-upstream"] == name
+        assert len(upstream.state.requests) + len(backup.state.requests) == 2
+        sent = orjson.loads(answered.state.requests[-1].body)
         if stream:  # byte-identical but for the ids and times the mock makes up per answer
-            assert same_but_ids(raw, await direct(upstream, body))
+            assert same_but_ids(raw, await direct(answered, sent))
             assert b"response.completed" in raw
         else:
             assert orjson.loads(raw)["status"] == "completed"
         (row,) = await ledger_rows(gw)
-        assert (row["attempts"], row["upstream"], row["status"]) == (2, "primary", 200)
-        assert row["output_tokens"] == 6 and row["estimated"] == 0
+        assert (row["attempts"], row["upstream"], row["status"]) == (2, name, 200)
+        real = row["input_tokens"] + row["output_tokens"]
+        assert row["output_tokens"] == 6
+        if fault == "reset":
+            estimate = -(-len(json.dumps(body)) // 4) + BODY["max_output_tokens"]
+            assert (row["charged_tokens"], row["estimated"]) == (estimate + real, 1)
+        else:
+            assert (row["charged_tokens"], row["estimated"]) == (real, 0)
     finally:
         await gw.stop()
 
@@ -425,7 +436,7 @@ async def test_a_mixed_run_with_faults_charges_exactly_what_was_billed(
     try:
         billed = 0
         for i in range(30):
-            fault = ("503", "reset", "500", "502", None)[i % 5]
+            fault = ("503", "429", "500", "502", None)[i % 5]  # answers: none billed
             if fault is not None:
                 (upstream if i % 2 else backup).state.faults.queue(make_fault(fault), count=1)
             stream = i % 3 == 0
@@ -448,3 +459,140 @@ async def test_a_mixed_run_with_faults_charges_exactly_what_was_billed(
         assert team["used"] == billed and team["reserved"] == 0
     finally:
         await gw.stop()
+
+
+# ---------------------------------------------------------------- review findings
+
+
+def test_a_key_refused_again_and_again_never_overflows_its_ejection() -> None:
+    now = [0.0]
+    health = Health(eject_after=5, eject_for=30.0, clock=lambda: now[0])
+    for _ in range(2000):  # every key out: the request still goes to it, and is refused
+        health.refused("u", "k")
+    key = health.key("u", "k")
+    assert key.state == "ejected" and key.ejections == 1 and key.until == 30.0
+    for _ in range(1100):  # a trial that fails each time: doubling, capped, never overflowing
+        now[0] = key.until
+        health.begin("u", "k", now[0])
+        health.refused("u", "k")
+    assert key.until - now[0] == 300.0
+
+
+def test_a_rest_is_at_most_300_seconds() -> None:
+    health = Health(eject_after=5, eject_for=30.0, clock=lambda: 0.0)
+    health.rest("u", "k", 1e9)
+    assert health.key("u", "k").until == 300.0
+
+
+def test_a_trial_answered_429_brings_the_upstream_back() -> None:
+    now = [0.0]
+    health = Health(eject_after=1, eject_for=10.0, clock=lambda: now[0])
+    health.failed("u", "k")
+    assert health.upstream("u").state == "ejected"
+    now[0] = 10.0
+    health.begin("u", "k", now[0])
+    health.answered("u")  # the key was rate limited, but the upstream answered
+    assert health.upstream("u").state == "healthy" and health.usable("u", "k2", now[0])
+
+
+def test_a_reload_that_changes_an_upstream_forgets_its_standing() -> None:
+    health = Health(eject_after=1, eject_for=10.0, clock=lambda: 0.0)
+    health.failed("a", "k")
+    health.failed("b", "k")
+    health.configure(1, 10.0, [("a", ["k"]), ("b", ["k"])], changed=["a"])
+    assert health.upstream("a").state == "healthy" and health.upstream("b").state == "ejected"
+
+
+async def test_timeouts_are_retried_only_while_the_budget_holds_another_estimate(
+    backup: Upstream, tmp_path: Path
+) -> None:
+    """Each attempt that timed out after sending is charged an estimate, so a retry of one
+    first holds another estimate; when the budget has no room, the client gets the timeout."""
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        await asyncio.sleep(1.0)
+        return web.json_response({})
+
+    url, runner = await start_app(slow)
+    estimate = -(-len(json.dumps(BODY)) // 4) + BODY["max_output_tokens"]
+    try:
+        primary = Upstream(url, backup.state, runner)
+        text = CONFIG.format(
+            primary=primary.url, backup=url, keys=f"[{GOOD}]", first_byte=0.2, attempts=3,
+            max_wait=0.01, budget=10, eject_after=100, eject_for=30, state=tmp_path / "state",
+        ).replace("budgets: [{tokens: 1000000, per: day}]", f"budgets: [{{tokens: {2 * estimate + 1}, per: day}}]")  # noqa: E501  # fmt: skip
+        gw = await start_gateway(loads(text, ENV))
+        try:
+            results = await asyncio.gather(post(gw, BODY), post(gw, BODY))
+            assert [r[0] for r in results] == [504, 504]
+            assert [r[1]["x-gateway-attempts"] for r in results] == ["1", "1"]
+            team = (await admin(gw, "/admin/teams"))["teams"][0]["budgets"][0]
+            assert team["used"] == 2 * estimate <= team["limit"] and team["reserved"] == 0
+        finally:
+            await gw.stop()
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_4xx_listed_in_on_is_retried(
+    upstream: Upstream, backup: Upstream, tmp_path: Path
+) -> None:
+    text = CONFIG.format(
+        primary=upstream.url, backup=backup.url, keys=f"[{GOOD}, {GOOD2}]", first_byte=5,
+        attempts=2, max_wait=0.01, budget=1, eject_after=5, eject_for=30, state=tmp_path / "s",
+    ).replace("budget: 1}", "budget: 1, on: [408]}")  # fmt: skip
+    gw = await start_gateway(loads(text, ENV))
+    try:
+        upstream.state.faults.queue(make_fault(408), count=1)
+        status, headers, _ = await post(gw, BODY)
+        assert (status, headers["x-gateway-attempts"]) == (200, "2")
+    finally:
+        await gw.stop()
+
+
+async def test_an_answer_from_further_down_the_route_is_not_cached_for_the_first(
+    upstream: Upstream, backup: Upstream, tmp_path: Path
+) -> None:
+    text = CONFIG.format(
+        primary=upstream.url, backup=backup.url, keys=f"[{GOOD}]", first_byte=5, attempts=2,
+        max_wait=0.01, budget=1, eject_after=5, eject_for=30, state=tmp_path / "s",
+    ).replace("cache: {enabled: false}", "cache: {enabled: true}")  # fmt: skip
+    gw = await start_gateway(loads(text, ENV))
+    try:
+        upstream.state.faults.queue(make_fault(503), count=1)
+        status, headers, _ = await post(gw, BODY)
+        assert (status, headers["x-gateway-upstream"]) == (200, "backup")
+        status, headers, raw = await post(gw, BODY)  # primary is fine: its own answer
+        assert headers["x-gateway-cache"] == "miss" and orjson.loads(raw)["model"] == BODY["model"]
+        status, headers, _ = await post(gw, BODY)
+        assert headers["x-gateway-cache"] == "hit"
+    finally:
+        await gw.stop()
+
+
+async def test_other_posts_are_not_sent_twice(
+    upstream: Upstream, backup: Upstream, tmp_path: Path
+) -> None:
+    """Retrying an error answer means sending the request again: only generations (which the
+    retries are for) and reads are; a batch or a file upload is not."""
+    gw = await resilient(upstream, backup, tmp_path / "state", keys=f"[{GOOD}, {GOOD2}]")
+    try:
+        upstream.state.faults.queue(make_fault(502), count=1)
+        async with (
+            aiohttp.ClientSession(headers=auth()) as s,
+            s.post(f"{gw.url}/v1/batches", json={"input_file_id": "f"}) as r,
+        ):
+            assert r.status == 502 and r.headers["x-gateway-attempts"] == "1"
+        assert len(upstream.state.requests) == 1
+    finally:
+        await gw.stop()
+
+
+def test_model_map_keeps_every_other_value_as_it_was() -> None:
+    from gateway.jsonbody import with_model
+
+    body = b'{"model":"a","seed":12345678901234567890123,"t":0.1,"s":"\\ud800 \\u00e9"}'
+    out = json.loads(with_model(body, "b"))
+    assert out == {**json.loads(body), "model": "b"}
+    assert out["seed"] == 12345678901234567890123 and out["t"] == 0.1

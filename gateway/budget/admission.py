@@ -31,8 +31,10 @@ async def reserve(
     body_len: int,
     output_estimate: int,
     now: float,
+    counted: bool = True,
 ) -> Reservation:
-    """Hold the request's estimate in every window of the team, or refuse it (429)."""
+    """Hold the request's estimate in every window of the team, or refuse it (429; counted as
+    a budget rejection unless `counted` is false: a retry's extra hold is no request)."""
     if policy.prices.price(model) is None and any(b.usd is not None for b in team.budgets):
         # fail closed: never count it as free
         raise errors.model_not_priced(policy.redactor(model), team.name)
@@ -41,7 +43,8 @@ async def reserve(
     usd = policy.prices.estimate(model, input_est, output_estimate)
     got = await store.reserve(team, tokens, usd, now)
     if isinstance(got, Rejection):
-        metrics.budget_rejections.labels(team.name).inc()
+        if counted:
+            metrics.budget_rejections.labels(team.name).inc()
         held = usd if got.window.endswith(":usd") else tokens
         raise errors.budget_exceeded(team.name, got.window, got.retry_after, held, got.limit)
     return got

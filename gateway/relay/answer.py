@@ -30,6 +30,8 @@ from gateway.relay.sources import (
 from gateway.relay.taps import BodyUsage, CacheRecorder, StreamUsage, Tap
 from gateway.runtime import Gateway
 
+_LEADERS_OWN = frozenset({"x-gateway-upstream", "x-gateway-attempts"})
+
 
 async def from_upstream(
     gw: Gateway,
@@ -165,8 +167,10 @@ async def from_flight(
     extra: Mapping[str, str],
     idle: float,
 ) -> web.StreamResponse:
-    """A follower of a streamed flight: from its first chunk, at this client's pace."""
-    headers = {**dict(flight.headers), **extra}
+    """A follower of a streamed flight: from its first chunk, at this client's pace. The
+    leader's attempts were not this request's: their headers are left out."""
+    headers = {k: v for k, v in flight.headers if k.lower() not in _LEADERS_OWN}
+    headers.update(extra)
     sink = ClientSink(request, out, idle)
     await relay(FlightSource(flight, flight.status, headers), sink)
     out.saved = flight.usage

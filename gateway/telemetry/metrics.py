@@ -273,7 +273,6 @@ class Metrics:
         for result in ("hit", "miss", "bypass", "coalesced"):
             self.cache_lookups.labels(result)
 
-
     def watch_upstreams(self, healthy: Callable[[str], bool], names: Iterable[str]) -> None:
         """`gateway_upstream_healthy` for these upstreams, read at each scrape."""
         wanted = set(names)

@@ -17,7 +17,7 @@ import email.utils
 import math
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import aiohttp
 from opentelemetry.trace import Status, StatusCode
@@ -69,11 +69,14 @@ class Picker:
         key = self.health.key(c.client.name, c.kid)
         return max(up.until, key.until)
 
+    def spent(self, client: UpstreamClient) -> None:
+        """The upstream itself failed (unreachable, or no first byte in time): its other keys
+        would fare no better, so the next upstream comes first."""
+        self.tried.update((client.name, i) for i in range(len(client.keys)))
+
     def others(self, c: Candidate, now: float) -> bool:
         """Whether another key or upstream than `c` could take the request now."""
-        return any(
-            o is not c and self.health.usable(o.client.name, o.kid, now) for o in self.order
-        )
+        return any(o is not c and self.health.usable(o.client.name, o.kid, now) for o in self.order)
 
 
 def retry_after(headers: Mapping[str, str], now: float) -> float:
@@ -114,6 +117,11 @@ class Failure(Exception):
         self.error, self.gateway, self.up = error, gateway, up
 
 
+# one more estimate held in the team's budgets before a billable attempt is tried again;
+# False when the budgets have no room for it
+ReserveMore = Callable[[], Awaitable[bool]]
+
+
 async def run(
     tracing: Tracing,
     metrics: Metrics,
@@ -122,11 +130,15 @@ async def run(
     env: Envelope,
     ctx: RequestContext,
     incoming: Mapping[str, str],
+    reserve_more: ReserveMore,
 ) -> tuple[aiohttp.ClientResponse, Candidate]:
     """The answer to relay and who gave it; raises the last gateway error when no attempt got
     an answer."""
     out, retries = env.outcome, ctx.policy.settings.retries
     limit = retries.attempts if retries is not None else 1
+    # an HTTP error is retried only where sending the request twice is expected: generations
+    # (the contract's retries) and reads; any request is tried again when nothing was sent
+    repeatable = ctx.metered or ctx.method in ("GET", "HEAD")
     picker = Picker(ctx.plan, health)
     clock = health.clock
     now = clock()
@@ -137,16 +149,26 @@ async def run(
         health.begin(candidate.client.name, candidate.kid, now)
         try:
             up = await attempt(tracing, metrics, env, ctx, out, candidate, incoming)
-            failure = judge(health, candidate, up, clock())
+            try:
+                failure = judge(health, candidate, up, retries)
+            except BaseException:
+                up.close()
+                raise
             if failure is None:
                 return up, candidate
         except GatewayError as e:
             failure = Failure("timeout" if e.timed_out else "connect_error", e, None)
             health.failed(candidate.client.name, candidate.kid)
+            picker.spent(candidate.client)  # the upstream itself failed, not the key
         record = out.attempts[-1]
         record.error = failure.error
+        record.ended = time.perf_counter()
         now = clock()
         nxt, wait = _next(retries, picker, failure, candidate, n, limit, budget, now)
+        if nxt is not None and not repeatable and failure.error != "connect_error":
+            nxt = None
+        if nxt is not None and record.reached and not await reserve_more():
+            nxt = None  # the budgets cannot hold another attempt that may be billed
         if nxt is None:  # this one is the answer: the client gets it as it came
             record.outcome = "failed"
             _mark(out, failure.error)
@@ -156,6 +178,9 @@ async def run(
             raise failure.gateway
         record.outcome = "retried"
         _mark(out, failure.error)
+        if out.client_span is not None:  # its time ends here, not after the wait
+            out.client_span.end()
+            out.client_span = None
         if failure.up is not None:
             failure.up.close()  # an error answer nobody will read: not worth its connection
         budget.retried(now)
@@ -166,17 +191,21 @@ async def run(
 
 
 def judge(
-    health: Health, c: Candidate, up: aiohttp.ClientResponse, now: float
+    health: Health, c: Candidate, up: aiohttp.ClientResponse, retries: Retries | None
 ) -> Failure | None:
     """What an answer says of its key and upstream; a Failure when it may be worth another
     attempt (the caller decides), None when it is the answer."""
     status, name = up.status, c.client.name
     if status in AUTH_REFUSED:
+        health.answered(name)  # the upstream is up: only the key is refused
         health.refused(name, c.kid)
     elif status == 429:
+        health.answered(name)
         health.rest(name, c.kid, retry_after(up.headers, time.time()))
     elif status >= 500:
         health.failed(name, c.kid)
+    elif retries is not None and status in retries.on:  # a 4xx the config says to retry
+        health.succeeded(name, c.kid)
     else:
         health.succeeded(name, c.kid)
         return None
@@ -206,9 +235,8 @@ def _next(
         return None, 0.0
     nxt = picker.next(now)
     wait = backoff(retries, n)
-    back = picker.back_at(nxt) - now if not picker.health.usable(
-        nxt.client.name, nxt.kid, now
-    ) else 0.0
+    usable = picker.health.usable(nxt.client.name, nxt.kid, now)
+    back = 0.0 if usable else picker.back_at(nxt) - now
     if back > 0:  # every key is resting or out: wait for the one back soonest, if it is soon
         if back > retries.backoff.max:
             return None, 0.0
@@ -255,9 +283,8 @@ async def attempt(
     try:
         up = await client.send(ctx.method, ctx.target, headers, body_for(ctx, client))
     except GatewayError as e:
-        # billed, perhaps, only when it was sent and then timed out: a connection refused,
-        # reset or closed before any answer byte is a connect error, charged nothing
-        record.reached = e.reached and e.timed_out
+        # sent, then timed out or dropped: the upstream may have billed it
+        record.reached = e.reached
         record.ended = time.perf_counter()
         metrics.upstream_errors.labels(client.name, e.code).inc()
         raise

@@ -2,10 +2,12 @@
 does to them. In memory, per replica: every replica keeps its own view.
 
 A key or an upstream is `healthy`, `resting` until a time (a 429 with `retry-after`: that key
-only) or `ejected` until a time, for a `reason`: `auth` (a 401 or 403 from the upstream: that
-key only, at once) or `failures` (`eject_after` failures in a row: connect errors, timeouts,
-5xx). Each ejection in a row lasts twice the one before (`eject_for`, at most 300 s); when it
-is up, one trial request decides: a success makes it healthy again, a failure ejects it again.
+only, at most 300 s) or `ejected` until a time, for a `reason`: `auth` (a 401 or 403 from the
+upstream: that key only, at once) or `failures` (`eject_after` failures in a row: connect
+errors, timeouts, 5xx). Each ejection in a row lasts twice the one before (`eject_for`, at most
+300 s); when it is up, one trial request decides: a success makes it healthy again, a failure
+ejects it again. Times are on a monotonic clock (a wall clock set back would keep a key out
+for as long); /admin/upstreams shows them in unix seconds.
 """
 
 from __future__ import annotations
@@ -45,12 +47,13 @@ class Standing:
             return False
         return self.state == "resting" or now >= self.trial  # ejected: one trial at a time
 
-    def shown(self, now: float) -> dict[str, object]:
+    def shown(self, now: float, wall: float) -> dict[str, object]:
+        """As /admin/upstreams shows it; `now` on the health clock, `wall` in unix seconds."""
         recent = [ok for t, ok in self.recent if now - t <= RECENT]
         errors = sum(1 for ok in recent if not ok)
         out: dict[str, object] = {"state": self.state}
         if self.state != "healthy":
-            out["until"] = self.until
+            out["until"] = round(wall + (self.until - now), 3)
         if self.state == "ejected":
             out["reason"] = self.reason
         out["recent_requests"] = len(recent)
@@ -68,15 +71,22 @@ class Health:
         self.on_ejection: Callable[[str, str], None] = lambda upstream, reason: None
 
     def configure(
-        self, eject_after: int, eject_for: float, known: Iterable[tuple[str, Iterable[str]]]
+        self,
+        eject_after: int,
+        eject_for: float,
+        known: Iterable[tuple[str, Iterable[str]]],
+        changed: Iterable[str] = (),
     ) -> None:
-        """New settings: keep the standing of the upstreams and keys still configured."""
+        """New settings: keep the standing of the upstreams and keys still configured, except
+        for upstreams whose settings `changed` (a new address is a new upstream)."""
         self.eject_after, self.eject_for = eject_after, eject_for
+        fresh = set(changed)
         names: set[str] = set()
         keys: set[tuple[str, str]] = set()
         for name, ids in known:
-            names.add(name)
-            keys.update((name, k) for k in ids)
+            if name not in fresh:
+                names.add(name)
+                keys.update((name, k) for k in ids)
         self.upstreams = {n: s for n, s in self.upstreams.items() if n in names}
         self.keys = {k: s for k, s in self.keys.items() if k in keys}
 
@@ -117,29 +127,42 @@ class Health:
         for s, is_key in ((self.upstream(upstream), False), (self.key(upstream, kid), True)):
             s.recent.append((now, False))
             s.failures += 1
-            if s.trial or (s.state == "healthy" and s.failures >= self.eject_after):
+            if (s.state == "ejected" and s.trial) or (
+                s.state == "healthy" and s.failures >= self.eject_after
+            ):
                 self._eject(upstream if is_key else "", s, "failures", now)
 
     def refused(self, upstream: str, kid: str) -> None:
-        """A 401 or 403: the key is out at once; the upstream stays in service."""
+        """A 401 or 403: the key is out at once; the upstream stays in service. A key already
+        out (used because every key is) stays out as it was."""
         now = self.clock()
         s = self.key(upstream, kid)
         s.recent.append((now, False))
-        self._eject(upstream, s, "auth", now)
+        if s.state != "ejected" or s.trial:
+            self._eject(upstream, s, "auth", now)
 
     def rest(self, upstream: str, kid: str, seconds: float) -> None:
-        """A 429: the key rests for `seconds` (its `retry-after`), if that is longer than now."""
+        """A 429: the key rests for `seconds` (its `retry-after`, at most MAX_EJECTION)."""
         now = self.clock()
         s = self.key(upstream, kid)
         s.recent.append((now, False))
         if s.state != "ejected" and seconds > 0:
-            s.state, s.until = "resting", max(s.until, now + seconds)
+            s.state, s.until = "resting", max(s.until, now + min(seconds, MAX_EJECTION))
+
+    def answered(self, upstream: str) -> None:
+        """The upstream answered (a 401, 403 or 429 of one key): it is up."""
+        s = self.upstream(upstream)
+        if s.state == "ejected" and s.trial:  # its trial went through
+            s.state, s.reason, s.until, s.trial = "healthy", "", 0.0, 0.0
+            s.ejections = 0
+        s.failures = 0
 
     def _eject(self, key_of: str, s: Standing, reason: str, now: float) -> None:
         """Eject `s`; `key_of` names the upstream when `s` is one of its keys (counted)."""
         s.ejections += 1
         s.state, s.reason, s.trial = "ejected", reason, 0.0
-        s.until = now + min(MAX_EJECTION, self.eject_for * 2 ** (s.ejections - 1))
+        # doubling, capped; the exponent too, so that no streak overflows a float
+        s.until = now + min(MAX_EJECTION, self.eject_for * 2 ** min(s.ejections - 1, 30))
         s.failures = 0
         if key_of:
             self.on_ejection(key_of, reason)
