@@ -4,6 +4,8 @@ contract where aiohttp answers on its own, and bounded in time and in connection
 - `GatewayRunner` serves an app with `GatewayRequestHandler`: aiohttp's own answers (a
   request its parser refuses, a handler that raised) are OpenAI-shaped JSON with a fixed
   message, never the parser's message, which quotes request bytes (a client's key among them).
+- The gateway opens no tunnels: a CONNECT, whatever its target, is answered 405 in JSON without
+  reaching the app, and its connection closed with nothing after it read as a request.
 - A request head must arrive within `header_timeout` of its first byte; an idle keep-alive
   connection is closed after `KEEPALIVE_IDLE`.
 - `read_body` reads a request body with an idle limit between chunks.
@@ -17,6 +19,9 @@ aiohttp internals relied on (aiohttp 3.14; re-check on upgrade):
   `data_received`), `_messages` (parsed heads and their bodies, appended there), `_waiter`,
   `_request_in_progress`, `_close`/`_force_close` and `_lingering_time` (read once per request
   in `start`).
+- `start` takes each request off `_messages` with `popleft()` and answers an `_ErrInfo` entry
+  through `handle_error` without building a request for the app; bytes after a CONNECT head
+  wait in `_message_tail` (the parser stops there, as for an upgrade) until its answer.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -39,8 +45,8 @@ from aiohttp.http_exceptions import (
     LineTooLong,
     TransferEncodingError,
 )
-from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.web_protocol import RequestHandler, _ErrInfo, _MsgType
 from aiohttp.web_server import Server
 
 from gateway import errors
@@ -108,8 +114,38 @@ def fresh_ids() -> dict[str, str]:
     }
 
 
+class _Connect(HttpProcessingError):
+    """A CONNECT request: the gateway is a reverse proxy, it opens no tunnels."""
+
+    code = 405
+    message = "CONNECT"
+
+
+class _Requests(deque[_MsgType]):
+    """The queue of parsed requests of a `GatewayRequestHandler`: a CONNECT leaves it as a
+    405 error entry, so that none is ever built into a request for the app.
+
+    The C parser makes a CONNECT with an empty target (`CONNECT  \\r\\n`) a message without a
+    URL (or with the URL of the connection's previous request): building a request from it
+    raises outside aiohttp's error handling, which left the connection open and unanswered."""
+
+    __slots__ = ()
+
+    def popleft(self) -> _MsgType:
+        message, payload = super().popleft()
+        if not isinstance(message, _ErrInfo) and message.method == hdrs.METH_CONNECT:
+            return _ErrInfo(status=405, exc=_Connect(), message=""), EMPTY_PAYLOAD
+        return message, payload
+
+
 def _error_answer(status: int, exc: BaseException | None) -> tuple[str, str, str]:
     """(type, code, message) for an answer aiohttp gives itself."""
+    if isinstance(exc, _Connect):
+        return (
+            "invalid_request_error",
+            "method_not_allowed",
+            "CONNECT is not supported: the gateway is not a forward proxy.",
+        )
     if status == 400:
         return "invalid_request_error", "bad_request", _bad_request_message(exc)
     if status == 504:
@@ -151,7 +187,8 @@ def http_logger() -> logging.Logger:
 
 
 class GatewayRequestHandler(RequestHandler):
-    """aiohttp's connection handler with JSON error answers and a request-head deadline."""
+    """aiohttp's connection handler with JSON error answers, a request-head deadline and no
+    CONNECT."""
 
     __slots__ = ("_body", "_head_due", "_header_timeout", "_on_lost")
 
@@ -163,6 +200,7 @@ class GatewayRequestHandler(RequestHandler):
         self._head_due: float | None = None
         self._body: StreamReader | None = None  # the body of the last parsed head
         self._on_lost: Callable[[], None] | None = None
+        self._messages = _Requests()
 
     def on_lost(self, callback: Callable[[], None]) -> None:
         """Call `callback` once, when this connection ends (a listener frees its slot)."""
@@ -180,9 +218,16 @@ class GatewayRequestHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        # aiohttp's version logs (through the logger's _NoRawRequests filter) and raises if a
-        # response is already under way; only its text/plain answer is replaced
-        super().handle_error(request, status, exc, None)
+        if isinstance(exc, _Connect):
+            # what follows a CONNECT head would be the tunnel's bytes: none of them is read
+            # as a request, and the connection ends with this answer
+            self._message_tail = b""
+            self.close()
+            self.logger.debug("refused a CONNECT request from %s", request.remote)
+        else:
+            # aiohttp's version logs (through the logger's _NoRawRequests filter) and raises if
+            # a response is already under way; only its text/plain answer is replaced
+            super().handle_error(request, status, exc, None)
         type_, code, text = _error_answer(status, exc)
         resp = web.Response(
             status=status,

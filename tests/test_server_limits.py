@@ -17,8 +17,8 @@ import orjson
 import pytest
 import uvloop
 from aiohttp import web
-from conftest import ALPHA_KEY, GatewayFactory, Running, bound_socket
-from hypothesis import HealthCheck, given, settings
+from conftest import ALPHA_KEY, GatewayFactory, Running, Upstream, bound_socket
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import GatewayError
@@ -115,6 +115,9 @@ MALFORMED = {
     "obsolete line folding": head(b"GET", b"/v1/models", b" " + MARKER.encode()),
     "bad version": head(b"GET", b"/v1/models").replace(b"HTTP/1.1", b"HTTP/9.9", 1),
     "bare LF": head(b"GET", b"/v1/models").replace(b"\r\n", b"\n"),
+    "empty target": head(b"GET", b""),
+    "empty target, HTTP/1.0": head(b"GET", b"").replace(b"HTTP/1.1", b"HTTP/1.0", 1),
+    "empty target, no version": head(b"POST", b"").replace(b" HTTP/1.1", b"", 1),
 }
 
 
@@ -218,8 +221,14 @@ def requests(draw: st.DrawFn) -> bytes:
     return eol.join([line, *fields]) + eol + eol + body
 
 
+# Longer than aiohttp's lingering_time (10 s): a request answered before its declared body
+# came (e.g. a 401 for `Content-Length: 2` and no body) is closed only after the server has
+# waited that long for the body, to let a slow client read the answer before the close.
+CLOSED_WITHIN = 15.0
+
+
 def blocking_exchange(port: int, data: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+    with socket.create_connection(("127.0.0.1", port), timeout=CLOSED_WITHIN) as s:
         with contextlib.suppress(OSError):  # the server may answer and close before reading all
             s.sendall(data)
         out = b""
@@ -250,6 +259,13 @@ async def test_fuzzed_request_heads_never_get_text_or_echoes(
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
     @given(data=requests())
+    # CONNECT with an empty target: aiohttp's C parser makes it a request without a URL
+    @example(data=b"CONNECT  \r\nHost: x\r\nConnection: close\r\n\r\n")
+    @example(data=b"CONNECT \r\nHost: x\r\n\r\n")
+    @example(
+        data=b"CONNECT  \r\nHost: x\r\nAuthorization: Bearer %s\r\nX-Trace-Note: %s\r\n"
+        b"Connection: close\r\n\r\n{}" % (SECRET.encode(), MARKER.encode())
+    )
     def check(data: bytes) -> None:
         raw = blocking_exchange(port, data)
         assert SECRET.encode() not in raw and MARKER.encode() not in raw, (data, raw)
@@ -264,6 +280,134 @@ async def test_fuzzed_request_heads_never_get_text_or_echoes(
             assert err["param"] is None and isinstance(err["code"], str), (data, raw)
 
     await asyncio.to_thread(check)
+
+
+def answers(raw: bytes) -> list[tuple[int, bytes, bytes]]:
+    """The responses in `raw`, in order, as (status, lowercased head, body)."""
+    out = []
+    while raw:
+        head_, sep, rest = raw.partition(b"\r\n\r\n")
+        assert sep, raw
+        length = int(head_.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        out.append((int(head_.split(b" ", 2)[1]), head_.lower(), rest[:length]))
+        raw = rest[length:]
+    return out
+
+
+# CONNECT in every form the parser takes, each followed by bytes that would be a request
+NEXT = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+CONNECTS = {
+    "empty target": b"CONNECT  \r\nHost: x\r\nConnection: close\r\n\r\n",
+    "empty target, keep-alive": b"CONNECT \r\nHost: x\r\n\r\n" + NEXT,
+    "empty target, HTTP/1.0": b"CONNECT  HTTP/1.0\r\n\r\n" + NEXT,
+    "no version": b"CONNECT x\r\nHost: x\r\n\r\n" + NEXT,
+    "authority": b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n",
+    "origin-form target": b"CONNECT /v1/models HTTP/1.1\r\nHost: x\r\n\r\n" + NEXT,
+    "with a body": b"CONNECT x:1 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}" + NEXT,
+}
+# what comes before it on the same connection, and how many answers that gets
+BEFORE = {
+    "first": (b"", 0),
+    "after a request": (b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 1),
+    "after a declined upgrade": (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        1,
+    ),
+    "after a request with a body": (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + ALPHA_KEY.encode()
+        + b"\r\nContent-Type: application/json\r\nContent-Length: 70\r\n\r\n"
+        + b'{"model":"nusantara-base","messages":[{"role":"user","content":"hi"}]}',
+        1,
+    ),
+}
+
+
+def assert_connect_refused(answer: tuple[int, bytes, bytes], what: str) -> None:
+    status, head_, body = answer
+    assert status == 405, (what, head_, body)
+    assert b"content-type: application/json" in head_ and b"x-request-id: req_" in head_, what
+    err = orjson.loads(body)["error"]
+    assert err["type"] == "invalid_request_error" and err["code"] == "method_not_allowed", what
+    assert set(err) == {"message", "type", "param", "code"} and err["param"] is None, what
+
+
+@pytest.mark.parametrize("before", list(BEFORE))
+@pytest.mark.parametrize("kind", list(CONNECTS))
+async def test_connect_is_answered_405_in_json_and_closed(
+    gateway_factory: GatewayFactory, upstream: Upstream, kind: str, before: str
+) -> None:
+    """The gateway opens no tunnels: a CONNECT, whatever its target and version and whatever
+    came before it on the connection, is answered 405 `method_not_allowed` in JSON at once and
+    its connection closed; what follows it is never read as a request, and no CONNECT reaches
+    the app or the upstream. (An empty target used to leave the connection open for good.)"""
+    gw = await gateway_factory(header_timeout=1)
+    prefix, served = BEFORE[before]
+    started = time.monotonic()
+    raw, closed = await exchange(port_of(gw.url), prefix + CONNECTS[kind], within=2)
+    assert closed and time.monotonic() - started < 2, raw
+    got = answers(raw)
+    assert len(got) == served + 1, raw
+    assert all(status != 405 for status, _, _ in got[:served]), raw
+    assert_connect_refused(got[-1], kind)
+    assert not any(call.startswith("CONNECT") for call in upstream.state.calls)
+
+
+@pytest.mark.parametrize("kind", list(CONNECTS))
+async def test_no_connect_reaches_the_app_or_keeps_a_connection_slot(kind: str) -> None:
+    """On a GatewayRunner with max_connections 1: a CONNECT is answered 405 and its
+    connection closed within header_timeout + 1 s, so the one slot is free for the next
+    client; the app's handler sees only the request that is not CONNECT."""
+    seen: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(f"{request.method} {request.raw_path}")
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", record)
+    runner = GatewayRunner(app, header_timeout=0.5, access_log=None)
+    await runner.setup()
+    try:
+        sock = bound_socket()
+        await LimitedSite(runner, sock=sock, max_connections=1).start()
+        port = sock.getsockname()[1]
+        raw, closed = await exchange(port, CONNECTS[kind], within=1.5)
+        assert closed, raw
+        (answer,) = answers(raw)
+        assert_connect_refused(answer, kind)
+        last = NEXT.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+        raw, closed = await exchange(port, last, within=1.5)  # the slot is free
+        assert closed and [a[0] for a in answers(raw)] == [200], raw
+        assert seen == ["GET /healthz"]
+    finally:
+        await runner.cleanup()
+
+
+async def test_declined_upgrade_is_answered_by_the_app_and_the_connection_kept() -> None:
+    """`Upgrade: websocket` on a path that is no WebSocket endpoint is an ordinary request to
+    the app (aiohttp declines the upgrade when the handler answers normally), and the requests
+    after it on the connection are served."""
+    seen: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(f"{request.method} {request.raw_path}")
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", record)
+    runner = GatewayRunner(app, header_timeout=0.5, access_log=None)
+    await runner.setup()
+    try:
+        sock = bound_socket()
+        await LimitedSite(runner, sock=sock, max_connections=1).start()
+        upgrade = b"GET /a HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+        last = b"GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        raw, closed = await exchange(sock.getsockname()[1], upgrade + last, within=1.5)
+        assert closed and [a[0] for a in answers(raw)] == [200, 200], raw
+        assert seen == ["GET /a", "GET /b"]
+    finally:
+        await runner.cleanup()
 
 
 async def test_slowloris_head_is_closed_after_header_timeout(
