@@ -7,10 +7,13 @@ in `finish` after it, whatever path it took.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from aiohttp import web
 
 from gateway import errors, parse, plan
 from gateway.budget.admission import budget_headers, reserve
+from gateway.budget.store import Reservation
 from gateway.cache.lookup import Lookup, lookup
 from gateway.context import Envelope, RequestContext
 from gateway.envelope import ENVELOPE, TARGET
@@ -109,8 +112,10 @@ async def _call(
     gw: Gateway, request: web.Request, env: Envelope, ctx: RequestContext, found: Lookup
 ) -> web.StreamResponse:
     out, team = env.outcome, ctx.principal.team
-    if ctx.metered and team.budgets:
-        out.reservation = await reserve(
+
+    def hold(counted: bool = True) -> Awaitable[Reservation]:
+        """The request's estimate, held in every window of the team (or a 429)."""
+        return reserve(
             gw.budget,
             ctx.policy,
             gw.metrics,
@@ -119,7 +124,11 @@ async def _call(
             len(ctx.body),
             ctx.output_estimate,
             gw.clock(),
+            counted=counted,
         )
+
+    if ctx.metered and team.budgets:
+        out.reservation = await hold()
     if found.result:  # a miss or a bypass is counted once its call is admitted
         out.cache = found.result
         gw.cache_counts.count(found.result, gw.metrics)
@@ -130,17 +139,7 @@ async def _call(
         if out.reservation is None:
             return True
         try:
-            more = await reserve(
-                gw.budget,
-                ctx.policy,
-                gw.metrics,
-                team,
-                ctx.model,
-                len(ctx.body),
-                ctx.output_estimate,
-                gw.clock(),
-                counted=False,
-            )
+            more = await hold(counted=False)  # a retry's hold is no request refused
         except errors.GatewayError:
             return False
         out.more_reservations.append(more)

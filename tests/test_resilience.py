@@ -64,7 +64,15 @@ async def backup() -> AsyncIterator[Upstream]:
     await up.runner.cleanup()
 
 
-async def resilient(primary: Upstream, backup: Upstream, state: Path, **kw: Any) -> Running:
+async def resilient(
+    primary: Upstream,
+    backup: Upstream,
+    state: Path,
+    edit: tuple[str, str] = ("", ""),
+    **kw: Any,
+) -> Running:
+    """A gateway routing nusantara-* to primary then backup; `edit` replaces a piece of the
+    config text for the tests that need one setting the parameters do not reach."""
     params: dict[str, Any] = {
         "primary": primary.url,
         "backup": backup.url,
@@ -78,7 +86,7 @@ async def resilient(primary: Upstream, backup: Upstream, state: Path, **kw: Any)
         "state": state,
     }
     params.update(kw)
-    return await start_gateway(loads(CONFIG.format(**params), ENV))
+    return await start_gateway(loads(CONFIG.format(**params).replace(*edit), ENV))
 
 
 async def post(
@@ -278,11 +286,7 @@ async def test_exhausted_attempts_give_the_upstreams_last_answer_and_charge_noth
 async def test_without_retries_one_attempt(
     upstream: Upstream, backup: Upstream, tmp_path: Path
 ) -> None:
-    text = CONFIG.format(
-        primary=upstream.url, backup=backup.url, keys=f"[{GOOD}]", first_byte=5, attempts=1,
-        max_wait=0.05, budget=0.2, eject_after=5, eject_for=30, state=tmp_path / "state",
-    ).replace("retries:", "# retries:")  # fmt: skip
-    gw = await start_gateway(loads(text, ENV))
+    gw = await resilient(upstream, backup, tmp_path / "state", ("retries:", "# retries:"))
     try:
         upstream.state.faults.queue(make_fault("reset"), count=1)
         status, headers, _ = await post(gw, BODY)
@@ -389,11 +393,10 @@ async def test_timeouts_are_retried_only_while_the_budget_holds_another_estimate
     estimate = -(-len(json.dumps(BODY)) // 4) + BODY["max_output_tokens"]
     try:
         primary = Upstream(url, backup.state, runner)
-        text = CONFIG.format(
-            primary=primary.url, backup=url, keys=f"[{GOOD}]", first_byte=0.2, attempts=3,
-            max_wait=0.01, budget=10, eject_after=100, eject_for=30, state=tmp_path / "state",
-        ).replace("budgets: [{tokens: 1000000, per: day}]", f"budgets: [{{tokens: {2 * estimate + 1}, per: day}}]")  # noqa: E501  # fmt: skip
-        gw = await start_gateway(loads(text, ENV))
+        limit = ("tokens: 1000000", f"tokens: {2 * estimate + 1}")
+        gw = await resilient(
+            primary, primary, tmp_path / "state", limit, first_byte=0.2, max_wait=0.01, budget=10
+        )
         try:
             results = await asyncio.gather(post(gw, BODY), post(gw, BODY))
             assert [r[0] for r in results] == [504, 504]
@@ -409,11 +412,10 @@ async def test_timeouts_are_retried_only_while_the_budget_holds_another_estimate
 async def test_a_4xx_listed_in_on_is_retried(
     upstream: Upstream, backup: Upstream, tmp_path: Path
 ) -> None:
-    text = CONFIG.format(
-        primary=upstream.url, backup=backup.url, keys=f"[{GOOD}, {GOOD2}]", first_byte=5,
-        attempts=2, max_wait=0.01, budget=1, eject_after=5, eject_for=30, state=tmp_path / "s",
-    ).replace("budget: 1}", "budget: 1, on: [408]}")  # fmt: skip
-    gw = await start_gateway(loads(text, ENV))
+    gw = await resilient(
+        upstream, backup, tmp_path / "s", ("budget: 1}", "budget: 1, on: [408]}"),
+        keys=f"[{GOOD}, {GOOD2}]", attempts=2, budget=1,
+    )  # fmt: skip
     try:
         upstream.state.faults.queue(make_fault(408), count=1)
         status, headers, _ = await post(gw, BODY)
@@ -425,11 +427,8 @@ async def test_a_4xx_listed_in_on_is_retried(
 async def test_an_answer_from_further_down_the_route_is_not_cached_for_the_first(
     upstream: Upstream, backup: Upstream, tmp_path: Path
 ) -> None:
-    text = CONFIG.format(
-        primary=upstream.url, backup=backup.url, keys=f"[{GOOD}]", first_byte=5, attempts=2,
-        max_wait=0.01, budget=1, eject_after=5, eject_for=30, state=tmp_path / "s",
-    ).replace("cache: {enabled: false}", "cache: {enabled: true}")  # fmt: skip
-    gw = await start_gateway(loads(text, ENV))
+    cache = ("cache: {enabled: false}", "cache: {enabled: true}")
+    gw = await resilient(upstream, backup, tmp_path / "s", cache, attempts=2)
     try:
         upstream.state.faults.queue(make_fault(503), count=1)
         status, headers, _ = await post(gw, BODY)
