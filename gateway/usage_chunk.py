@@ -38,28 +38,30 @@ def _complete(buf: bytes) -> int:
 
 
 def _blocks(whole: bytes) -> list[bytes]:
-    """Complete events, each with the blank line that ends it."""
+    """Complete events, each with the blank line that ends it, then what follows the last
+    (empty when nothing does)."""
     out, start = [], 0
     for m in _END.finditer(whole):
         out.append(whole[start : m.end()])
         start = m.end()
-    if start < len(whole):
-        out.append(whole[start:])
+    out.append(whole[start:])
     return out
 
 
 def is_usage_chunk(block: bytes) -> bool:
     """An event whose data is a chunk with no choices and a usage object."""
-    data = [
-        line.partition(b":")[2].removeprefix(b" ")
-        for line in block.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-        if line.startswith(b"data") and (line[4:5] == b":" or line == b"data")
-    ]
+    # the space after `data:` and a bare `data` line (an empty one) only add JSON whitespace
+    data = [line[5:] for line in block.splitlines() if line.startswith(b"data:")]
     try:
         obj = orjson.loads(b"\n".join(data))
     except orjson.JSONDecodeError:
         return False
     return isinstance(obj, dict) and obj.get("choices") == [] and isinstance(obj.get("usage"), dict)
+
+
+def _withheld(block: bytes) -> bool:
+    """The usage chunk, looked at closely only when its keys show in the raw bytes."""
+    return _NO_CHOICES.search(block) is not None and is_usage_chunk(block)
 
 
 class UsageChunkFilter:
@@ -71,7 +73,7 @@ class UsageChunkFilter:
 
     def feed(self, data: bytes) -> bytes:
         """What the client gets of `data`: complete events, the usage chunk taken out."""
-        buf = self._rest + data if self._rest else data
+        buf = self._rest + data  # no copy when nothing was held
         end = _complete(buf)
         whole, self._rest = buf[:end], buf[end:]
         if len(self._rest) > HELD_MAX:
@@ -80,7 +82,7 @@ class UsageChunkFilter:
             return whole
         kept = []
         for block in _blocks(whole):
-            if _NO_CHOICES.search(block) is not None and is_usage_chunk(block):
+            if _withheld(block):
                 self.withheld.append(block)
             else:
                 kept.append(block)
@@ -91,7 +93,7 @@ class UsageChunkFilter:
         unless the gateway ends it with an error event of its own), except the usage chunk,
         which is withheld with the blank line it lacked."""
         rest, self._rest = self._rest, b""
-        if rest and _NO_CHOICES.search(rest) is not None and is_usage_chunk(rest):
+        if _withheld(rest):
             self.withheld.append(rest + b"\n\n")
             return b""
         return rest

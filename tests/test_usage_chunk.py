@@ -91,3 +91,73 @@ def test_a_usage_chunk_split_over_data_lines_is_withheld() -> None:
     filt = UsageChunkFilter()
     assert run(filt, [HEAD + b"\n\n", split, DONE + b"\n\n"]) == HEAD + b"\n\n" + DONE + b"\n\n"
     assert filt.withheld == [split]
+
+
+def lf(data: bytes) -> bytes:
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    points=st.lists(st.integers(min_value=0, max_value=10_000), max_size=12),
+    end=st.sampled_from([b"\n", b"\r\n", b"\r"]),
+)
+def test_line_ends_and_chunking_change_neither_the_kept_events_nor_the_withheld_chunk(
+    points: list[int], end: bytes
+) -> None:
+    """Split over data lines, with whichever line end: the same events kept, the same one out."""
+    usage = b'data: {"id":"c","choices":[],' + end + b'data: "usage":{"prompt_tokens":3}}'
+    events = [HEAD, usage, DONE]
+    data = stream_of(events, end)
+    filt = UsageChunkFilter()
+    got = run(filt, cut(data, points))
+    assert lf(got).replace(b"\n\n\n", b"\n\n") == lf(stream_of([HEAD, DONE], end))
+    assert [lf(b).strip(b"\n") for b in filt.withheld] == [lf(usage)]
+
+
+def test_a_blank_line_first_goes_on_at_once() -> None:
+    filt = UsageChunkFilter()
+    assert filt.feed(b"\n\n") == b"\n\n"
+    assert filt.feed(b"data: x\r") == b""  # a CR, and no event ended yet: all of it waits
+    assert filt.feed(b"\r") == b"data: x\r\r"
+
+
+def test_nothing_fed_flushes_nothing_and_a_flush_empties_the_filter() -> None:
+    filt = UsageChunkFilter()
+    assert filt.flush() == b""
+    assert filt.feed(b"data: x") == b""
+    assert filt.flush() == b"data: x"
+    assert filt.flush() == b""
+    assert filt.feed(b"data: y\n\n") == b"data: y\n\n"
+
+
+def test_an_unfinished_event_of_exactly_held_max_bytes_still_waits() -> None:
+    filt = UsageChunkFilter()
+    assert filt.feed(b"x" * HELD_MAX) == b""
+    assert filt.feed(b"x") == b"x" * (HELD_MAX + 1)
+
+
+def test_a_usage_chunk_before_a_long_unfinished_event_is_still_withheld() -> None:
+    filt = UsageChunkFilter()
+    big = b'data: {"choices":[{"delta":{"content":"' + b"x" * HELD_MAX
+    assert filt.feed(HEAD + b"\n\n" + USAGE + b"\n\n" + big) == HEAD + b"\n\n" + big
+    assert filt.withheld == [USAGE + b"\n\n"]
+
+
+def test_only_data_lines_make_the_data() -> None:
+    assert is_usage_chunk(b'data: {"choices":[],\nabcd: x\ndata: "usage":{}}\n\n')
+    assert is_usage_chunk(b'data: {"choices":[],\ndata-x: 1\ndata: "usage":{}}\n\n')
+    assert is_usage_chunk(b'data: {"choices":[],\r"x"\rdata: "usage":{}}\r\r')
+    assert is_usage_chunk(b'data: {"choices":[],\ndata\ndata: "usage":{}}\n\n')
+    assert not is_usage_chunk(b"data\n\n")
+    assert not is_usage_chunk(b'event: {"choices":[],"usage":{}}\n\n')
+
+
+def test_a_chunk_whose_keys_do_not_show_in_its_bytes_is_decided_alike_in_feed_and_flush() -> None:
+    """Both keys cut by a line end: the quick look misses it, in `feed` and `flush` alike."""
+    hidden = b'data: {"choices":\ndata: [],"usage":\ndata: {}}'
+    assert is_usage_chunk(hidden)
+    filt = UsageChunkFilter()
+    assert filt.feed(hidden + b"\n\n") == hidden + b"\n\n"
+    assert run(filt, [hidden]) == hidden
+    assert filt.withheld == []

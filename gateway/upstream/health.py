@@ -23,6 +23,10 @@ RECENT = 60.0  # seconds of requests shown in /admin/upstreams
 _RECENT_KEPT = 1000  # at most this many remembered per key or upstream
 
 
+def _nobody(upstream: str, reason: str) -> None:
+    """No one is told of an ejection until `Health.on_ejection` is set."""
+
+
 def key_id(key: str) -> str:
     """A key as it may be shown: the first 12 hex of its SHA-256 (useless to an attacker)."""
     return hashlib.sha256(key.encode()).hexdigest()[:12]
@@ -68,7 +72,7 @@ class Health:
         self.eject_after, self.eject_for, self.clock = eject_after, eject_for, clock
         self.upstreams: dict[str, Standing] = {}
         self.keys: dict[tuple[str, str], Standing] = {}
-        self.on_ejection: Callable[[str, str], None] = lambda upstream, reason: None
+        self.on_ejection: Callable[[str, str], None] = _nobody
 
     def configure(
         self,

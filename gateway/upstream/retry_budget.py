@@ -15,7 +15,7 @@ class RetryBudget:
 
     def __init__(self, ratio: float) -> None:
         self.ratio = ratio
-        self._seconds = [-1] * WINDOW  # the second each bucket counts
+        self._seconds = list(range(WINDOW))  # the second each bucket counts (empty at first)
         self._firsts = [0] * WINDOW
         self._retries = [0] * WINDOW
 
@@ -28,7 +28,7 @@ class RetryBudget:
 
     def _sum(self, counts: list[int], now: float) -> int:
         oldest = math.floor(now) - WINDOW + 1
-        return sum(c for s, c in zip(self._seconds, counts, strict=True) if s >= oldest)
+        return sum(c for i, c in enumerate(counts) if self._seconds[i] >= oldest)
 
     def first(self, now: float) -> None:
         self._firsts[self._bucket(now)] += 1
