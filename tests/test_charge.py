@@ -65,3 +65,50 @@ def test_attempts_that_all_failed_with_an_answer_cost_nothing() -> None:
 def test_an_estimate_needs_a_reservation_to_charge() -> None:
     answered = outcome(None, None, Attempt("up", 0.0, status=200))
     assert charge("m", True, answered, PRICES) == (0, 0.0, False)
+
+
+def attempts(*kinds: str) -> list[Attempt]:
+    """`timeout` (sent, then no answer), `refused` (never sent), or an HTTP status."""
+    return [
+        Attempt("u", 0.0, reached=k == "timeout", status=int(k) if k.isdigit() else 0)
+        for k in kinds
+    ]
+
+
+COST = 0.0006  # USAGE's: 100 x 2 + 50 x 8, per million
+
+
+def test_each_earlier_attempt_that_may_have_been_billed_adds_an_estimate() -> None:
+    out = outcome(USAGE, HELD, *attempts("503", "timeout", "timeout", "200"))
+    tokens, usd, estimated = charge("m", True, out, PRICES)
+    assert (tokens, estimated) == (2 * 500 + 160, True)
+    assert usd == pytest.approx(2 * 0.25 + COST, rel=1e-12)
+
+
+@pytest.mark.parametrize("earlier", [("refused",), ("503",), ("refused", "429")])
+def test_earlier_attempts_that_were_answered_or_never_sent_add_nothing(
+    earlier: tuple[str, ...],
+) -> None:
+    out = outcome(USAGE, HELD, *attempts(*earlier, "200"))
+    tokens, usd, estimated = charge("m", True, out, PRICES)
+    assert (tokens, estimated) == (160, False) and usd == pytest.approx(COST, rel=1e-12)
+
+
+def test_only_the_attempts_before_the_last_are_estimated_on_their_own() -> None:
+    """The last attempt is the answer: its usage, or one estimate when it has none."""
+    assert charge("m", True, outcome(None, HELD, *attempts("timeout", "timeout")), PRICES) == (
+        1000,
+        0.5,
+        True,
+    )
+    assert charge("m", True, outcome(None, HELD, *attempts("timeout", "503")), PRICES) == (
+        500,
+        0.25,
+        True,
+    )
+
+
+def test_without_a_reservation_an_unanswered_attempt_adds_nothing() -> None:
+    out = outcome(USAGE, None, *attempts("timeout", "200"))
+    tokens, usd, estimated = charge("m", True, out, PRICES)
+    assert (tokens, estimated) == (0, False) and usd == pytest.approx(COST, rel=1e-12)
