@@ -8,6 +8,7 @@ in `finish` after it, whatever path it took.
 from __future__ import annotations
 
 from collections.abc import Awaitable
+from functools import partial
 
 from aiohttp import web
 
@@ -15,7 +16,7 @@ from gateway import errors, parse, plan
 from gateway.budget.admission import budget_headers, reserve
 from gateway.budget.store import Reservation
 from gateway.cache.lookup import Lookup, lookup
-from gateway.context import Envelope, RequestContext
+from gateway.context import Envelope, Outcome, RequestContext
 from gateway.envelope import ENVELOPE, TARGET
 from gateway.models_route import list_models
 from gateway.relay import answer
@@ -112,41 +113,20 @@ async def _call(
     gw: Gateway, request: web.Request, env: Envelope, ctx: RequestContext, found: Lookup
 ) -> web.StreamResponse:
     out, team = env.outcome, ctx.principal.team
-
-    def hold(counted: bool = True) -> Awaitable[Reservation]:
-        """The request's estimate, held in every window of the team (or a 429)."""
-        return reserve(
-            gw.budget,
-            ctx.policy,
-            gw.metrics,
-            team,
-            ctx.model,
-            len(ctx.body),
-            ctx.output_estimate,
-            gw.clock(),
-            counted=counted,
-        )
-
     if ctx.metered and team.budgets:
-        out.reservation = await hold()
+        out.reservation = await _hold(gw, ctx)
     if found.result:  # a miss or a bypass is counted once its call is admitted
         out.cache = found.result
         gw.cache_counts.count(found.result, gw.metrics)
-
-    async def reserve_more() -> bool:
-        """One more estimate before a retry of an attempt the upstream may have billed: each
-        such attempt is charged one, so each must be held first (refused: no retry)."""
-        if out.reservation is None:
-            return True
-        try:
-            more = await hold(counted=False)  # a retry's hold is no request refused
-        except errors.GatewayError:
-            return False
-        out.more_reservations.append(more)
-        return True
-
     up, candidate = await attempts.run(
-        gw.tracing, gw.metrics, gw.health, gw.retry_budget, env, ctx, request.headers, reserve_more
+        gw.tracing,
+        gw.metrics,
+        gw.health,
+        gw.retry_budget,
+        env,
+        ctx,
+        request.headers,
+        partial(_hold_more, gw, ctx, out),
     )
     # an answer from further down the route is not the first upstream's to store
     store_key = found.store_key if candidate.client is ctx.plan[0] else None
@@ -161,3 +141,31 @@ async def _call(
         )
     finally:
         up.release()
+
+
+def _hold(gw: Gateway, ctx: RequestContext, counted: bool = True) -> Awaitable[Reservation]:
+    """The request's estimate, held in every window of its team (or a 429)."""
+    return reserve(
+        gw.budget,
+        ctx.policy,
+        gw.metrics,
+        ctx.principal.team,
+        ctx.model,
+        len(ctx.body),
+        ctx.output_estimate,
+        gw.clock(),
+        counted=counted,
+    )
+
+
+async def _hold_more(gw: Gateway, ctx: RequestContext, out: Outcome) -> bool:
+    """One more estimate before a retry of an attempt the upstream may have billed: each such
+    attempt is charged one, so each must be held first (refused: no retry)."""
+    if out.reservation is None:
+        return True
+    try:
+        more = await _hold(gw, ctx, counted=False)  # a retry's hold is no request refused
+    except errors.GatewayError:
+        return False
+    out.more_reservations.append(more)
+    return True

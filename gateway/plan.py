@@ -24,6 +24,8 @@ def by_model(policy: Policy, principal: Principal, model: str) -> tuple[Upstream
     names = policy.router.route(model)
     if not names:
         raise errors.model_not_found(policy.redactor(model))
+    if len(names) == 1:  # the usual case, without a generator
+        return (policy.upstreams[names[0]],)
     return tuple(policy.upstreams[name] for name in names)
 
 

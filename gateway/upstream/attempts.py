@@ -43,24 +43,32 @@ class Picker:
     ejected, or its upstream ejected) is passed over; when every one is, the request still goes
     to the one that is back soonest, so an outage never turns into a refusal of its own."""
 
-    __slots__ = ("health", "order", "tried")
+    __slots__ = ("health", "orders", "plan", "tried")
 
     def __init__(self, plan: Sequence[UpstreamClient], health: Health) -> None:
-        self.health = health
-        self.order = [Candidate(c, i) for c in plan for i in c.key_order()]
+        self.health, self.plan = health, plan
+        self.orders = [c.key_order() for c in plan]  # each pool's keys, from its next one
         self.tried: set[tuple[str, int]] = set()
 
+    @property
+    def order(self) -> list[Candidate]:
+        return [
+            Candidate(c, i) for c, keys in zip(self.plan, self.orders, strict=True) for i in keys
+        ]
+
     def next(self, now: float) -> Candidate:
-        usable = [c for c in self.order if self.health.usable(c.client.name, c.kid, now)]
-        if not usable:  # every key is out: the one back soonest
-            chosen = min(self.order, key=self.back_at)
-        else:
-            fresh = [c for c in usable if (c.client.name, c.index) not in self.tried]
-            if not fresh:  # each has had its turn: round again
-                self.tried.clear()
-                fresh = usable
-            chosen = fresh[0]
-        self.tried.add((chosen.client.name, chosen.index))
+        usable, tried = self.health.usable, self.tried
+        for c, keys in zip(self.plan, self.orders, strict=True):  # the usual case: no list made
+            for i in keys:
+                if (c.name, i) not in tried and usable(c.name, c.key_ids[i], now):
+                    tried.add((c.name, i))
+                    return Candidate(c, i)
+        order = self.order
+        ready = [o for o in order if usable(o.client.name, o.kid, now)]
+        # each usable one has had its turn: round again; none is usable: the one back soonest
+        chosen = ready[0] if ready else min(order, key=self.back_at)
+        tried.clear()
+        tried.add((chosen.client.name, chosen.index))
         return chosen
 
     def back_at(self, c: Candidate) -> float:

@@ -107,11 +107,17 @@ class Health:
         return s
 
     def usable(self, upstream: str, kid: str, now: float) -> bool:
-        return self.upstream(upstream).usable(now) and self.key(upstream, kid).usable(now)
+        up, key = self.upstreams.get(upstream), self.keys.get((upstream, kid))
+        # nearly always both are healthy (or unknown yet): two lookups, no call
+        return (up is None or up.state == "healthy" or up.usable(now)) and (
+            key is None or key.state == "healthy" or key.usable(now)
+        )
 
     def begin(self, upstream: str, kid: str, now: float) -> None:
         """A request goes to this key: if a standing's time is up, this is its trial."""
-        for s in (self.upstream(upstream), self.key(upstream, kid)):
+        for s in (self.upstreams.get(upstream), self.keys.get((upstream, kid))):
+            if s is None or s.state == "healthy":
+                continue
             if s.state == "ejected" and now >= s.until:
                 s.trial = now + TRIAL_TIME
             elif s.state == "resting" and now >= s.until:
