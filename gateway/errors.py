@@ -180,12 +180,6 @@ def upstream_unavailable(upstream: str, reached: bool = False) -> GatewayError:
 
 
 def upstream_timeout(upstream: str, seconds: float) -> GatewayError:
-    err = _upstream_timeout(upstream, seconds)
-    err.timed_out = True
-    return err
-
-
-def _upstream_timeout(upstream: str, seconds: float) -> GatewayError:
     err = GatewayError(
         504,
         "upstream_error",
@@ -193,6 +187,7 @@ def _upstream_timeout(upstream: str, seconds: float) -> GatewayError:
         f"Upstream '{upstream}' sent no response within {seconds:g} s.",
     )
     err.reached = True  # it may be working on the request: charge the estimate
+    err.timed_out = True
     return err
 
 
