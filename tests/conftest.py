@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from servers import postgres_missing, redis_missing
 
 from gateway.app import create_admin_app, create_app, make_runner
 from gateway.config import Settings, loads
@@ -240,3 +241,17 @@ async def ledger_rows(running: Running) -> list[dict[str, Any]]:
 
 def auth(key: str = ALPHA_KEY) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests of a server-backed store skip, with the reason, where that server is absent."""
+    missing = {"redis": redis_missing, "postgres": postgres_missing}
+    found: dict[str, str] = {}
+    for item in items:
+        for marker, why in missing.items():
+            if item.get_closest_marker(marker) is None:
+                continue
+            if marker not in found:
+                found[marker] = why()
+            if found[marker]:
+                item.add_marker(pytest.mark.skip(reason=found[marker]))
