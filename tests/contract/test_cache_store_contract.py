@@ -7,9 +7,12 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 from typing import Protocol
 
 import pytest
+from servers import REDIS_URL, redis_prefix
 
 from gateway.cache.entry import CacheEntry
+from gateway.cache.redis import RedisCacheStore
 from gateway.cache.store import CacheStore, MemoryCacheStore, StoreStats
+from gateway.redis_link import RedisLink
 from gateway.usage import Usage
 
 
@@ -32,6 +35,18 @@ async def memory_store(
         await store.close()
 
 
+@asynccontextmanager
+async def redis_store(
+    ttl: float, max_bytes: int, max_entry_bytes: int, clock: Callable[[], float]
+) -> AsyncIterator[CacheStore]:
+    async with redis_prefix() as prefix:
+        link = RedisLink(REDIS_URL, prefix)
+        try:
+            yield RedisCacheStore(link, ttl, max_bytes, max_entry_bytes, clock)
+        finally:
+            await link.close()
+
+
 # (ttl, max_bytes, max_entry_bytes, clock) -> a fresh, empty store. The store measures age by
 # the clock it is given (the tests move it), as the gateway's own clock stamps entries.
 StoreFactory = Callable[
@@ -39,7 +54,10 @@ StoreFactory = Callable[
 ]
 
 # the one place an implementation joins this suite (see tests/contract/__init__.py)
-IMPLEMENTATIONS = [pytest.param(memory_store, id="memory")]
+IMPLEMENTATIONS = [
+    pytest.param(memory_store, id="memory"),
+    pytest.param(redis_store, id="redis", marks=pytest.mark.redis),
+]
 
 
 class MakeStore(Protocol):

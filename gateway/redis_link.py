@@ -1,0 +1,97 @@
+"""One replica's connection to the shared Redis: clients with short timeouts, and what to do
+while Redis does not answer.
+
+Every component that keeps state in Redis (cache entries, flights, response owners) calls it
+through `RedisLink.run`, which turns any Redis or socket failure into `StateUnavailable`
+and counts it by operation. After a failure the link stays down for `retry_after` seconds:
+requests meanwhile skip Redis at once instead of each waiting out a timeout, and the first
+call after that tries Redis again, so the gateway recovers by itself when Redis is back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+T = TypeVar("T")
+
+CONNECT_TIMEOUT = 0.25  # seconds: a Redis on the same network answers in well under that
+COMMAND_TIMEOUT = 0.5
+RETRY_AFTER = 1.0  # seconds Redis is skipped after a failure
+BLOCK_MS = 250  # longest a blocking read waits: bounds how late a lost leader is noticed
+
+
+class StateUnavailable(Exception):
+    """Redis did not answer (or is being skipped after it did not): the caller goes on
+    without shared state (the cache is bypassed)."""
+
+    def __init__(self, operation: str) -> None:
+        self.operation = operation
+        super().__init__(f"shared state unavailable during {operation}")
+
+
+def _no_count(operation: str) -> None:
+    return None
+
+
+class RedisLink:
+    """Clients of one Redis for one key prefix.
+
+    `client` has short timeouts, for everything that must not wait; `blocking` has a read
+    timeout above `BLOCK_MS`, for XREAD BLOCK. Neither connects before its first command.
+    `on_error(operation)` is told of each failure (the gateway counts
+    `gateway_state_errors_total{operation}`).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        *,
+        retry_after: float = RETRY_AFTER,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.prefix = prefix
+        self.client: redis.Redis = redis.Redis.from_url(
+            url,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            socket_timeout=COMMAND_TIMEOUT,
+            health_check_interval=0,
+        )
+        self.blocking: redis.Redis = redis.Redis.from_url(
+            url,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            socket_timeout=COMMAND_TIMEOUT + BLOCK_MS / 1000,
+        )
+        self.retry_after = retry_after
+        self.clock = clock
+        self.on_error: Callable[[str], None] = _no_count
+        self._down_until = 0.0
+
+    @property
+    def up(self) -> bool:
+        """False while Redis is being skipped after a failure."""
+        return self.clock() >= self._down_until
+
+    async def run(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
+        """`call()`, or StateUnavailable when Redis fails it or is being skipped."""
+        if self.clock() < self._down_until:
+            raise StateUnavailable(operation)
+        try:
+            return await call()
+        except (RedisError, OSError, TimeoutError) as e:
+            self.failed(operation)
+            raise StateUnavailable(operation) from e
+
+    def failed(self, operation: str) -> None:
+        """Note a failure seen outside `run`: Redis is skipped for `retry_after` seconds."""
+        self._down_until = self.clock() + self.retry_after
+        self.on_error(operation)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        await self.blocking.aclose()
