@@ -78,10 +78,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return await _call(gw, request, env, ctx, found)
     finally:
         if found.lead is not None:
-            if not found.lead.done:
-                found.lead.finish(None, None)
             assert found.store_key is not None
-            gw.flights.land(found.store_key, found.lead)
+            await gw.flights.land(found.store_key, found.lead)
 
 
 async def _shared(

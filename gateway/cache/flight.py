@@ -84,23 +84,22 @@ class FlightLike(Protocol):
 
 
 class FlightRegistry(Protocol):
-    """The flights in progress, by cache key. No method waits."""
+    """The flights in progress, by cache key."""
 
-    def peek(self, key: str) -> FlightLike | None:
-        """The flight a request with `key` can join: one opened and not yet finished."""
+    async def claim(self, key: str, stream: bool) -> tuple[FlightLike, bool]:
+        """The flight a request with `key` joins, and False; or, when no flight under `key`
+        is open and unfinished, a new one that the caller leads, and True. One step: of
+        identical requests arriving at once (at any process sharing the registry), exactly
+        one leads. A leader must `land` its flight when done."""
         ...
 
-    def open(self, key: str, stream: bool) -> FlightLike:
-        """Start a flight under `key`, in place of any there; the caller leads it and must
-        `land` it when done."""
-        ...
-
-    def land(self, key: str, flight: FlightLike) -> None:
-        """Remove `flight` from `key`, unless another flight has been opened there since."""
+    async def land(self, key: str, flight: FlightLike) -> None:
+        """The leader is done with `flight` (finished or not: an unfinished one is finished
+        unshared); a claim of `key` made afterwards leads anew."""
         ...
 
     def __len__(self) -> int:
-        """Flights opened here and not yet landed."""
+        """Flights led here and not yet landed."""
         ...
 
 
@@ -174,24 +173,23 @@ class Flight:
 
 
 class Flights:
-    """The flights in progress, by cache key."""
+    """The flights in progress in this process, by cache key."""
 
     __slots__ = ("_flights",)
 
     def __init__(self) -> None:
         self._flights: dict[str, Flight] = {}
 
-    def peek(self, key: str) -> Flight | None:
+    async def claim(self, key: str, stream: bool) -> tuple[Flight, bool]:
         flight = self._flights.get(key)
-        return flight if flight is not None and not flight.done else None
+        if flight is not None and not flight.done:
+            return flight, False
+        flight = self._flights[key] = Flight(stream)
+        return flight, True
 
-    def open(self, key: str, stream: bool) -> Flight:
-        """Start a flight; the caller leads it and must `land` it when done."""
-        flight = Flight(stream)
-        self._flights[key] = flight
-        return flight
-
-    def land(self, key: str, flight: FlightLike) -> None:
+    async def land(self, key: str, flight: FlightLike) -> None:
+        if not flight.done:
+            flight.finish(None, None)
         if self._flights.get(key) is flight:
             del self._flights[key]
 

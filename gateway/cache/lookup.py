@@ -12,6 +12,7 @@ from gateway.cache.entry import CacheEntry
 from gateway.cache.flight import FlightLike, FlightRegistry
 from gateway.cache.key import cache_key
 from gateway.cache.store import CacheStore
+from gateway.redis_link import StateUnavailable
 from gateway.settings import Cache
 from gateway.telemetry.metrics import Metrics
 
@@ -64,13 +65,16 @@ async def lookup(
     key = cache_key(scope, upstream, body)
     if "no-cache" in cc:  # look nothing up, but store the answer
         return Lookup("bypass", key)
-    entry = await store.get(key)
-    if entry is not None and entry.stream == stream:
-        counters.count("hit", metrics)
-        return Lookup("hit", entry=entry)
-    flight = flights.peek(key)
-    if flight is None:
-        return Lookup("miss", key, lead=flights.open(key, stream))
+    try:
+        entry = await store.get(key)
+        if entry is not None and entry.stream == stream:
+            counters.count("hit", metrics)
+            return Lookup("hit", entry=entry)
+        flight, leads = await flights.claim(key, stream)
+    except StateUnavailable:  # shared state is down: the request goes on without the cache
+        return Lookup("bypass")
+    if leads:
+        return Lookup("miss", key, lead=flight)
     flight.readers += 1
     try:
         if flight.stream:

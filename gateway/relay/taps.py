@@ -16,6 +16,7 @@ import orjson
 from gateway.cache.entry import KEPT_HEADERS, CacheEntry
 from gateway.cache.store import CacheStore
 from gateway.context import Outcome
+from gateway.redis_link import StateUnavailable
 from gateway.stream_watch import StreamWatch
 from gateway.usage import StreamSummary, finish_reason, usage_from_body
 
@@ -175,5 +176,7 @@ class CacheRecorder:
             return
         try:
             await self.store.put(self.key, self.entry)
+        except StateUnavailable:
+            return  # counted where it failed; the next request bypasses the cache
         except Exception:
             log.exception("storing a cache entry failed")
