@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.budget.local import LocalBudgetStore
@@ -18,7 +18,9 @@ from gateway.cache.flight import FlightRegistry, Flights
 from gateway.cache.store import CacheStore, MemoryCacheStore
 from gateway.ledger.records import LedgerWriter, ReportReader
 from gateway.ledger.sqlite import SqliteLedger
+from gateway.owners import LocalOwners, OwnerStore
 from gateway.settings import Settings
+from gateway.shared import Shared
 
 __all__ = ["BackendUnavailable", "Backends", "build_backends", "problems"]
 
@@ -38,10 +40,18 @@ class BackendUnavailable(Exception):
 
 
 def problems(settings: Settings) -> list[str]:
-    """What in `settings` names a backend this version cannot build; empty when all is well."""
+    """What in `settings` names a backend this version cannot serve with; empty when all is
+    well. A Redis store builds (cache, single-flight, response owners) but is refused here
+    until budgets are shared too: replicas with budgets of their own would each let a team
+    spend its whole budget."""
     found = []
     if settings.state.store != "local":
         found.append("state.store: only the local store is available in this version")
+    return found + _unbuildable(settings)
+
+
+def _unbuildable(settings: Settings) -> list[str]:
+    found = []
     if settings.ledger.url:
         found.append(
             "ledger.url: only the SQLite ledger under state.path is available in this version;"
@@ -63,18 +73,30 @@ class Backends:
     flights: FlightRegistry
     ledger: LedgerWriter
     reports: ReportReader
+    owners: OwnerStore = field(default_factory=LocalOwners)
+    shared: Shared | None = None  # the Redis behind the cache, flights and owners, if any
 
     async def start(self) -> None:
         """Open what needs opening (the ledger's storage); the other backends are ready."""
         await self.ledger.start()
 
+    def count_state_errors(self, count: Callable[[str], None]) -> None:
+        """Tell `count(operation)` of every call to the shared state that failed."""
+        if self.shared is not None:
+            self.shared.link.on_error = count
+
     async def close(self) -> None:
         """The ledger first, so every record reaches storage even if another close fails;
-        then the cache."""
+        then the cache, and the shared state's connections last."""
         try:
             await self.ledger.close()
         finally:
-            await self.cache.close()
+            try:
+                await self.cache.close()
+                await self.owners.close()
+            finally:
+                if self.shared is not None:
+                    await self.shared.close()
 
 
 def build_backends(settings: Settings, *, clock: Callable[[], float] = time.time) -> Backends:
@@ -83,11 +105,22 @@ def build_backends(settings: Settings, *, clock: Callable[[], float] = time.time
     Does no I/O: `Backends.start` opens them. `clock` is the gateway's: the cache measures
     the age of entries by it, as the `age` header does.
     """
-    found = problems(settings)
+    found = _unbuildable(settings)
     if found:
         raise BackendUnavailable(found)
     c = settings.cache
     ledger = SqliteLedger(Path(settings.state.path) / LEDGER_FILE, settings.ledger.flush_interval)
+    if settings.state.store != "local":
+        shared = Shared.build(settings, clock)
+        return Backends(
+            budget=LocalBudgetStore(),
+            cache=shared.cache,
+            flights=shared.flights,
+            ledger=ledger,
+            reports=ledger,
+            owners=shared.owners,
+            shared=shared,
+        )
     return Backends(
         budget=LocalBudgetStore(),
         cache=MemoryCacheStore(c.ttl, c.max_bytes, c.max_entry_bytes, clock),

@@ -4,17 +4,14 @@ stored response goes where the response was made, and only for the team that mad
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
-
 from gateway import errors
 from gateway.auth import Principal
 from gateway.errors import GatewayError
 from gateway.ledger.records import ReportReader
+from gateway.owners import OwnerStore
 from gateway.policy import Policy
 from gateway.routes import Route
 from gateway.upstream.client import UpstreamClient
-
-Owners = MutableMapping[str, tuple[str, str]]
 
 
 def by_model(policy: Policy, principal: Principal, model: str) -> tuple[UpstreamClient, ...]:
@@ -30,14 +27,14 @@ def by_model(policy: Policy, principal: Principal, model: str) -> tuple[Upstream
 
 
 async def by_owner(
-    policy: Policy, principal: Principal, owners: Owners, ledger: ReportReader, path: str
+    policy: Policy, principal: Principal, owners: OwnerStore, ledger: ReportReader, path: str
 ) -> tuple[UpstreamClient, ...]:
     rid = path.split("/")[3]
-    owner = owners.get(rid)
+    owner = await owners.get(rid)
     if owner is None:
         owner = await ledger.owner(rid)
         if owner is not None:
-            owners[rid] = owner
+            owners.remember(rid, owner)
     if owner is None or owner[0] != principal.team.name:
         # every response made through the gateway is in the ledger with its team: one that
         # is not, or is another team's, does not exist for this team
@@ -56,7 +53,7 @@ async def plan(
     route: Route,
     principal: Principal,
     model: str,
-    owners: Owners,
+    owners: OwnerStore,
     ledger: ReportReader,
     path: str,
 ) -> tuple[UpstreamClient, ...]:

@@ -78,8 +78,10 @@ class RedisLink:
         return self.clock() >= self._down_until
 
     async def run(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
-        """`call()`, or StateUnavailable when Redis fails it or is being skipped."""
+        """`call()`, or StateUnavailable when Redis fails it or is being skipped (both are
+        counted: each is an operation that went without shared state)."""
         if self.clock() < self._down_until:
+            self.on_error(operation)
             raise StateUnavailable(operation)
         try:
             return await call()

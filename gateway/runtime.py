@@ -9,7 +9,6 @@ from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
-from cachetools import LRUCache
 
 from gateway.backends import Backends, build_backends
 from gateway.budget.store import BudgetStore
@@ -18,6 +17,7 @@ from gateway.cache.flight import FlightRegistry
 from gateway.cache.lookup import CacheCounters
 from gateway.cache.store import CacheStore
 from gateway.ledger.records import Charge, LedgerWriter, ReportReader
+from gateway.owners import OwnerStore
 from gateway.policy import Policy, next_clients
 from gateway.redact import Redactor
 from gateway.settings import Settings
@@ -60,6 +60,7 @@ class Gateway:
         self.metrics.watch_upstreams(self._healthy, clients)
         self.retry_budget = RetryBudget(settings.retries.budget if settings.retries else 0.0)
         self.backends = backends or build_backends(settings, clock=clock)
+        self.backends.count_state_errors(self._state_error)
         self.budget: BudgetStore = self.backends.budget
         self.cache: CacheStore = self.backends.cache
         self.flights: FlightRegistry = self.backends.flights
@@ -68,7 +69,7 @@ class Gateway:
         self.cache_counts = CacheCounters()
         # response id -> (team, upstream), in front of the ledger, which has them all: routes
         # requests by id to the upstream that made the response and keeps teams apart
-        self.owners: LRUCache[str, tuple[str, str]] = LRUCache(maxsize=200_000)
+        self.owners: OwnerStore = self.backends.owners
         self.log = structlog.get_logger("gateway")
         self.ready = False
         self.draining = False
@@ -81,6 +82,9 @@ class Gateway:
 
     def _healthy(self, upstream: str) -> bool:
         return self.health.healthy(upstream, self.health.clock())
+
+    def _state_error(self, operation: str) -> None:
+        self.metrics.state_errors.labels(operation).inc()
 
     def _ejected(self, upstream: str, reason: str) -> None:
         self.metrics.key_ejections.labels(upstream, reason).inc()

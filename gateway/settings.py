@@ -234,6 +234,7 @@ class State(_Schema):
     store: Annotated[
         str, Strict(), _must_be("local or redis://host:port/db"), AfterValidator(_store)
     ] = "local"
+    prefix: Text = "gw:"  # every Redis key the gateway writes starts with it
     path: Text = "./gateway-state"
 
 

@@ -16,6 +16,7 @@ import orjson
 from gateway.cache.entry import KEPT_HEADERS, CacheEntry
 from gateway.cache.store import CacheStore
 from gateway.context import Outcome
+from gateway.owners import OwnerStore as Owners
 from gateway.redis_link import StateUnavailable
 from gateway.stream_watch import StreamWatch
 from gateway.usage import StreamSummary, finish_reason, usage_from_body
@@ -29,10 +30,6 @@ class Tap(Protocol):
     async def end(self, complete: bool) -> None:
         """The answer ended; `complete` when it arrived whole (a stream: cleanly)."""
         ...
-
-
-class Owners(Protocol):
-    def __setitem__(self, key: str, value: tuple[str, str]) -> None: ...
 
 
 class BodyUsage:
@@ -65,7 +62,7 @@ class BodyUsage:
         if isinstance(rid, str):
             out.response_id = rid
             if self.owners is not None:  # known before the client can ask about it
-                self.owners[rid] = self.owner
+                self.owners.remember(rid, self.owner)
         if isinstance(model, str):
             out.response_model = model
         if obj.get("object") == "response":
@@ -111,7 +108,7 @@ class StreamUsage:
         if s.error_code and not out.error:
             out.error = s.error_code
         if s.response_id and self.owners is not None:
-            self.owners[s.response_id] = self.owner
+            self.owners.remember(s.response_id, self.owner)
 
 
 class Completion(Protocol):

@@ -262,6 +262,15 @@ class Metrics:
                 registry=r,
             )
         )
+        self.state_errors = Family(
+            Counter(
+                "gateway_state_errors",
+                "Calls to the shared state (Redis) that failed or were skipped while it was"
+                " down, by operation.",
+                ["operation"],
+                registry=r,
+            )
+        )
         # each upstream's child reads the health view when scraped (`watch_upstreams`)
         self.upstream_healthy = Gauge(
             "gateway_upstream_healthy",
