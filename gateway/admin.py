@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 from collections.abc import Awaitable, Callable
 
@@ -14,6 +15,7 @@ from gateway.amounts import amount
 from gateway.envelope import expect
 from gateway.errors import GatewayError
 from gateway.ledger.report import parse_by, parse_when, row_to_dict
+from gateway.redis_link import StateUnavailable
 from gateway.runtime import GATEWAY
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -110,9 +112,22 @@ async def usage(request: web.Request) -> web.Response:
     return _json({"by": list(by), "rows": [row_to_dict(r, by) for r in rows]})
 
 
+def _state_unavailable() -> web.Response:
+    return GatewayError(
+        503,
+        "server_error",
+        "state_unavailable",
+        "The shared state store (Redis) does not answer; try again shortly.",
+        headers={"retry-after": "1"},
+    ).response()
+
+
 async def cache_stats(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    stats = await gw.cache.stats()
+    try:
+        stats = await gw.cache.stats()
+    except StateUnavailable:
+        return _state_unavailable()
     c = gw.cache_counts
     return _json(
         {
@@ -131,7 +146,10 @@ async def cache_stats(request: web.Request) -> web.Response:
 async def cache_purge(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     team = request.query.get("team") or None
-    removed = await gw.cache.purge(team)
+    try:
+        removed = await gw.cache.purge(team)
+    except StateUnavailable:
+        return _state_unavailable()
     return _json({"purged": removed, "team": team})
 
 
@@ -158,9 +176,11 @@ def _metrics_handler() -> Handler:
 
     async def metrics(request: web.Request) -> web.StreamResponse:
         gw = request.app[GATEWAY]
-        stats = await gw.cache.stats()
-        gw.metrics.cache_entries.set(stats.entries)
-        gw.metrics.cache_bytes.set(stats.bytes)
+        # a scrape still answers while Redis does not: the cache gauges keep their last values
+        with contextlib.suppress(StateUnavailable):
+            stats = await gw.cache.stats()
+            gw.metrics.cache_entries.set(stats.entries)
+            gw.metrics.cache_bytes.set(stats.bytes)
         await gw.refresh_budget_gauges()  # gauges are read at scrape time, not per request
         registry = gw.metrics.registry
         handler = exposition.get(id(registry))

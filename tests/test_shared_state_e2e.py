@@ -213,6 +213,13 @@ async def test_redis_down_bypasses_the_cache_and_it_comes_back_by_itself(
         "gateway_state_errors_total", {"operation": "cache_get"}
     )
     assert errors is not None and errors >= 3
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{a.admin_url}/metrics") as r:  # a scrape does not need Redis
+            assert r.status == 200 and "gateway_state_errors_total" in await r.text()
+        admin_auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        async with s.get(f"{a.admin_url}/admin/cache", headers=admin_auth) as r:
+            assert r.status == 503
+            assert (await r.json())["error"]["code"] == "state_unavailable"
     await forwarder.start()
     deadline, bypassed = time.monotonic() + 5, 3
     while (await post(a.url, BODY))[1]["x-gateway-cache"] != "hit":
