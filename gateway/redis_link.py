@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import redis.asyncio as redis
+from redis.asyncio import BlockingConnectionPool
 from redis.exceptions import RedisError
 
 T = TypeVar("T")
@@ -22,6 +23,7 @@ T = TypeVar("T")
 CONNECT_TIMEOUT = 0.25  # seconds: a Redis on the same network answers in well under that
 COMMAND_TIMEOUT = 0.5
 RETRY_AFTER = 1.0  # seconds Redis is skipped after a failure
+POOL_SIZE = 32  # connections for commands that do not block
 BLOCK_MS = 250  # longest a blocking read waits: bounds how late a lost leader is noticed
 
 
@@ -56,12 +58,17 @@ class RedisLink:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.prefix = prefix
-        self.client: redis.Redis = redis.Redis.from_url(
+        # a bounded pool: a burst of requests queues for a connection (a command takes well
+        # under a millisecond) instead of opening a connection each
+        pool = BlockingConnectionPool.from_url(
             url,
+            max_connections=POOL_SIZE,
+            timeout=COMMAND_TIMEOUT,
             socket_connect_timeout=CONNECT_TIMEOUT,
             socket_timeout=COMMAND_TIMEOUT,
-            health_check_interval=0,
         )
+        self.client: redis.Redis = redis.Redis.from_pool(pool)  # closes the pool with it
+        # one connection per flight followed from another replica, each held by XREAD BLOCK
         self.blocking: redis.Redis = redis.Redis.from_url(
             url,
             socket_connect_timeout=CONNECT_TIMEOUT,
