@@ -3,6 +3,8 @@
 Measures gateway CPU (user + system, from /proc/<pid>/stat) per request for
 
 - ``hit``: the same request repeated, every answer a cache hit (JSON and stream);
+- ``miss``: a new request each time (a wave of one): the leader's cost, which with Redis
+  includes claiming the flight and sending its answer to the log;
 - ``coalesced``: waves of identical requests, each wave a new body: the first request of a
   wave leads, the others arrive while it waits on the upstream (the mock's time to first
   token) and follow it. With the local store all go to one gateway; with Redis the leader
@@ -188,7 +190,15 @@ async def measure(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
                 with gateway(tmp, "local", mock, "local", prefix) as (url, pid):
                     r = await hits([url], pid, stream, args.duration)
                     rows.append({"case": f"hit {kind}", "store": "local", **r})
-                    one, _, _ = await waves(url, url, pid, stream, args.waves, 0)
+                    one, n1, _ = await waves(url, url, pid, stream, args.waves, 0)
+                    rows.append(
+                        {
+                            "case": f"miss {kind}",
+                            "store": "local",
+                            "requests": n1,
+                            "cpu_us_per_request": round(one * 1e6 / n1, 1),
+                        }
+                    )
                     many, n2, kinds = await waves(url, url, pid, stream, args.waves, args.followers)
                     per = (many - one) / (args.waves * args.followers)
                     rows.append(
@@ -201,9 +211,18 @@ async def measure(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
                         }
                     )
                 with (
-                    gateway(tmp, "a", mock, REDIS, prefix) as (a, _),
+                    gateway(tmp, "a", mock, REDIS, prefix) as (a, pid_a),
                     gateway(tmp, "b", mock, REDIS, prefix) as (b, pid_b),
                 ):
+                    led, n1, _ = await waves(a, a, pid_a, stream, args.waves, 0)
+                    rows.append(
+                        {
+                            "case": f"miss {kind}",
+                            "store": "redis (leads, publishes)",
+                            "requests": n1,
+                            "cpu_us_per_request": round(led * 1e6 / n1, 1),
+                        }
+                    )
                     r = await hits([a, b], pid_b, stream, args.duration)
                     rows.append({"case": f"hit {kind}", "store": "redis", **r})
                     cpu, _, kinds = await waves(a, b, pid_b, stream, args.waves, args.followers)

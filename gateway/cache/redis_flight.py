@@ -44,10 +44,15 @@ from gateway.stream_watch import StreamWatch
 from gateway.usage import Usage
 
 LEASE = 3.0  # seconds a leader's claim lasts without a renewal
-LINGER = 120.0  # seconds a log stays after its last write, for followers still reading
+# seconds a log stays after its last write: each follower replica reads a log into memory as
+# fast as Redis gives it (its clients then read at their own pace), so a log is needed only
+# until the replicas following it have read its end
+LINGER = 10.0
 MAX_LOG_BYTES = 32 * 1024 * 1024
 READ_COUNT = 512  # log entries a follower's read takes at most
 
+# run with EVAL inside pipelines: a registered script would make every pipeline that uses it
+# ask SCRIPT EXISTS first, one more round trip; Redis keeps the compiled script by its hash
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
@@ -74,7 +79,7 @@ class LedFlight(Flight):
     `readers` starts at 1, a place for the followers on other replicas: the leader cannot
     know when they stop reading, so its stream is read to its end."""
 
-    __slots__ = ("broken", "key", "lead_key", "log_key", "registry", "released", "sent", "token")
+    __slots__ = ("broken", "lead_key", "log_key", "registry", "released", "sent", "token")
 
     def __init__(self, stream: bool, registry: RedisFlights, lead_key: str, token: str) -> None:
         super().__init__(stream)
@@ -135,8 +140,6 @@ class RedisFlights:
         self._queue: asyncio.Queue[tuple[LedFlight, dict[bytes, Any]]] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
-        self._renew = link.client.register_script(_RENEW)
-        self._release = link.client.register_script(_RELEASE)
 
     def _keys(self, key: str) -> str:
         return f"{self.link.prefix}{{f:{key}}}:lead"
@@ -234,7 +237,7 @@ class RedisFlights:
             pipe.xadd(flight.log_key, cast("dict[Any, Any]", fields))
             logs[flight.log_key] = flight
             if kind in (_END, _OVER):  # newcomers lead anew
-                await self._release(keys=[flight.lead_key], args=[flight.token], client=pipe)
+                pipe.eval(_RELEASE, 1, flight.lead_key, flight.token)
                 if kind == _END:
                     ended.append(flight)
         if not logs:
@@ -260,7 +263,7 @@ class RedisFlights:
             try:
                 async with self.link.client.pipeline(transaction=False) as pipe:
                     for f in live:
-                        await self._renew(keys=[f.lead_key], args=[f.token, ms], client=pipe)
+                        pipe.eval(_RENEW, 1, f.lead_key, f.token, ms)
                     renewed = await self.link.run("flight_heartbeat", pipe.execute)
             except StateUnavailable:
                 continue  # the claims run out: followers elsewhere end or take over
