@@ -17,7 +17,7 @@ from typing import Protocol
 import orjson
 from cachetools import LRUCache
 
-from gateway.redis_link import RedisLink, StateUnavailable
+from gateway.redis_link import COMMAND_TIMEOUT, RedisLink, StateUnavailable
 
 Owner = tuple[str, str]  # (team, upstream)
 
@@ -29,6 +29,10 @@ MAX_ID = 256  # longer ids are left to the ledger: no client-chosen string makes
 
 
 class OwnerStore(Protocol):
+    # False when what `remember` records reaches other processes only in the background:
+    # then `settle` waits for it
+    immediate: bool
+
     async def get(self, response_id: str) -> Owner | None:
         """The owner recorded for `response_id`, or None (then ask the ledger)."""
         ...
@@ -38,11 +42,19 @@ class OwnerStore(Protocol):
         anything this process does later."""
         ...
 
+    async def settle(self) -> None:
+        """Return once every owner remembered so far can be read by every process sharing
+        the store (or after a short bound, if it cannot be sent): a client that learns a
+        response id may ask any replica about it at once."""
+        ...
+
     async def close(self) -> None: ...
 
 
 class LocalOwners:
     """The most recent `size` owners of this process."""
+
+    immediate = True
 
     def __init__(self, size: int = LOCAL_SIZE) -> None:
         self._owners: LRUCache[str, Owner] = LRUCache(maxsize=size)
@@ -53,6 +65,9 @@ class LocalOwners:
     def remember(self, response_id: str, owner: Owner) -> None:
         self._owners[response_id] = owner
 
+    async def settle(self) -> None:
+        return None
+
     async def close(self) -> None:
         self._owners.clear()
 
@@ -61,10 +76,14 @@ class RedisOwners:
     """Owners under ``{prefix}owner:<id>`` for `ttl` seconds, shared by every replica. While
     Redis does not answer, ids are neither found nor recorded here: the ledger answers."""
 
+    immediate = False
+
     def __init__(self, link: RedisLink, ttl: int = REDIS_TTL) -> None:
         self.link, self.ttl = link, ttl
         self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
+        self._queued = self._sent = 0  # owners remembered, and sent (or given up on)
+        self._progress = asyncio.Event()
 
     def _key(self, response_id: str) -> str:
         return f"{self.link.prefix}owner:{response_id}"
@@ -92,6 +111,14 @@ class RedisOwners:
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._write())
         self._queue.put_nowait((self._key(response_id), orjson.dumps(owner)))
+        self._queued += 1
+
+    async def settle(self) -> None:
+        target = self._queued
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(COMMAND_TIMEOUT * 2):
+                while self._sent < target:
+                    await self._progress.wait()
 
     async def _write(self) -> None:
         """Send the owners remembered meanwhile, in one round trip."""
@@ -106,6 +133,9 @@ class RedisOwners:
                     await self.link.run("owner_put", pipe.execute)
             for _ in batch:
                 self._queue.task_done()
+            self._sent += len(batch)
+            progress, self._progress = self._progress, asyncio.Event()
+            progress.set()
 
     async def close(self) -> None:
         """Send what is still queued (for at most a second), then stop."""

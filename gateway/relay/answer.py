@@ -17,7 +17,7 @@ from gateway.cache.entry import CacheEntry
 from gateway.cache.flight import FlightLike
 from gateway.context import Candidate, Outcome, RequestContext
 from gateway.relay.relay import relay
-from gateway.relay.sink import ClientSink, FlightSink, Sink
+from gateway.relay.sink import ClientSink, FlightSink, OwnedFirst, Sink
 from gateway.relay.sources import (
     Answer,
     EntrySource,
@@ -93,8 +93,9 @@ async def from_upstream(
         recorder = _recorder(gw, ctx, store_key, body_usage) if not ctx.stream else None
         if recorder is not None:
             taps.append(recorder)
+        whole: Sink = sink if owners is None or owners.immediate else OwnedFirst(sink, owners)
         try:
-            await relay(UpstreamWhole(answer), sink, taps)
+            await relay(UpstreamWhole(answer), whole, taps)
         finally:
             if flight is not None:
                 flight.finish(recorder.entry if recorder is not None else None, out.usage)

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from gateway.cache.flight import FlightLike
 from gateway.context import Outcome
+from gateway.owners import OwnerStore
 
 # a client that went away: aiohttp raises ConnectionResetError, its ClientConnectionResetError
 # subclass, or a bare ConnectionError("Connection lost") when a blocked write is cut off
@@ -184,3 +185,34 @@ class FlightSink:
 
     def abort(self) -> None:
         return None  # followers get the error event the stream ended with
+
+
+class OwnedFirst:
+    """A whole answer that may carry a new response's id: the id's owner is readable by every
+    replica before the client gets the id (the id is recorded as the body is observed, just
+    before it is written)."""
+
+    __slots__ = ("owners", "sink")
+
+    def __init__(self, sink: Sink, owners: OwnerStore) -> None:
+        self.sink, self.owners = sink, owners
+
+    @property
+    def present(self) -> bool:
+        return self.sink.present
+
+    async def whole(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+        await self.owners.settle()
+        await self.sink.whole(status, headers, body)
+
+    async def open(self, status: int, headers: Mapping[str, str]) -> None:
+        await self.sink.open(status, headers)
+
+    async def write(self, chunk: bytes) -> None:
+        await self.sink.write(chunk)
+
+    async def close(self) -> None:
+        await self.sink.close()
+
+    def abort(self) -> None:
+        self.sink.abort()
