@@ -30,6 +30,10 @@ from gateway.telemetry.tracing import trace_id_hex
 # (path, raw query) as the client sent them, checked canonical
 TARGET: web.RequestKey[tuple[str, str]] = web.RequestKey("target", tuple)
 ENVELOPE: web.RequestKey[Envelope] = web.RequestKey("envelope", Envelope)
+# the app's WebSocket endpoint (the client listener's `GET /v1/responses`): (request, path)
+WEBSOCKET: web.AppKey[Callable[[web.Request, str], Awaitable[web.StreamResponse]]] = web.AppKey(
+    "websocket"
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -57,6 +61,8 @@ def _route(request: web.Request, path: str) -> Route | None:
 @web.middleware
 async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
     target = canonical_path(request.raw_path)
+    if hdrs.UPGRADE in request.headers and "websocket" in request.headers[hdrs.UPGRADE].lower():
+        return await _upgrade(request, target)
     route = _route(request, target[0]) if target is not None else None
     if route is None:
         return await _plain(request, handler, target)
@@ -117,6 +123,32 @@ async def _answer(
         return out.response
     out.status, out.error = error.status, out.error or error.code
     return await send_whole(request, error.response(env.headers()))
+
+
+async def _upgrade(request: web.Request, target: tuple[str, str] | None) -> web.StreamResponse:
+    """A request to switch protocols: a WebSocket where the app takes one (`WEBSOCKET`), a JSON
+    refusal anywhere else, on a connection that then closes (its bytes are no longer HTTP)."""
+    headers = _ids(request)
+    endpoint = request.app.get(WEBSOCKET)
+    try:
+        if target is None:
+            raise errors.not_found()
+        if endpoint is None:
+            raise websocket_refused()
+        return await endpoint(request, target[0])
+    except GatewayError as e:
+        resp = e.response(headers)
+    resp.force_close()
+    return resp
+
+
+def websocket_refused() -> GatewayError:
+    return GatewayError(
+        400,
+        "invalid_request_error",
+        "websocket_not_supported",
+        "WebSocket connections are accepted only at GET /v1/responses on the client listener.",
+    )
 
 
 async def _plain(

@@ -69,6 +69,7 @@ async def finish(gw: Gateway, env: Envelope) -> None:
                 if ctx is not None and ctx.creates_response
                 else "",
                 attempts=len(out.attempts),
+                transport=env.transport,
             )
         )
     overhead = max(0.0, duration - out.upstream_wait)
@@ -84,6 +85,7 @@ async def finish(gw: Gateway, env: Envelope) -> None:
         route=env.route.name,
         status=out.status,
         stream=stream,
+        transport=env.transport,
         cache=out.cache,
         input_tokens=usage.input_tokens if usage else None,
         output_tokens=usage.output_tokens if usage else None,

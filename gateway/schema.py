@@ -33,6 +33,7 @@ from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError, c
 
 Window = Literal["minute", "hour", "day", "week", "month", "total"]
 AuthHeader = Literal["x-api-key", "authorization"]
+WebSocketMode = Literal["bridge", "native"]
 WINDOWS: tuple[str, ...] = get_args(Window)
 AUTH_HEADERS: tuple[str, ...] = get_args(AuthHeader)
 ALL_MODELS: tuple[str, ...] = ("*",)

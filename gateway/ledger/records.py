@@ -39,6 +39,7 @@ class LedgerRecord:
     saved_tokens: int = 0
     response_id: str = ""  # the id of a response this request created (POST /v1/responses)
     attempts: int = 0  # upstream calls made (`upstream` is the one that answered, or the last)
+    transport: str = "http"  # http | websocket (a response.create on a WebSocket connection)
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,7 +46,8 @@ _SCHEMA = (
         ttft_ms REAL,
         saved_tokens INTEGER NOT NULL DEFAULT 0,
         response_id TEXT NOT NULL DEFAULT '',
-        attempts INTEGER NOT NULL DEFAULT 0
+        attempts INTEGER NOT NULL DEFAULT 0,
+        transport TEXT NOT NULL DEFAULT 'http'
     )
     """,
     "CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts)",
@@ -56,6 +57,7 @@ _SCHEMA = (
 _ADDED_COLUMNS = {
     "response_id": "TEXT NOT NULL DEFAULT ''",
     "attempts": "INTEGER NOT NULL DEFAULT 0",
+    "transport": "TEXT NOT NULL DEFAULT 'http'",
 }
 _INDEX_RESPONSE = (
     "CREATE INDEX IF NOT EXISTS ledger_response ON ledger (response_id) WHERE response_id != ''"

@@ -234,6 +234,9 @@ class Metrics:
             )
         )
         self.inflight = Gauge("gateway_inflight_requests", "Requests being handled.", registry=r)
+        self.websockets = Gauge(
+            "gateway_websocket_connections", "Open Responses WebSocket connections.", registry=r
+        )
         self.active_streams = Gauge(
             "gateway_active_streams", "SSE streams being relayed.", registry=r
         )
