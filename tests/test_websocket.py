@@ -10,7 +10,7 @@ import aiohttp
 import openai
 import orjson
 import pytest
-from aiohttp import WSMsgType
+from aiohttp import WSMsgType, web
 from conftest import (
     ALPHA_KEY,
     BETA_KEY,
@@ -19,10 +19,13 @@ from conftest import (
     Running,
     Upstream,
     ledger_rows,
+    start_app,
 )
+from test_masking import MASKED, completed, resp_delta, serve_stream, upstream_key
 
 NATIVE = "\n    websocket: native"
 ARGS: dict[str, Any] = {"model": "nusantara-base", "max_output_tokens": 12}
+ROOMY = "[{tokens: 9999, per: day}]"  # budgets, so a response without usage has an estimate
 INPUTS = ("first question", "a second one", "and a third")
 
 
@@ -138,12 +141,11 @@ async def until(ws: aiohttp.ClientWebSocketResponse, kind: str) -> dict[str, Any
 
 
 async def connect(
-    url: str, key: str = ALPHA_KEY, **kw: Any
+    url: str, key: str = ALPHA_KEY, headers_extra: dict[str, str] | None = None
 ) -> tuple[aiohttp.ClientSession, aiohttp.ClientWebSocketResponse]:
     session = aiohttp.ClientSession()
-    ws = await session.ws_connect(
-        f"{url}/v1/responses", headers={"Authorization": f"Bearer {key}"}, **kw
-    )
+    headers = {"Authorization": f"Bearer {key}", **(headers_extra or {})}
+    ws = await session.ws_connect(f"{url}/v1/responses", headers=headers)
     return session, ws
 
 
@@ -230,3 +232,115 @@ async def test_upgrades_elsewhere_are_refused(gateway: Running) -> None:
             with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
                 await session.ws_connect(url, headers={"Authorization": f"Bearer {ALPHA_KEY}"})
             assert caught.value.status == 400, url
+
+
+async def wait_rows(gateway: Running, n: int) -> list[dict[str, Any]]:
+    """The ledger once it holds `n` records (a response ends after its client may have left)."""
+    async with asyncio.timeout(10):
+        while len(rows := await ledger_rows(gateway)) < n:  # noqa: ASYNC110 (a table)
+            await asyncio.sleep(0.05)
+    return rows
+
+
+@pytest.mark.parametrize("extra", ["", NATIVE], ids=["bridge", "native"])
+async def test_client_leaving_mid_response_is_charged_its_real_usage(
+    gateway_factory: GatewayFactory, extra: str
+) -> None:
+    gateway = await gateway_factory(
+        upstream_extra=extra, alpha_budgets="[{tokens: 9999, per: day}]"
+    )
+    session, ws = await connect(gateway.url, headers_extra={"x-mock-tokens-per-s": "40"})
+    try:
+        await ws.send_str(create(max_output_tokens=20))  # half a second of deltas
+        await until(ws, "response.output_text.delta")
+    finally:
+        await ws.close()
+        await session.close()
+    [row] = await wait_rows(gateway, 1)
+    assert row["output_tokens"] == 20 and not row["estimated"]
+    assert row["charged_tokens"] == row["input_tokens"] + 20
+    assert row["status"] == 200 and row["transport"] == "websocket"
+    windows = await gateway.gw.budget.windows(gateway.gw.policy.teams["alpha"], gateway.gw.clock())
+    assert (windows[0].used, windows[0].reserved) == (row["charged_tokens"], 0)
+
+
+@pytest.mark.parametrize("extra", ["", NATIVE], ids=["bridge", "native"])
+async def test_upstream_cut_gives_an_error_event_and_an_estimate(
+    gateway_factory: GatewayFactory, upstream: Upstream, extra: str
+) -> None:
+    gateway = await gateway_factory(
+        upstream_extra=extra, alpha_budgets="[{tokens: 9999, per: day}]"
+    )
+    session, ws = await connect(gateway.url)
+    try:
+        await ws.send_str(create())
+        assert (await until(ws, "response.completed"))["type"] == "response.completed"
+        cut = {"status": "cut", "cut_after": 6, "count": 1, "path": "/v1/responses"}
+        async with session.post(f"{upstream.url}/mock/faults", json=cut) as resp:
+            assert resp.status == 200, await resp.text()
+        await ws.send_str(create(max_output_tokens=30))
+        broken = await until(ws, "response.completed")
+        assert broken["type"] == "error", broken
+        assert broken["code"] == broken["error"]["code"] == "upstream_stream_interrupted"
+        # the connection goes on: the next response is whole
+        await ws.send_str(create())
+        assert (await until(ws, "response.completed"))["type"] == "response.completed"
+    finally:
+        await ws.close()
+        await session.close()
+    rows = await wait_rows(gateway, 3)
+    assert [(r["status"], bool(r["estimated"])) for r in rows] == [
+        (200, False),
+        (200, True),
+        (200, False),
+    ]
+    assert rows[1]["charged_tokens"] >= 30  # the estimate: at least what it could produce
+
+
+async def echoing_upstream(request: web.Request) -> web.StreamResponse:
+    """An upstream that says its key back, split over two deltas: as a stream, or (for a
+    WebSocket handshake) in the messages of its own WebSocket mode."""
+    key = await upstream_key(request)
+    if request.method == "POST":
+        deltas = [resp_delta(orjson.dumps(f"Your key is {key[:15]}"), 1)]
+        deltas.append(resp_delta(orjson.dumps(key[15:]), 2))
+        return await serve_stream(request, [*deltas, completed(3)])
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    async for msg in ws:
+        if msg.type != WSMsgType.TEXT:
+            break
+        created = {"type": "response.created", "response": {"id": "resp_1", "status": "x"}}
+        await ws.send_str(orjson.dumps(created).decode())
+        for part in (f"Your key is {key[:15]}", key[15:]):
+            delta = {"type": "response.output_text.delta", "delta": part}
+            await ws.send_str(orjson.dumps(delta).decode())
+        await ws.send_bytes(f"raw {key}".encode())
+        await ws.send_str(completed(4).split(b"data: ")[1].strip().decode())
+    return ws
+
+
+@pytest.mark.parametrize("extra", ["", NATIVE], ids=["bridge", "native"])
+async def test_upstream_keys_are_masked_in_every_message(
+    gateway_factory: GatewayFactory, extra: str
+) -> None:
+    url, runner = await start_app(echoing_upstream)
+    gateway = await gateway_factory(url, upstream_extra=extra)
+    session, ws = await connect(gateway.url)
+    seen: list[str] = []
+    try:
+        await ws.send_str(create())
+        async with asyncio.timeout(10):
+            while True:
+                msg = await ws.receive()
+                data = msg.data if isinstance(msg.data, str) else msg.data.decode()
+                seen.append(data)
+                if '"response.completed"' in data:
+                    break
+    finally:
+        await ws.close()
+        await session.close()
+        await runner.cleanup()
+    everything = "".join(seen)
+    assert UPSTREAM_KEY not in everything and UPSTREAM_KEY[8:20] not in everything
+    assert MASKED in everything
