@@ -344,3 +344,63 @@ async def test_upstream_keys_are_masked_in_every_message(
     everything = "".join(seen)
     assert UPSTREAM_KEY not in everything and UPSTREAM_KEY[8:20] not in everything
     assert MASKED in everything
+
+
+async def closing(ws: aiohttp.ClientWebSocketResponse) -> tuple[list[str], int | None]:
+    """Every event type until the gateway closes the connection, and its close code."""
+    kinds = []
+    async with asyncio.timeout(10):
+        while True:
+            msg = await ws.receive()
+            if msg.type != WSMsgType.TEXT:
+                return kinds, ws.close_code
+            kinds.append(orjson.loads(msg.data)["type"])
+
+
+async def test_an_old_connection_closes_after_its_response(gateway_factory: GatewayFactory) -> None:
+    gateway = await gateway_factory(limits_extra="\n  max_websocket_seconds: 0.5")
+    session, ws = await connect(gateway.url, headers_extra={"x-mock-tokens-per-s": "20"})
+    try:
+        await ws.send_str(create(max_output_tokens=20))  # a second of deltas: past the age
+        kinds, code = await closing(ws)
+        assert kinds[-1] == "response.completed" and code == 1001
+        # an idle one closes at its age too
+        session2, ws2 = await connect(gateway.url)
+        assert await closing(ws2) == ([], 1001)
+        await session2.close()
+    finally:
+        await session.close()
+
+
+async def test_a_graceful_stop_closes_after_the_response_under_way(gateway: Running) -> None:
+    session, busy = await connect(gateway.url, headers_extra={"x-mock-tokens-per-s": "40"})
+    idle_session, idle = await connect(gateway.url)
+    try:
+        await busy.send_str(create(max_output_tokens=20))
+        await until(busy, "response.output_text.delta")
+        gw = gateway.gw
+        gw.draining = True
+        drained = asyncio.ensure_future(gw.drain(10))
+        assert await closing(idle) == ([], 1001)
+        kinds, code = await closing(busy)
+        assert kinds[-1] == "response.completed" and code == 1001
+        await asyncio.wait_for(drained, 10)
+        assert not gw.sockets and gw.inflight == 0
+    finally:
+        await session.close()
+        await idle_session.close()
+
+
+async def test_a_client_that_stops_reading_is_let_go_and_still_charged(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gateway = await gateway_factory(idle=1, alpha_budgets="[{tokens: 1000000, per: day}]")
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(
+            f"{gateway.url}/v1/responses", headers={"Authorization": f"Bearer {ALPHA_KEY}"}
+        )
+        # far more than the sockets' buffers hold; this client never reads a message
+        await ws.send_str(create(max_output_tokens=100_000))
+        [row] = await wait_rows(gateway, 1)
+        assert row["output_tokens"] == 100_000 and not row["estimated"]
+        await ws.close()
