@@ -127,7 +127,7 @@ async def _answer(
 
 async def _upgrade(request: web.Request, target: tuple[str, str] | None) -> web.StreamResponse:
     """A request to switch protocols: a WebSocket where the app takes one (`WEBSOCKET`), a JSON
-    refusal anywhere else, on a connection that then closes (its bytes are no longer HTTP)."""
+    refusal anywhere else (the connection stays HTTP: nothing was switched)."""
     headers = _ids(request)
     endpoint = request.app.get(WEBSOCKET)
     try:
@@ -138,7 +138,6 @@ async def _upgrade(request: web.Request, target: tuple[str, str] | None) -> web.
         return await endpoint(request, target[0])
     except GatewayError as e:
         resp = e.response(headers)
-    resp.force_close()
     return resp
 
 

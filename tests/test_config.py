@@ -399,7 +399,7 @@ def test_unknown_keys_name_the_allowed_ones() -> None:
         loads(text + "cache: {size: 1}\n", {}, "u.yaml")
     assert e.value.problems == [
         "upstreams.u.name: unknown key (expected one of: base_url, api_key, api_keys,"
-        " auth_header, models, model_map, timeouts)",
+        " auth_header, models, model_map, timeouts, websocket)",
         "cache.size: unknown key (expected one of: enabled, ttl, max_bytes, scope,"
         " max_entry_bytes)",
     ]
@@ -514,3 +514,17 @@ state: {{path: "/tmp/__GATEWAY_ENV_0__/__GATEWAY_ENV_9__"}}
 """
     settings = loads(text, {"KEY": "sk-secret-value"})
     assert settings.state.path == "/tmp/__GATEWAY_ENV_0__/__GATEWAY_ENV_9__"
+
+
+def test_websocket_mode_and_age_limit() -> None:
+    env = {"NEOSANTARA_API_KEY": "sk-real", "SEARCH_KEY": "team-secret"}
+    native = GOOD.replace("auth_header: x-api-key", "auth_header: x-api-key\n    websocket: native")
+    assert loads(native, env).upstreams[0].websocket == "native"
+    assert loads(GOOD, env).upstreams[0].websocket == "bridge"
+    assert loads(GOOD, env).limits.max_websocket_seconds == 3600
+    bad = native.replace("websocket: native", "websocket: relay")
+    with pytest.raises(ConfigError) as e:
+        loads(bad + "limits: {max_websocket_seconds: -1}\n", env, "g.yaml")
+    text = "\n".join(e.value.problems)
+    assert "upstreams.neosantara.websocket: must be bridge or native" in text, text
+    assert "limits.max_websocket_seconds" in text, text
