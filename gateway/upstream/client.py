@@ -171,4 +171,3 @@ class UpstreamClient:
             raise errors.upstream_timeout(self.name, self.cfg.timeouts.first_byte) from None
         except aiohttp.ClientError:
             raise errors.upstream_unavailable(self.name) from None
-
