@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--profile", type=Path, help="py-spy each measured phase into this directory")
     ours = p.parse_args(argv)
     args = harness.parse_args(["--duration", str(ours.duration)])
     pin = harness.Pinning.choose(None, True)
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             for round_ in range(ours.rounds):
                 order = (("sse", harness.SCENARIOS["stream"]), ("websocket", WEBSOCKET))
                 for name, scenario in order[:: -1 if round_ % 2 else 1]:
-                    result = harness.measure(args, scenario, c, target, mock, None, pin, None)
+                    spy = ours.profile / f"{name}-c{c}-{round_}.raw" if ours.profile else None
+                    result = harness.measure(args, scenario, c, target, mock, None, pin, spy)
                     if result["errors"] or result["warmup_errors"]:
                         raise SystemExit(
                             f"{name} c={c}: failed: {result['statuses']} {result['error_samples']}"
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                         f" {result['rps']} responses/s, events {result['sse_events']}",
                         file=sys.stderr,
                     )
+                    if "profile" in result:
+                        print(result["profile"], file=sys.stderr)
             sse, ws = min(cpu["sse"]), min(cpu["websocket"])
             rows.append((c, sse, ws, ws / sse))
     print("| concurrency | SSE, µs CPU/response | WebSocket, µs CPU/response | ratio |")

@@ -10,6 +10,7 @@ and charged its estimate.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from functools import partial
 
@@ -30,6 +31,7 @@ async def respond(
     ctx: RequestContext,
     headers: Mapping[str, str],
     lane: str | None,
+    transport: asyncio.Transport | None,
 ) -> None:
     """Run one admitted response to its end; raises the GatewayError of an upstream that gave
     no answer (nothing was sent to the client then)."""
@@ -45,7 +47,7 @@ async def respond(
         partial(hold_more, gw, ctx, out),
     )
     try:
-        sink = WebSocketSink(ws, out, candidate.client.cfg.timeouts.idle, lane)
+        sink = WebSocketSink(ws, out, candidate.client.cfg.timeouts.idle, lane, transport)
         await answer.from_upstream(gw, sink, ctx, out, up, candidate, {}, env.started, None, None)
     finally:
         up.release()

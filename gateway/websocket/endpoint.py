@@ -54,7 +54,9 @@ async def endpoint(request: web.Request, path: str) -> web.StreamResponse:
         await turn.end(gw, env)
         raise
     limits = gw.settings.limits
-    ws = web.WebSocketResponse(max_msg_size=limits.max_body_bytes, autoping=True)
+    # no permessage-deflate: a zlib context per connection costs memory and every message CPU,
+    # for JSON that mostly crosses a data centre
+    ws = web.WebSocketResponse(max_msg_size=limits.max_body_bytes, autoping=True, compress=False)
     if not ws.can_prepare(request).ok:
         raise GatewayError(
             400, "invalid_request_error", "invalid_websocket", "Not a valid WebSocket handshake."
@@ -66,7 +68,7 @@ async def endpoint(request: web.Request, path: str) -> web.StreamResponse:
     gw.sockets.add(conn)
     gw.metrics.websockets.inc()
     try:
-        await conn.run(Responder(gw, ws, headers))
+        await conn.run(Responder(gw, ws, headers, request.transport))
     finally:
         gw.sockets.discard(conn)
         gw.metrics.websockets.dec()

@@ -113,14 +113,14 @@ def _error(status: int, detail: dict[str, str | None], lane: str | None) -> str:
     return orjson.dumps(event).decode()
 
 
-def server_message(data: bytes, lane: str | None) -> str | None:
+def server_message(data: bytes, lane: str | None) -> str | bytes | None:
     """One SSE event's data as the WebSocket message a client gets; None for the `[DONE]`
     sentinel (not an event). An `error` event without the WebSocket `error` object gets one,
     and every event names the client's `stream_id` when its `response.create` gave one."""
     if data == b"[DONE]":
         return None
     if lane is None and b'"error"' not in data[:40]:
-        return data.decode("utf-8", "replace")  # the usual case: as it came
+        return data  # the usual case: as it came
     try:
         event = orjson.loads(data)
     except orjson.JSONDecodeError:

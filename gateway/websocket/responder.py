@@ -9,6 +9,7 @@ link the last native response used. Without one, they are refused with `unsuppor
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,10 +22,16 @@ from gateway.websocket.native import NativeLink
 
 
 class Responder:
-    __slots__ = ("gw", "headers", "last", "links", "ws")
+    __slots__ = ("gw", "headers", "last", "links", "transport", "ws")
 
-    def __init__(self, gw: Gateway, ws: web.WebSocketResponse, headers: Mapping[str, str]) -> None:
-        self.gw, self.ws, self.headers = gw, ws, headers
+    def __init__(
+        self,
+        gw: Gateway,
+        ws: web.WebSocketResponse,
+        headers: Mapping[str, str],
+        transport: asyncio.Transport | None,
+    ) -> None:
+        self.gw, self.ws, self.headers, self.transport = gw, ws, headers, transport
         self.links: dict[str, NativeLink] = {}  # by upstream name
         self.last: NativeLink | None = None
 
@@ -33,11 +40,10 @@ class Responder:
     ) -> bool:
         """Run one `response.create`; True when its end is the native link's to record.
         Raises the GatewayError of a refusal."""
-        upstream = None
         ctx = await turn.admit(self.gw, env, self.headers, event)
         upstream = ctx.plan[0]
         if upstream.cfg.websocket != "native":
-            await bridge.respond(self.gw, self.ws, env, ctx, self.headers, lane)
+            await bridge.respond(self.gw, self.ws, env, ctx, self.headers, lane, self.transport)
             return False
         link = self.links.get(upstream.name)
         if link is None or link.closed:
