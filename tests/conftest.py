@@ -102,7 +102,9 @@ def free_port() -> int:
         return port
 
 
-def make_settings(upstream: str, state: Path, **kw: Any) -> Settings:
+def make_settings(
+    upstream: str, state: Path, env: dict[str, str] | None = None, **kw: Any
+) -> Settings:
     params: dict[str, Any] = {
         "upstream": upstream,
         "upstream_name": "mock",
@@ -123,7 +125,7 @@ def make_settings(upstream: str, state: Path, **kw: Any) -> Settings:
         "upstream_extra": "",  # more lines under the upstream, each "\n    name: value"
     }
     params.update(kw)
-    return loads(BASE_CONFIG.format(**params), ENV)
+    return loads(BASE_CONFIG.format(**params), ENV if env is None else env)
 
 
 @dataclass

@@ -4,6 +4,7 @@ bridge and native mode, against the mock upstream on real sockets."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -14,11 +15,13 @@ from aiohttp import WSMsgType, web
 from conftest import (
     ALPHA_KEY,
     BETA_KEY,
+    ENV,
     UPSTREAM_KEY,
     GatewayFactory,
     Running,
     Upstream,
     ledger_rows,
+    make_settings,
     start_app,
 )
 from test_masking import MASKED, completed, resp_delta, serve_stream, upstream_key
@@ -404,3 +407,22 @@ async def test_a_client_that_stops_reading_is_let_go_and_still_charged(
         [row] = await wait_rows(gateway, 1)
         assert row["output_tokens"] == 100_000 and not row["estimated"]
         await ws.close()
+
+
+async def test_a_key_removed_by_a_reload_ends_the_connection(
+    gateway: Running, upstream: Upstream, tmp_path: Path
+) -> None:
+    session, ws = await connect(gateway.url)
+    try:
+        await ws.send_str(create())
+        assert (await until(ws, "response.completed"))["type"] == "response.completed"
+        revoked = make_settings(
+            upstream.url, tmp_path / "state", env={**ENV, "ALPHA_KEY": "another-key-0123456789"}
+        )
+        await gateway.gw.reload(revoked)
+        await ws.send_str(create())
+        refused = await until(ws, "response.completed")
+        assert refused["error"]["code"] == "invalid_api_key"
+        assert await closing(ws) == ([], 1008)
+    finally:
+        await session.close()

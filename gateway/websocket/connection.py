@@ -35,6 +35,7 @@ class Connection:
         "headers",
         "principal",
         "queue",
+        "revoked",
         "space",
         "stopping",
         "wake",
@@ -56,6 +57,7 @@ class Connection:
         self.space = asyncio.Event()  # the queue has room again
         self.closed = False  # the client's side is closed, or the socket broke
         self.stopping = False  # the gateway stops: close once the response under way ends
+        self.revoked = False  # the key the handshake authenticated is no longer valid
 
     def stop(self) -> None:
         """Close after the response under way (a graceful stop)."""
@@ -90,7 +92,7 @@ class Connection:
         """The next message to run; None when the connection should close."""
         loop = asyncio.get_running_loop()
         while True:
-            if self.stopping or self.gw.draining or loop.time() >= self.expires:
+            if self.stopping or self.revoked or self.gw.draining or loop.time() >= self.expires:
                 return None
             if self.queue:
                 self.space.set()
@@ -125,6 +127,8 @@ class Connection:
             out = env.outcome
             out.status, out.error = e.status, out.error or e.code
             await self.error(e, lane)
+            if e.status == 401:  # a reload removed the key: the connection ends with it
+                self.revoked = True
         except Exception:
             gw.log.exception("unhandled error", request_id=env.request_id)
             out = env.outcome
@@ -160,13 +164,13 @@ class Connection:
     async def _close(self) -> None:
         if self.ws.closed:
             return
-        going_away = self.stopping or self.gw.draining or not self.closed
-        code = WSCloseCode.GOING_AWAY if going_away else WSCloseCode.OK
-        reason = b""
-        if self.stopping or self.gw.draining:
-            reason = b"the gateway is shutting down"
+        code, reason = WSCloseCode.OK, b""
+        if self.revoked:
+            code, reason = WSCloseCode.POLICY_VIOLATION, b"the API key is no longer valid"
+        elif self.stopping or self.gw.draining:
+            code, reason = WSCloseCode.GOING_AWAY, b"the gateway is shutting down"
         elif not self.closed:
-            reason = b"the connection reached its age limit"
+            code, reason = WSCloseCode.GOING_AWAY, b"the connection reached its age limit"
         try:
             async with asyncio.timeout(5.0):
                 await self.ws.close(code=code, message=reason)
