@@ -23,8 +23,14 @@ from conftest import (
     ledger_rows,
     make_settings,
     start_app,
+    start_gateway,
 )
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from test_masking import MASKED, completed, resp_delta, serve_stream, upstream_key
+
+from gateway.runtime import Gateway
+from gateway.settings import Telemetry, Traces
+from gateway.telemetry.tracing import Tracing
 
 NATIVE = "\n    websocket: native"
 ARGS: dict[str, Any] = {"model": "nusantara-base", "max_output_tokens": 12}
@@ -426,3 +432,36 @@ async def test_a_key_removed_by_a_reload_ends_the_connection(
         assert await closing(ws) == ([], 1008)
     finally:
         await session.close()
+
+
+@pytest.mark.parametrize("extra", ["", NATIVE], ids=["bridge", "native"])
+async def test_each_response_is_a_trace_of_its_own(
+    upstream: Upstream, tmp_path: Path, extra: str
+) -> None:
+    settings = make_settings(upstream.url, tmp_path / "s", upstream_extra=extra)
+    exporter = InMemorySpanExporter()
+    tracing = Tracing.from_settings(Telemetry(traces=Traces()), exporter=exporter)
+    running = await start_gateway(settings, Gateway(settings, tracing=tracing))
+    try:
+        session, ws = await connect(running.url)
+        for _ in range(2):
+            await ws.send_str(create())
+            assert (await until(ws, "response.completed"))["type"] == "response.completed"
+        await ws.close()
+        await session.close()
+        async with asyncio.timeout(10):
+            while len(exporter.get_finished_spans()) < 4:  # noqa: ASYNC110 (no event to wait on)
+                await asyncio.sleep(0.05)
+    finally:
+        await running.stop()
+    spans = exporter.get_finished_spans()
+    servers = [s for s in spans if s.kind.name == "SERVER"]
+    clients = [s for s in spans if s.kind.name == "CLIENT"]
+    assert [s.name for s in servers] == ["WS /v1/responses"] * 2
+    assert len({s.context.trace_id for s in servers}) == 2
+    for server in servers:
+        assert server.attributes is not None
+        assert server.attributes["gateway.transport"] == "websocket"
+        [client] = [c for c in clients if c.context.trace_id == server.context.trace_id]
+        assert client.attributes is not None
+        assert client.attributes["gen_ai.usage.output_tokens"] == ARGS["max_output_tokens"]

@@ -38,6 +38,10 @@ def begin(gw: Gateway, headers: Mapping[str, str]) -> Envelope:
         "POST",
         transport="websocket",
     )
+    if env.sampled:
+        span.set_attributes(
+            {"http.route": RESPONSES.name, "gateway.transport": "websocket", "url.scheme": "ws"}
+        )
     gw.metrics.inflight.inc()
     gw.inflight += 1
     gw.active += 1
