@@ -29,7 +29,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from test_masking import MASKED, completed, resp_delta, serve_stream, upstream_key
 
 from gateway.runtime import Gateway
-from gateway.settings import Telemetry, Traces
+from gateway.settings import Backoff, Retries, Telemetry, Traces
 from gateway.telemetry.tracing import Tracing
 
 NATIVE = "\n    websocket: native"
@@ -465,3 +465,25 @@ async def test_each_response_is_a_trace_of_its_own(
         [client] = [c for c in clients if c.context.trace_id == server.context.trace_id]
         assert client.attributes is not None
         assert client.attributes["gen_ai.usage.output_tokens"] == ARGS["max_output_tokens"]
+
+
+async def test_a_bridged_response_is_retried_before_its_first_event(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    settings = make_settings(upstream.url, tmp_path / "s")
+    settings = settings.model_copy(
+        update={"retries": Retries(attempts=2, backoff=Backoff(base=0.001, max=0.01))}
+    )
+    running = await start_gateway(settings)
+    try:
+        # the upstream answers the first POST with a 503, the second with the stream
+        session, ws = await connect(running.url, headers_extra={"x-mock-fail-first": "503:1"})
+        await ws.send_str(create())
+        done = await until(ws, "response.completed")
+        assert done["type"] == "response.completed", done
+        await ws.close()
+        await session.close()
+        [row] = await wait_rows(running, 1)
+        assert (row["status"], row["attempts"], row["transport"]) == (200, 2, "websocket")
+    finally:
+        await running.stop()
