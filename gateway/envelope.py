@@ -19,7 +19,7 @@ from aiohttp import hdrs, web
 from gateway import errors
 from gateway.context import Envelope, request_id
 from gateway.errors import GatewayError
-from gateway.finish import finish
+from gateway.finish import end
 from gateway.paths import canonical_path
 from gateway.relay.sink import send_whole
 from gateway.routes import PASSTHROUGH, ROUTES, Route, for_method, route_of
@@ -90,14 +90,7 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
     try:
         return await _answer(gw, request, handler, env)
     finally:
-        gw.inflight -= counted
-        gw.metrics.inflight.dec()
-        try:
-            await finish(gw, env)
-        except Exception:
-            gw.log.exception("finishing a request failed", request_id=env.request_id)
-        finally:
-            gw.active -= 1
+        await end(gw, env, counted)
 
 
 async def _answer(

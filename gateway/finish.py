@@ -16,6 +16,19 @@ from gateway.settings import UNKNOWN_TEAM
 from gateway.usage import Usage
 
 
+async def end(gw: Gateway, env: Envelope, counted: int) -> None:
+    """A request is no longer in flight (`counted`: whether a drain waited for it); finish it.
+    Never raises."""
+    gw.inflight -= counted
+    gw.metrics.inflight.dec()
+    try:
+        await finish(gw, env)
+    except Exception:
+        gw.log.exception("finishing a request failed", request_id=env.request_id)
+    finally:
+        gw.active -= 1
+
+
 async def finish(gw: Gateway, env: Envelope) -> None:
     duration = time.perf_counter() - env.started
     now = gw.clock()

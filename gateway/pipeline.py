@@ -7,16 +7,17 @@ in `finish` after it, whatever path it took.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from functools import partial
 
+import aiohttp
 from aiohttp import web
 
 from gateway import errors, parse, plan
 from gateway.budget.admission import budget_headers, reserve
 from gateway.budget.store import Reservation
 from gateway.cache.lookup import Lookup, lookup
-from gateway.context import Envelope, Outcome, RequestContext
+from gateway.context import Candidate, Envelope, Outcome, RequestContext
 from gateway.envelope import ENVELOPE, TARGET
 from gateway.models_route import list_models
 from gateway.relay import answer
@@ -119,16 +120,7 @@ async def _call(
     if found.result:  # a miss or a bypass is counted once its call is admitted
         out.cache = found.result
         gw.cache_counts.count(found.result, gw.metrics)
-    up, candidate = await attempts.run(
-        gw.tracing,
-        gw.metrics,
-        gw.health,
-        gw.retry_budget,
-        env,
-        ctx,
-        request.headers,
-        partial(hold_more, gw, ctx, out),
-    )
+    up, candidate = await call(gw, env, ctx, request.headers)
     # an answer from further down the route is not the first upstream's to store
     store_key = found.store_key if candidate.client is ctx.plan[0] else None
     try:
@@ -144,6 +136,22 @@ async def _call(
         return sink.resp or web.Response()
     finally:
         up.release()
+
+
+def call(
+    gw: Gateway, env: Envelope, ctx: RequestContext, headers: Mapping[str, str]
+) -> Awaitable[tuple[aiohttp.ClientResponse, Candidate]]:
+    """The admitted request's attempt plan, run: the answer to relay and who gave it."""
+    return attempts.run(
+        gw.tracing,
+        gw.metrics,
+        gw.health,
+        gw.retry_budget,
+        env,
+        ctx,
+        headers,
+        partial(hold_more, gw, ctx, env.outcome),
+    )
 
 
 def hold(gw: Gateway, ctx: RequestContext, counted: bool = True) -> Awaitable[Reservation]:

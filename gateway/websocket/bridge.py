@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from functools import partial
 
 from aiohttp import web
 
 from gateway.context import Envelope, RequestContext
-from gateway.pipeline import hold_more
+from gateway.pipeline import call
 from gateway.relay import answer
 from gateway.runtime import Gateway
-from gateway.upstream import attempts
 from gateway.websocket.sink import WebSocketSink
 
 
@@ -36,16 +34,7 @@ async def respond(
     """Run one admitted response to its end; raises the GatewayError of an upstream that gave
     no answer (nothing was sent to the client then)."""
     out = env.outcome
-    up, candidate = await attempts.run(
-        gw.tracing,
-        gw.metrics,
-        gw.health,
-        gw.retry_budget,
-        env,
-        ctx,
-        headers,
-        partial(hold_more, gw, ctx, out),
-    )
+    up, candidate = await call(gw, env, ctx, headers)
     try:
         sink = WebSocketSink(ws, out, candidate.client.cfg.timeouts.idle, lane, transport)
         await answer.from_upstream(gw, sink, ctx, out, up, candidate, {}, env.started, None, None)

@@ -11,9 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from gateway import parse, plan
+from gateway import finish, parse, plan
 from gateway.context import Envelope, RequestContext, request_id
-from gateway.finish import finish
 from gateway.pipeline import hold
 from gateway.routes import ROUTES, Route
 from gateway.runtime import Gateway
@@ -50,14 +49,7 @@ def begin(gw: Gateway, headers: Mapping[str, str]) -> Envelope:
 
 async def end(gw: Gateway, env: Envelope) -> None:
     """The response's single end: never raises."""
-    gw.inflight -= 1
-    gw.metrics.inflight.dec()
-    try:
-        await finish(gw, env)
-    except Exception:
-        gw.log.exception("finishing a response failed", request_id=env.request_id)
-    finally:
-        gw.active -= 1
+    await finish.end(gw, env, 1)
 
 
 async def admit(
