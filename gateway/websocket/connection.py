@@ -69,10 +69,12 @@ class Connection:
         try:
             while (message := await self._next()) is not None:
                 await self._turn(responder, message)
-            await responder.close()
         finally:
             reader.cancel()
-            await self._close()
+            try:
+                await responder.close()  # native responses under way end first
+            finally:
+                await self._close()
 
     async def _read(self) -> None:
         try:
