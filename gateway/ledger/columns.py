@@ -124,10 +124,11 @@ _CONVERTERS = tuple((c.name, c.nullable, _CONVERT[c.kind]) for c in COLUMNS)
 def postgres_row(record: LedgerRecord) -> tuple[object, ...]:
     """The record's values in column order, each of the exact Python type its PostgreSQL
     column takes (binary COPY accepts nothing else) and storable there (see `_text`)."""
-    return tuple(
-        None if nullable and (value := getattr(record, name)) is None else convert(value)
-        for name, nullable, convert in _CONVERTERS
-    )
+    values = []
+    for name, nullable, convert in _CONVERTERS:
+        value = getattr(record, name)
+        values.append(None if value is None and nullable else convert(value))
+    return tuple(values)
 
 
 def from_mapping(values: Mapping[str, object]) -> LedgerRecord:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 import pytest
+from servers import postgres_database
 
 from contract.ledger_samples import (
     DAY1,
@@ -24,6 +25,7 @@ from contract.ledger_samples import (
     record,
     wait_until,
 )
+from gateway.ledger.postgres import PostgresLedger
 from gateway.ledger.records import Ledger
 from gateway.ledger.sqlite import SqliteLedger
 
@@ -39,8 +41,17 @@ async def sqlite_storage(tmp_path: Path) -> AsyncIterator[NewLedger]:
     yield lambda flush_interval: SqliteLedger(path, flush_interval)
 
 
+@asynccontextmanager
+async def postgres_storage(tmp_path: Path) -> AsyncIterator[NewLedger]:
+    async with postgres_database() as url:
+        yield lambda flush_interval: PostgresLedger(url, tmp_path / "state", flush_interval)
+
+
 # the one place an implementation joins this suite (see tests/contract/__init__.py)
-IMPLEMENTATIONS = [pytest.param(sqlite_storage, id="sqlite")]
+IMPLEMENTATIONS = [
+    pytest.param(sqlite_storage, id="sqlite"),
+    pytest.param(postgres_storage, id="postgres", marks=pytest.mark.postgres),
+]
 
 
 class OpenLedger(Protocol):
