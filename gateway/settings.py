@@ -62,7 +62,9 @@ from gateway.schema import (
     _again,
     _fail,
     _http_url,
+    _ledger_url,
     _must_be,
+    _none_as_empty,
     _none_as_empty_list,
     _none_as_empty_table,
     _not_empty,
@@ -243,7 +245,14 @@ class State(_Schema):
 
 
 class LedgerSettings(_Schema):
-    url: OptionalText = ""  # empty: SQLite under state.path
+    # empty: SQLite under state.path; postgresql://... (or postgres://): one table for replicas
+    url: Annotated[
+        str,
+        Strict(),
+        BeforeValidator(_none_as_empty),
+        _must_be("a string", secret=True),
+        AfterValidator(_ledger_url),
+    ] = ""
     flush_interval: Annotated[
         float,
         Strict(),

@@ -528,3 +528,29 @@ def test_websocket_mode_and_age_limit() -> None:
     text = "\n".join(e.value.problems)
     assert "upstreams.neosantara.websocket: must be bridge or native" in text, text
     assert "limits.max_websocket_seconds" in text, text
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("mysql://u:hunter2@db/gw", "only a PostgreSQL ledger can be named by URL"),
+        ("sqlite:///tmp/hunter2.db", "only a PostgreSQL ledger can be named by URL"),
+        ("postgresql://u:hunter2@db:port/gw", "the port is not a number"),
+        ("postgresql://u:hunter2@/gw", "the host is missing"),
+    ],
+)
+def test_a_ledger_url_must_be_postgres_with_a_host_and_is_never_shown(url: str, why: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        loads(MINIMAL + f"ledger: {{url: '{url}'}}\n", {}, "g.yaml")
+    (problem,) = e.value.problems
+    assert problem.startswith("ledger.url: must be empty (SQLite under state.path) or ")
+    assert why in problem
+    assert "hunter2" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql://gw:pw@127.0.0.1:5432/gw", "postgres://db/gw", "postgresql:///gw?host=/run/pg"],
+)
+def test_a_postgres_ledger_url_is_accepted(url: str) -> None:
+    assert loads(MINIMAL + f"ledger: {{url: '{url}'}}\n", {}).ledger.url == url
