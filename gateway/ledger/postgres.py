@@ -116,10 +116,8 @@ class PostgresLedger:
         async with self._pool.acquire() as conn:
             await pg_schema.ensure(conn)
         await self._adopt_orphans()
-        try:
+        with contextlib.suppress(Exception):  # logged; the background task tries again
             await self._write(None)
-        except Exception as e:
-            self._went_down(e)
         self._task = asyncio.get_running_loop().create_task(
             self._write_periodically(), name="ledger-postgres-writer"
         )
@@ -197,55 +195,68 @@ class PostgresLedger:
 
     async def _write_periodically(self) -> None:
         loop = asyncio.get_running_loop()
+        last = loop.time()
         while not self._closed:
-            interval = self._flush_interval
-            if self._down_since is not None:
-                interval = min(interval, RETRY_INTERVAL)
-            next_tick = loop.time() + interval
+            down = self._down_since is not None
+            interval = min(self._flush_interval, RETRY_INTERVAL) if down else self._flush_interval
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(next_tick):
-                    await self._wakeup.wait()
+                async with asyncio.timeout_at(last + interval):
+                    while True:
+                        await self._wakeup.wait()
+                        self._wakeup.clear()
+                        # while down a full batch does not hasten the retry: only close does
+                        if self._closed or not down:
+                            break
             if self._closed:
                 return
-            self._wakeup.clear()
+            last = loop.time()
             try:
-                if self._down_since is not None:
+                if down:
                     await self._adopt_orphans()  # a replica that stopped meanwhile left some
                 await self._write(self._in_memory())
-            except Exception as e:
-                self._went_down(e)
+            except Exception:
                 if self._in_memory() >= self._memory_limit:
                     with contextlib.suppress(OSError):  # logged; the records stay in memory
                         await self._spill_memory()
-                # a full batch keeps signalling: wait for the tick, not in a tight loop
-                await asyncio.sleep(max(0.0, next_tick - loop.time()))
-            else:
-                self._came_back()
 
     async def _write(self, limit: int | None) -> None:
-        """Write the spill files, then queued batches until `limit` records (None: all)."""
+        """Write the spill files, then queued batches until `limit` records (None: all).
+        A failure marks the database down (logged once), a success marks it up again."""
         async with self._lock:
-            while self._spills:
-                spill = self._spills[0]
-                batches = await self._io(read_batches, spill.path)
-                spill.count = sum(len(b.records) for b in batches)
-                for batch in batches:
-                    await self._write_batch(batch)
-                    spill.count -= len(batch.records)
-                await self._io(spill.remove)
-                self._spills.pop(0)
-                if spill is self._own:
-                    self._own = None
-            written = 0
-            while limit is None or written < limit:
-                if self._inflight is None:
-                    if not self._queue:
-                        return
-                    take = min(self._max_batch, len(self._queue))
-                    self._inflight = new_batch([self._queue.popleft() for _ in range(take)])
-                await self._write_batch(self._inflight)
-                written += len(self._inflight.records)
-                self._inflight = None
+            try:
+                await self._write_spills()
+                await self._write_memory(limit)
+            except Exception as e:
+                self._went_down(e)
+                raise
+            self._came_back()
+
+    async def _write_spills(self) -> None:
+        """Each spill file, oldest first, batch by batch; removed once all are written."""
+        while self._spills:
+            spill = self._spills[0]
+            batches = await self._io(read_batches, spill.path)
+            spill.count = sum(len(b.records) for b in batches)
+            for batch in batches:
+                await self._write_batch(batch)
+                spill.count -= len(batch.records)
+            await self._io(spill.remove)
+            self._spills.pop(0)
+            if spill is self._own:
+                self._own = None
+
+    async def _write_memory(self, limit: int | None) -> None:
+        """The batch in flight (under its id), then new batches from the queue."""
+        written = 0
+        while limit is None or written < limit:
+            if self._inflight is None:
+                if not self._queue:
+                    return
+                take = min(self._max_batch, len(self._queue))
+                self._inflight = new_batch([self._queue.popleft() for _ in range(take)])
+            await self._write_batch(self._inflight)
+            written += len(self._inflight.records)
+            self._inflight = None
 
     async def _write_batch(self, batch: Batch) -> None:
         """One transaction: the batch's id, then its records unless the id was there."""
@@ -278,6 +289,8 @@ class PostgresLedger:
                     "ledger spill file not writable; %d records kept in memory", self.pending
                 )
                 raise
+            # in one step with the count, so `pending` never counts a record twice
+            self._own.count += sum(len(b.records) for b in batches)
             for _ in range(count):
                 self._queue.popleft()
             self._inflight = None
@@ -293,9 +306,10 @@ class PostgresLedger:
         # older than anything this process spilled since it started
         self._spills[:0] = found
 
-    def _went_down(self, error: BaseException | None = None) -> None:
+    def _went_down(self, error: BaseException) -> None:
         if self._down_since is None:
             self._down_since = time.monotonic()
+            self._wakeup.set()  # the writer switches to retrying at once
             logger.error(
                 "ledger database write failed (%s); %d records kept, retrying every %.1fs",
                 _reason(error),
@@ -326,8 +340,6 @@ class PostgresLedger:
         self._executor.shutdown(wait=True)
 
 
-def _reason(error: BaseException | None) -> str:
+def _reason(error: BaseException) -> str:
     """An error's class and message for a log line; asyncpg's never carry the password."""
-    if error is None:
-        return "unknown error"
     return f"{type(error).__name__}: {error}"

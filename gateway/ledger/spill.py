@@ -45,7 +45,8 @@ def new_batch(records: Sequence[LedgerRecord]) -> Batch:
 class SpillFile:
     """One spill file, opened and locked by this process (see the module docstring).
 
-    `count` is the number of records in it. `append` writes whole batches and fsyncs before
+    `count` is the number of records in it, kept by the owner on the event loop's thread
+    (`append` runs on another and leaves it alone). `append` writes whole batches and fsyncs before
     it returns; a write that fails is cut off again, so the file never keeps half a batch
     that is also still held in memory.
     """
@@ -102,7 +103,6 @@ class SpillFile:
             raise
         self._size += len(data)
         self._torn = False
-        self.count += len(lines)
 
     def remove(self) -> None:
         """Delete the file (all its batches are written) and release it."""
