@@ -1,13 +1,12 @@
 """PostgresLedger: schema, replicas, outages and spill files, against the real server.
 
 What every ledger does (reports, reads, close and reopen) is in tests/contract. Outages are a
-TCP forwarder in front of the server that the test stops and starts again.
+TCP forwarder in front of the server (tests/forwarder.py) that the test stops and starts.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 from contract.ledger_samples import record, wait_until
+from forwarder import Forwarder
 from servers import postgres_database
 
 from gateway.ledger import queries
@@ -26,52 +26,6 @@ from gateway.ledger.records import LedgerRecord
 from gateway.ledger.spill import PATTERN, SpillFile, new_batch
 
 pytestmark = pytest.mark.postgres
-
-
-class Forwarder:
-    """127.0.0.1:<port> -> the PostgreSQL server, until `stop` drops every connection."""
-
-    def __init__(self, target: int = 5432) -> None:
-        self.target = target
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._handle, "127.0.0.1", self.port, reuse_address=True
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        await self._server.wait_closed()
-        self._server = None
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._writers |= {writer, up_writer}
-        try:
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
-        finally:
-            self._writers -= {writer, up_writer}
-            writer.transport.abort()
-            up_writer.transport.abort()
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(OSError):
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    writer.transport.abort()
 
 
 @pytest.fixture
@@ -85,12 +39,8 @@ async def forwarder() -> AsyncIterator[Forwarder]:
     fwd = Forwarder()
     await fwd.start()
     yield fwd
-    if fwd._server is not None:
+    if fwd.running:
         await fwd.stop()
-
-
-def through(url: str, fwd: Forwarder) -> str:
-    return url.replace(":5432/", f":{fwd.port}/")
 
 
 async def stored(url: str, sql: str = "SELECT request_id FROM ledger ORDER BY id") -> list[object]:
@@ -207,7 +157,7 @@ async def test_an_older_table_gains_the_columns_it_lacks(url: str, tmp_path: Pat
 async def test_an_outage_spills_and_every_record_lands_once_when_it_ends(
     url: str, tmp_path: Path, forwarder: Forwarder
 ) -> None:
-    ledger = PostgresLedger(through(url, forwarder), tmp_path, 0.05, max_batch=4, memory_limit=10)
+    ledger = PostgresLedger(forwarder.url(url), tmp_path, 0.05, max_batch=4, memory_limit=10)
     await ledger.start()
     try:
         ledger.append(record(0))
@@ -236,7 +186,7 @@ async def test_an_outage_spills_and_every_record_lands_once_when_it_ends(
 async def test_after_a_failed_flush_it_tries_again_within_five_seconds(
     url: str, tmp_path: Path, forwarder: Forwarder
 ) -> None:
-    ledger = PostgresLedger(through(url, forwarder), tmp_path, 60.0, memory_limit=1)
+    ledger = PostgresLedger(forwarder.url(url), tmp_path, 60.0, memory_limit=1)
     await ledger.start()
     try:
         await forwarder.stop()
@@ -255,7 +205,7 @@ async def test_after_a_failed_flush_it_tries_again_within_five_seconds(
 async def test_a_graceful_stop_during_an_outage_keeps_every_record_for_the_next_start(
     url: str, tmp_path: Path, forwarder: Forwarder, caplog: pytest.LogCaptureFixture
 ) -> None:
-    ledger = PostgresLedger(through(url, forwarder), tmp_path, 60.0)
+    ledger = PostgresLedger(forwarder.url(url), tmp_path, 60.0)
     await ledger.start()
     await forwarder.stop()
     records = [record(n) for n in range(7)]

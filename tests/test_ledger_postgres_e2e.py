@@ -14,6 +14,7 @@ import aiohttp
 import asyncpg
 import pytest
 from conftest import auth, make_settings, start_gateway, start_upstream
+from forwarder import Forwarder
 from servers import postgres_database
 
 from gateway.ledger.postgres import PostgresLedger
@@ -148,3 +149,52 @@ async def test_gateway_usage_says_when_the_ledger_database_is_unreachable(tmp_pa
     assert report.returncode == 1
     assert report.stderr.startswith("gateway usage: cannot read the ledger: ")
     assert "hunter2" not in report.stderr and "Traceback" not in report.stderr
+
+
+def pending_metric(text: str) -> float:
+    (line,) = [x for x in text.splitlines() if x.startswith("gateway_ledger_pending_records ")]
+    return float(line.split()[1])
+
+
+async def test_postgres_down_keeps_the_gateway_ready_and_counts_what_waits(tmp_path: Path) -> None:
+    async with postgres_database() as url:
+        forwarder = Forwarder()
+        await forwarder.start()
+        upstream = await start_upstream()
+        base = make_settings(upstream.url, tmp_path / "state")
+        settings = base.model_copy(
+            update={"ledger": LedgerSettings(url=forwarder.url(url), flush_interval=0.05)}
+        )
+        running = await start_gateway(settings)
+        try:
+            await forwarder.stop()
+            async with aiohttp.ClientSession() as http:
+                for i in range(3):
+                    async with http.post(
+                        f"{running.url}/v1/responses",
+                        headers=auth(),
+                        json={"model": "nusantara-base", "input": f"while down {i}"},
+                    ) as r:
+                        assert r.status == 200
+                async with http.get(f"{running.admin_url}/readyz") as ready:
+                    assert ready.status == 200
+                async with http.get(f"{running.admin_url}/metrics") as m:
+                    assert pending_metric(await m.text()) == 3
+
+                await forwarder.start()
+                for _ in range(500):  # retried within 5 s, without a restart
+                    if running.gw.ledger.pending == 0:
+                        break
+                    await asyncio.sleep(0.02)
+                async with http.get(f"{running.admin_url}/metrics") as m:
+                    assert pending_metric(await m.text()) == 0
+        finally:
+            await running.stop()
+            await upstream.runner.cleanup()
+            if forwarder.running:
+                await forwarder.stop()
+        conn = await asyncpg.connect(url)
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM ledger") == 3
+        finally:
+            await conn.close()
