@@ -330,3 +330,31 @@ async def test_start_fails_clearly_when_the_database_is_unreachable(tmp_path: Pa
         await ledger.start()
     await ledger.close()  # nothing appended: nothing to keep
     assert spill_files(tmp_path) == []
+
+
+async def test_a_full_disk_during_an_outage_keeps_the_records_in_memory(
+    url: str,
+    tmp_path: Path,
+    forwarder: Forwarder,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def full(self: SpillFile, batches: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    ledger = PostgresLedger(forwarder.url(url), tmp_path, 0.05, memory_limit=2)
+    await ledger.start()
+    try:
+        await forwarder.stop()
+        monkeypatch.setattr(SpillFile, "append", full)
+        with caplog.at_level(logging.ERROR, logger="gateway.ledger"):
+            for n in range(5):
+                ledger.append(record(n))
+            assert await wait_until(lambda: "spill file not writable" in caplog.text)
+        assert ledger.pending == 5 and spill_lines(tmp_path) == 0
+        monkeypatch.undo()
+        await forwarder.start()
+        assert await wait_until(lambda: ledger.pending == 0)
+    finally:
+        await ledger.close()
+    assert await stored(url) == [f"req-{n}" for n in range(5)]

@@ -113,8 +113,13 @@ class PostgresLedger:
             timeout=self._connect_timeout,
             command_timeout=self._command_timeout,
         )
-        async with self._pool.acquire() as conn:
-            await pg_schema.ensure(conn)
+        try:
+            async with self._pool.acquire() as conn:
+                await pg_schema.ensure(conn)
+        except BaseException:
+            pool, self._pool = self._pool, None
+            pool.terminate()
+            raise
         await self._adopt_orphans()
         with contextlib.suppress(Exception):  # logged; the background task tries again
             await self._write(None)
@@ -216,7 +221,8 @@ class PostgresLedger:
                 await self._write(self._in_memory())
             except Exception:
                 if self._in_memory() >= self._memory_limit:
-                    with contextlib.suppress(OSError):  # logged; the records stay in memory
+                    # logged; the records stay in memory, the writer goes on
+                    with contextlib.suppress(Exception):
                         await self._spill_memory()
 
     async def _write(self, limit: int | None) -> None:
@@ -268,8 +274,8 @@ class PostgresLedger:
 
     async def _spill_memory(self) -> None:
         """Move every record in memory to this process's spill file, as batches (the one
-        being written keeps its id). Raises OSError if the file cannot take them; they then
-        stay in memory."""
+        being written keeps its id). Raises (OSError: a full or read-only disk) if the file
+        cannot take them; they then stay in memory."""
         async with self._lock:
             count = len(self._queue)
             queued = list(islice(self._queue, count))
@@ -284,7 +290,7 @@ class PostgresLedger:
                     self._own = await self._io(SpillFile.create, self._spill_dir)
                     self._spills.append(self._own)
                 await self._io(self._own.append, batches)
-            except OSError:
+            except Exception:
                 logger.exception(
                     "ledger spill file not writable; %d records kept in memory", self.pending
                 )
