@@ -23,7 +23,7 @@ from gateway.ledger import queries
 from gateway.ledger.columns import NAMES
 from gateway.ledger.postgres import PostgresLedger
 from gateway.ledger.records import LedgerRecord
-from gateway.ledger.spill import PATTERN, SpillFile, new_batch
+from gateway.ledger.spill import PATTERN, Batch, SpillFile, new_batch
 
 pytestmark = pytest.mark.postgres
 
@@ -358,3 +358,35 @@ async def test_a_full_disk_during_an_outage_keeps_the_records_in_memory(
     finally:
         await ledger.close()
     assert await stored(url) == [f"req-{n}" for n in range(5)]
+
+
+class LostAnswer(PostgresLedger):
+    """Its first batch commits, then the connection drops before the answer arrives."""
+
+    lost = False
+
+    async def _write_batch(self, batch: Batch) -> None:
+        await super()._write_batch(batch)
+        if not self.lost:
+            self.lost = True
+            raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle")
+
+
+async def test_a_batch_whose_commit_answer_was_lost_is_not_written_twice(
+    url: str, tmp_path: Path
+) -> None:
+    ledger = LostAnswer(url, tmp_path, 60.0)
+    await ledger.start()
+    try:
+        for n in range(3):
+            ledger.append(record(n))
+        with pytest.raises(asyncpg.ConnectionDoesNotExistError):
+            await ledger.flush()
+        assert ledger.pending == 3  # as far as it knows, nothing was written
+        ledger.append(record(3))
+        await ledger.flush()  # the same batch again, under its id; then the new one
+        assert ledger.pending == 0
+    finally:
+        await ledger.close()
+    assert await stored(url) == [f"req-{n}" for n in range(4)]
+    assert await stored(url, "SELECT count(*) FROM ledger_batches") == [2]
