@@ -1,0 +1,312 @@
+"""Responses WebSocket mode: defects found by reviewing it as an attacker and as a careless
+client. Each test fails against the code it was written for; its comment says what is wrong
+and what the right behaviour is."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import conftest
+import orjson
+import pytest
+from aiohttp import WSMsgType, web
+from conftest import (
+    ALPHA_KEY,
+    GatewayFactory,
+    Running,
+    Upstream,
+    make_settings,
+    start_app,
+)
+from test_websocket import NATIVE, connect, create, until, wait_rows
+
+USAGE = {"input_tokens": 10, "output_tokens": 90, "total_tokens": 100}
+
+
+def created(rid: str) -> str:
+    return orjson.dumps({"type": "response.created", "response": {"id": rid}}).decode()
+
+
+def done(rid: str) -> str:
+    response = {"id": rid, "object": "response", "model": "nusantara-base"}
+    response |= {"status": "completed", "output": [], "usage": USAGE}
+    return orjson.dumps({"type": "response.completed", "response": response}).decode()
+
+
+async def used_tokens(gateway: Running) -> tuple[int, int]:
+    team = gateway.gw.policy.teams["alpha"]
+    [window] = await gateway.gw.budget.windows(team, gateway.gw.clock())
+    return window.used, window.reserved
+
+
+async def completions(ws: aiohttp.ClientWebSocketResponse, n: int) -> list[dict[str, Any]]:
+    """Every event until `n` responses completed."""
+    seen: list[dict[str, Any]] = []
+    async with asyncio.timeout(15):
+        while sum(e["type"] == "response.completed" for e in seen) < n:
+            msg = await ws.receive()
+            assert msg.type == WSMsgType.TEXT, msg
+            seen.append(orjson.loads(msg.data))
+    return seen
+
+
+# DEFECT (native, accounting): the relay takes any upstream `error` event while a create is
+# pending as that create's refusal. In native mode the gateway forwards every other client
+# event to the upstream, which answers an unknown or failed one (a bogus event, a steer of a
+# response that ended) with an `error`. Sent between two creates, that error is matched to
+# the second create: it is recorded as refused (400, its reservation released) while the
+# upstream runs it; its `response.created` then finds no pending create and is recorded as an
+# unreserved "successor", which is never settled against the budget. A client can so run
+# every other response without its budget moving (repeat to run far past the budget).
+# Right: an `error` is a create's refusal only when it answers that create (the upstream
+# answers in order, so errors for forwarded events must be counted in that order too, or
+# non-create events refused/answered by the gateway); every response the client got is
+# charged once, to the budget and the ledger.
+async def test_native_error_for_a_forwarded_event_is_not_a_pending_creates_refusal(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gateway = await gateway_factory(
+        upstream_extra=NATIVE, alpha_budgets="[{tokens: 100000, per: day}]"
+    )
+    session, ws = await connect(gateway.url, headers_extra={"x-mock-tokens-per-s": "40"})
+    try:
+        await ws.send_str(create(max_output_tokens=20))  # half a second upstream
+        await ws.send_str('{"type":"bogus.event"}')  # the upstream answers it with an error
+        await ws.send_str(create(max_output_tokens=20))
+        seen = await completions(ws, 2)
+    finally:
+        await ws.close()
+        await session.close()
+    assert [e["error"]["code"] for e in seen if e["type"] == "error"] == ["unsupported_event"]
+    rows = await wait_rows(gateway, 2)
+    await asyncio.sleep(0.3)
+    rows = [r for r in await wait_rows(gateway, 2) if r["transport"] == "websocket"]
+    # both responses ran to completion: two records of status 200, no refusal
+    assert [r["status"] for r in rows] == [200, 200]
+    used, reserved = await used_tokens(gateway)
+    assert (used, reserved) == (sum(r["charged_tokens"] for r in rows), 0)
+
+
+async def successor_upstream(request: web.Request) -> web.StreamResponse:
+    """A native upstream that starts a response of its own after a steer (as a steered
+    response's successor), with usage."""
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    n = 0
+    async for msg in ws:
+        if msg.type != WSMsgType.TEXT:
+            break
+        kind = orjson.loads(msg.data).get("type")
+        if kind in ("response.create", "response.steer"):
+            n += 1
+            await ws.send_str(created(f"resp_{n}"))
+            await ws.send_str(done(f"resp_{n}"))
+    return ws
+
+
+# DEFECT (native, accounting): a response the upstream starts on its own (a steered
+# response's successor) gets an envelope with no budget reservation (`_successor`), and
+# `charge` counts tokens only for a request that reserved them: the successor is written to
+# the ledger with `charged_tokens` 0 and never reaches the budget counters (not even after a
+# restart, which rebuilds them from that column). Steers are not admitted at all, so a team can run successors past
+# its budget. Right: a successor is charged to the budget (settle its usage without a
+# reservation, e.g. a charge with a zero hold) and steers are admitted (key, budget room).
+async def test_native_successor_response_is_charged_to_the_budget(
+    gateway_factory: GatewayFactory,
+) -> None:
+    url, runner = await start_app(successor_upstream)
+    try:
+        gateway = await gateway_factory(
+            url, upstream_extra=NATIVE, alpha_budgets="[{tokens: 100000, per: day}]"
+        )
+        session, ws = await connect(gateway.url)
+        try:
+            await ws.send_str(create())
+            await until(ws, "response.completed")
+            await ws.send_str('{"type":"response.steer","input":"more"}')
+            await until(ws, "response.completed")
+        finally:
+            await ws.close()
+            await session.close()
+        rows = await wait_rows(gateway, 2)
+        assert [r["charged_tokens"] for r in rows] == [100, 100]
+        assert await used_tokens(gateway) == (200, 0)
+    finally:
+        await runner.cleanup()
+
+
+async def answers_once_upstream(request: web.Request) -> web.StreamResponse:
+    """A native upstream that answers its first create, and never anything after it."""
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    n = 0
+    async for msg in ws:
+        if msg.type != WSMsgType.TEXT:
+            break
+        n += 1
+        if n == 1:
+            await ws.send_str(created("resp_1"))
+            await ws.send_str(done("resp_1"))
+    return ws
+
+
+# DEFECT (native, hang): the relay arms its `idle` deadline only if a response is under way
+# when it starts waiting for the next upstream message (`timeout(idle if self.busy else
+# None)`). After the first response ends it waits with no deadline, so a later create that
+# the upstream never answers (no `response.created`, no `error`) hangs forever: the client
+# gets nothing, the response stays in flight (`gw.inflight`) and its reservation held for
+# as long as the client keeps the connection. Right: a create sent up is answered within the
+# upstream's timeouts (`first_byte`, then `idle` between messages), else the client gets an
+# `error` event (`upstream_timeout` or `upstream_stream_interrupted`) and it is settled.
+async def test_native_create_the_upstream_never_answers_ends_in_an_error(
+    gateway_factory: GatewayFactory,
+) -> None:
+    url, runner = await start_app(answers_once_upstream)
+    try:
+        gateway = await gateway_factory(url, upstream_extra=NATIVE, idle=1, first_byte=1)
+        session, ws = await connect(gateway.url)
+        try:
+            await ws.send_str(create())
+            assert (await until(ws, "response.completed"))["type"] == "response.completed"
+            await ws.send_str(create())
+            got: dict[str, Any] | None = None
+            try:
+                async with asyncio.timeout(6):  # `idle` is 1 second
+                    got = orjson.loads((await ws.receive()).data)
+            except TimeoutError:
+                pass
+            assert got is not None, "no answer within 6 seconds: the response hangs"
+            assert got["type"] == "error"
+        finally:
+            await ws.close()
+            await session.close()
+    finally:
+        await runner.cleanup()
+
+
+async def raw_handshake(url: str, extra: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        (
+            "GET /v1/responses HTTP/1.1\r\n"
+            f"Host: {host}:{port}\r\n"
+            "Upgrade: websocket\r\n"
+            "Sec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            f"Authorization: Bearer {ALPHA_KEY}\r\n"
+            f"{extra}\r\n"
+        ).encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A masked client text frame (payload under 64 KiB)."""
+    mask = b"\x01\x02\x03\x04"
+    size = len(payload)
+    head = bytes([0x81, 0x80 | size]) if size < 126 else bytes([0x81, 0xFE]) + size.to_bytes(2)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+# DEFECT (bridge and native, headers): a header the client names in `Connection` is
+# hop-by-hop and must not be forwarded (HTTP requests drop it: `request_headers` reads the
+# `Connection` header). The WebSocket handshake's headers lose `Connection` in `forwarded`
+# before `request_headers` sees them, so every header the client named there goes on to the
+# upstream with each bridged POST (and in the native handshake), e.g. a proxy's
+# `X-Forwarded-Secret` it marked hop-by-hop. Right: drop the headers `Connection` names
+# before (or when) dropping the handshake's own headers.
+async def test_connection_named_handshake_headers_stay_hop_by_hop(
+    gateway_factory: GatewayFactory, upstream: Upstream
+) -> None:
+    gateway = await gateway_factory()
+    reader, writer = await raw_handshake(
+        gateway.url, "Connection: Upgrade, X-Hop-Secret\r\nX-Hop-Secret: hop-value-123\r\n"
+    )
+    try:
+        writer.write(text_frame(create().encode()))
+        async with asyncio.timeout(10):
+            data = b""
+            while b"response.completed" not in data:
+                chunk = await reader.read(65536)
+                assert chunk, data
+                data += chunk
+    finally:
+        writer.close()
+    sent = [r for r in upstream.state.requests if r.method == "POST"]
+    assert sent
+    assert all("x-hop-secret" not in r.headers for r in sent)
+
+
+# DEFECT (native, revocation): each `response.create` re-checks the handshake's key against
+# the live config, but every other client event (`response.steer`, ...) goes up the native
+# link unchecked. After a reload removes the team's key, an open connection keeps steering,
+# and a response the upstream starts for a steer is recorded (and priced) for the removed
+# key. Right: a non-create event is authenticated like a create (refused with
+# `invalid_api_key`, not forwarded) once the key is gone.
+async def test_native_revoked_key_cannot_steer(
+    gateway_factory: GatewayFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, runner = await start_app(successor_upstream)
+    try:
+        gateway = await gateway_factory(url, upstream_extra=NATIVE)
+        session, ws = await connect(gateway.url)
+        try:
+            await ws.send_str(create())
+            await until(ws, "response.completed")
+            monkeypatch.setitem(conftest.ENV, "ALPHA_KEY", "key-alpha-rotated-0123456789")
+            await gateway.gw.reload(make_settings(url, tmp_path / "state", upstream_extra=NATIVE))
+            await ws.send_str(create())  # a create is refused: the reload took effect
+            refused = await until(ws, "response.completed")
+            assert refused["type"] == "error" and refused["error"]["code"] == "invalid_api_key"
+            await ws.send_str('{"type":"response.steer","input":"more"}')
+            answer = await until(ws, "response.completed")
+        finally:
+            await ws.close()
+            await session.close()
+        assert answer["type"] == "error" and answer["error"]["code"] == "invalid_api_key"
+    finally:
+        await runner.cleanup()
+
+
+async def silent_upstream(request: web.Request) -> web.StreamResponse:
+    """A native upstream that takes every message and answers none."""
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    async for msg in ws:
+        if msg.type != WSMsgType.TEXT:
+            break
+    return ws
+
+
+# DEFECT (native, resources): the connection queues at most MAX_QUEUED client messages, but
+# in native mode a create's turn ends as soon as it is sent up, so nothing bounds how many
+# responses one connection has under way: a client (of a team without budgets) that floods
+# creates gets an envelope, a span and an in-flight count for each, all held until the
+# upstream answers or the link breaks. Right: at most a small number of responses under way
+# per native link (the reader stops reading past it, as for queued messages), or a refusal.
+async def test_native_responses_under_way_per_connection_are_bounded(
+    gateway_factory: GatewayFactory,
+) -> None:
+    url, runner = await start_app(silent_upstream)
+    try:
+        gateway = await gateway_factory(url, upstream_extra=NATIVE, idle=30, first_byte=30)
+        session, ws = await connect(gateway.url)
+        try:
+            for _ in range(300):
+                await ws.send_str(create())
+            async with asyncio.timeout(5):
+                while gateway.gw.inflight < 17:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.5)
+            assert gateway.gw.inflight <= 17, gateway.gw.inflight
+        finally:
+            await ws.close()
+            await session.close()
+    finally:
+        await runner.cleanup()
