@@ -111,9 +111,9 @@ async def successor_upstream(request: web.Request) -> web.StreamResponse:
 # response's successor) gets an envelope with no budget reservation (`_successor`), and
 # `charge` counts tokens only for a request that reserved them: the successor is written to
 # the ledger with `charged_tokens` 0 and never reaches the budget counters (not even after a
-# restart, which rebuilds them from that column). Steers are not admitted at all, so a team can run successors past
-# its budget. Right: a successor is charged to the budget (settle its usage without a
-# reservation, e.g. a charge with a zero hold) and steers are admitted (key, budget room).
+# restart, which rebuilds them from that column). Steers are not admitted at all, so a team
+# can run successors past its budget. Right: a successor is charged to the budget (settle
+# its usage without a reservation, e.g. a zero hold) and steers are admitted (key, budget).
 async def test_native_successor_response_is_charged_to_the_budget(
     gateway_factory: GatewayFactory,
 ) -> None:
