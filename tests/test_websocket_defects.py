@@ -348,3 +348,50 @@ async def test_native_key_split_across_two_messages_is_masked(
         assert UPSTREAM_KEY not in text
     finally:
         await runner.cleanup()
+
+
+async def unread_then_closed_upstream(request: web.Request) -> web.StreamResponse:
+    """A native upstream that stops reading, closes its WebSocket while a large create is
+    still being written to it, then resets the connection."""
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    assert request.transport is not None
+    request.transport.pause_reading()
+    await asyncio.sleep(1.0)
+    request.transport.write(b"\x88\x02\x03\xe8")  # a close frame, code 1000
+    await asyncio.sleep(1.0)
+    request.transport.abort()
+    return ws
+
+
+# DEFECT (native, accounting): a create whose `send_str` to the upstream is still waiting
+# for the socket to drain when the upstream closes its WebSocket is ended twice. The relay
+# sees the close, clears `pending` and ends the response (`_interrupted`); then the send
+# fails, `create` calls `self.pending.remove(env)` on an env no longer there, the ValueError
+# is "unhandled" in `Connection._turn`, which ends the same envelope again: two ledger
+# records (502 and 500) for one create, its reservation settled twice, `gw.inflight` and
+# `gw.active` at -1 (a later graceful stop waits on wrong counts), and the log line of the
+# exception holds the envelope's repr with the whole request body. Right: the send's failure
+# ends the response only if the relay has not (remove it from `pending` only if present, and
+# return `True` so the relay's end is the one), and nothing is ended twice.
+async def test_native_create_cut_while_sending_is_ended_once(
+    gateway_factory: GatewayFactory,
+) -> None:
+    url, runner = await start_app(unread_then_closed_upstream)
+    try:
+        gateway = await gateway_factory(url, upstream_extra=NATIVE, max_body=40_000_000)
+        session, ws = await connect(gateway.url)
+        try:
+            # larger than the upstream socket's buffers: the send waits for a drain
+            await ws.send_str(create(input="x" * 30_000_000))
+            assert (await until(ws, "response.completed"))["type"] == "error"
+            await asyncio.sleep(3)  # the upstream resets the connection meanwhile
+        finally:
+            await ws.close()
+            await session.close()
+        await asyncio.sleep(0.5)
+        rows = await wait_rows(gateway, 1)
+        assert len(rows) == 1, [(r["status"], r["request_id"]) for r in rows]
+        assert (gateway.gw.inflight, gateway.gw.active) == (0, 0)
+    finally:
+        await runner.cleanup()
