@@ -395,3 +395,28 @@ async def test_native_create_cut_while_sending_is_ended_once(
         assert (gateway.gw.inflight, gateway.gw.active) == (0, 0)
     finally:
         await runner.cleanup()
+
+
+# DEFECT (bridge and native, cost): a client that sends several creates and closes its
+# socket has all of them run against the upstream and charged, one after the other, with
+# nobody to read them: `Connection._next` hands out queued messages before it looks at
+# `closed`. The module says the connection closes "after the response under way when the
+# client closed its side"; metering a response under way to its end is the contract, but
+# starting new ones for a client that left spends its team's budget on output nobody gets.
+# Right: once the client's side is closed, queued creates are dropped (the response under
+# way still runs to its terminal event and is charged).
+async def test_creates_queued_when_the_client_left_do_not_run(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gateway = await gateway_factory(alpha_budgets="[{tokens: 100000, per: day}]")
+    session, ws = await connect(gateway.url, headers_extra={"x-mock-tokens-per-s": "40"})
+    try:
+        for _ in range(5):
+            await ws.send_str(create(max_output_tokens=20))  # half a second each
+        await until(ws, "response.output_text.delta")
+    finally:
+        await ws.close()
+        await session.close()
+    await asyncio.sleep(4)  # the five would be done by now
+    rows = await wait_rows(gateway, 1)
+    assert len(rows) == 1, [r["status"] for r in rows]
