@@ -420,3 +420,27 @@ async def test_creates_queued_when_the_client_left_do_not_run(
     await asyncio.sleep(4)  # the five would be done by now
     rows = await wait_rows(gateway, 1)
     assert len(rows) == 1, [r["status"] for r in rows]
+
+
+# DEFECT (protocol, low): an upgrade request over HTTP/1.0 is switched to a WebSocket (101).
+# RFC 6455 4.1 requires HTTP/1.1 or later for the opening handshake, and an HTTP/1.0
+# intermediary cannot carry it (it knows neither `Upgrade` nor `Connection: Upgrade`).
+# Right: refuse it before the upgrade with the 400 `invalid_websocket` JSON answer, as for
+# any other invalid handshake.
+async def test_http10_upgrade_is_refused(gateway_factory: GatewayFactory) -> None:
+    gateway = await gateway_factory()
+    host, port = gateway.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            (
+                "GET /v1/responses HTTP/1.0\r\nHost: x\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                f"Authorization: Bearer {ALPHA_KEY}\r\n\r\n"
+            ).encode()
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    finally:
+        writer.close()
+    assert head.split(b" ")[1] == b"400", head
