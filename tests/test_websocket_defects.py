@@ -481,3 +481,41 @@ async def test_native_client_that_paused_gets_its_next_response(
         await ws.close()
         await session.close()
     assert len(await wait_rows(gateway, 2)) == 2
+
+
+async def picky_upstream(request: web.Request) -> web.StreamResponse:
+    """A native upstream that refuses a handshake carrying a header it does not accept (400),
+    and serves every other one."""
+    if "x-unwelcome" in request.headers:
+        body = b'{"error":{"message":"bad header","type":"invalid_request_error"}}'
+        return web.Response(status=400, body=body, content_type="application/json")
+    return await successor_upstream(request)
+
+
+# DEFECT (native, availability): `NativeLink.open` counts every refused handshake that is not
+# a 401 or 403 as an upstream failure (`health.failed`), a 400 or 404 included. The
+# handshake carries the client's own headers, so one client whose headers the upstream
+# refuses (400) ejects the upstream and its key for every team after `eject_after` creates
+# (`upstream_unavailable` for all, HTTP included, for `eject_for` seconds, doubling). HTTP
+# answers count a 4xx as a success of the upstream (`judge`). Right: judge a handshake's
+# status as `judge` does an HTTP answer (4xx: the upstream is up; 429: the key rests).
+async def test_native_handshake_refused_for_a_clients_headers_does_not_eject(
+    gateway_factory: GatewayFactory,
+) -> None:
+    url, runner = await start_app(picky_upstream)
+    try:
+        gateway = await gateway_factory(url, upstream_extra=NATIVE)
+        session, ws = await connect(gateway.url, headers_extra={"x-unwelcome": "1"})
+        try:
+            for _ in range(6):
+                await ws.send_str(create())
+                refused = await until(ws, "response.completed")
+                assert refused["type"] == "error" and refused["status"] == 400
+        finally:
+            await ws.close()
+            await session.close()
+        gw = gateway.gw
+        client = gw.policy.upstreams["mock"]
+        assert gw.health.usable("mock", client.key_ids[0], gw.health.clock())
+    finally:
+        await runner.cleanup()
