@@ -23,7 +23,15 @@ from conftest import (
     make_settings,
     start_app,
 )
-from test_websocket import NATIVE, connect, create, echoing_upstream, until, wait_rows
+from test_websocket import (
+    NATIVE,
+    closing,
+    connect,
+    create,
+    echoing_upstream,
+    until,
+    wait_rows,
+)
 
 USAGE = {"input_tokens": 10, "output_tokens": 90, "total_tokens": 100}
 
@@ -519,3 +527,26 @@ async def test_native_handshake_refused_for_a_clients_headers_does_not_eject(
         assert gw.health.usable("mock", client.key_ids[0], gw.health.clock())
     finally:
         await runner.cleanup()
+
+
+# DEFECT (native, delivery): a native connection that reaches `max_websocket_seconds` (or a
+# graceful stop) while a response runs stops sending it to the client at once:
+# `NativeLink.close` sets `present = False` before it waits for the response's end, so the
+# client gets a cut stream and a 1001 close, though the contract closes the connection
+# "after its current response ends" (bridge mode does: the existing tests cover bridge only).
+# Right: keep delivering to a client that is still there until the responses under way end
+# (within `drain_timeout`), then close.
+async def test_native_old_connection_closes_after_its_response(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gateway = await gateway_factory(
+        upstream_extra=NATIVE, limits_extra="\n  max_websocket_seconds: 0.5"
+    )
+    session, ws = await connect(gateway.url, headers_extra={"x-mock-tokens-per-s": "20"})
+    try:
+        await ws.send_str(create(max_output_tokens=20))  # a second of deltas: past the age
+        kinds, code = await closing(ws)
+        assert code == 1001
+        assert kinds and kinds[-1] == "response.completed", kinds[-3:]
+    finally:
+        await session.close()
