@@ -41,12 +41,12 @@ def created(rid: str) -> str:
 
 
 def done(rid: str) -> str:
-    response = {"id": rid, "object": "response", "model": "nusantara-base"}
+    response: dict[str, Any] = {"id": rid, "object": "response", "model": "nusantara-base"}
     response |= {"status": "completed", "output": [], "usage": USAGE}
     return orjson.dumps({"type": "response.completed", "response": response}).decode()
 
 
-async def used_tokens(gateway: Running) -> tuple[int, int]:
+async def used_tokens(gateway: Running) -> tuple[float, float]:
     team = gateway.gw.policy.teams["alpha"]
     [window] = await gateway.gw.budget.windows(team, gateway.gw.clock())
     return window.used, window.reserved
