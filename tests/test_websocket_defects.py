@@ -550,3 +550,29 @@ async def test_native_old_connection_closes_after_its_response(
         assert kinds and kinds[-1] == "response.completed", kinds[-3:]
     finally:
         await session.close()
+
+
+# DEFECT (resources): the reader queues up to MAX_QUEUED (16) client messages while a
+# response runs, each up to `max_body_bytes`, so one connection holds 16 request bodies in
+# memory where an HTTP connection holds one; a few hundred connections of one team (or one
+# client that never reads, with creates queued behind a long response) reach gigabytes. The
+# queue is bounded in messages, not in bytes. Right: bound the bytes queued per connection
+# (e.g. at most `max_body_bytes` in all; past it the reader stops reading, as it does at
+# MAX_QUEUED).
+async def test_queued_client_messages_are_bounded_in_bytes(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gateway = await gateway_factory()  # max_body_bytes: 1,000,000
+    session, ws = await connect(gateway.url, headers_extra={"x-mock-tokens-per-s": "20"})
+    try:
+        await ws.send_str(create(max_output_tokens=60))  # three seconds of deltas
+        await until(ws, "response.output_text.delta")
+        for _ in range(16):
+            await ws.send_str(create(input="x" * 900_000, max_output_tokens=1))
+        await asyncio.sleep(1)
+        [conn] = gateway.gw.sockets
+        queued = sum(len(m) for m in conn.queue)  # type: ignore[attr-defined]
+        assert queued <= 1_000_000, queued
+    finally:
+        await ws.close()
+        await session.close()
