@@ -33,6 +33,8 @@ from test_websocket import (
     wait_rows,
 )
 
+from gateway.websocket.connection import Connection
+
 USAGE = {"input_tokens": 10, "output_tokens": 90, "total_tokens": 100}
 
 
@@ -571,7 +573,8 @@ async def test_queued_client_messages_are_bounded_in_bytes(
             await ws.send_str(create(input="x" * 900_000, max_output_tokens=1))
         await asyncio.sleep(1)
         [conn] = gateway.gw.sockets
-        queued = sum(len(m) for m in conn.queue)  # type: ignore[attr-defined]
+        assert isinstance(conn, Connection)
+        queued = sum(len(m) for m in conn.queue)
         assert queued <= 1_000_000, queued
     finally:
         await ws.close()
