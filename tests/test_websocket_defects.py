@@ -579,3 +579,47 @@ async def test_queued_client_messages_are_bounded_in_bytes(
     finally:
         await ws.close()
         await session.close()
+
+
+async def unread_upstream(request: web.Request) -> web.StreamResponse:
+    """A native upstream that accepts the WebSocket and never reads from it again."""
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    assert request.transport is not None
+    request.transport.pause_reading()
+    await asyncio.sleep(30)
+    return ws
+
+
+# DEFECT (native, hang): a send to the upstream has no deadline. When the upstream stops
+# reading, a create larger than the sockets' buffers blocks `NativeLink.create` in
+# `send_str` for good; the relay gives up on it after `idle` (the client gets
+# `upstream_stream_interrupted`) but does not close the upstream socket, so the send never
+# fails and the connection's loop stays inside that turn: the client's later messages are
+# never answered, and neither the age limit nor a graceful stop closes the connection (they
+# are checked between turns). Right: bound the send (the upstream's `idle`), and close the
+# upstream socket when the relay gives up on it.
+async def test_native_send_to_an_upstream_that_stopped_reading_is_bounded(
+    gateway_factory: GatewayFactory,
+) -> None:
+    url, runner = await start_app(unread_upstream, shutdown_timeout=0.1)
+    try:
+        gateway = await gateway_factory(
+            url, upstream_extra=NATIVE, idle=1, max_body=40_000_000, drain=1
+        )
+        session, ws = await connect(gateway.url)
+        try:
+            await ws.send_str(create(input="x" * 30_000_000))
+            cut = await until(ws, "response.completed")
+            assert cut["type"] == "error"
+            await ws.send_str(create())  # the next one is answered, one way or another
+            got: dict[str, Any] | None = None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(8):
+                    got = orjson.loads((await ws.receive()).data)
+            assert got is not None, "the connection no longer answers"
+        finally:
+            await ws.close()
+            await session.close()
+    finally:
+        await runner.cleanup()
