@@ -30,8 +30,17 @@ _HANDSHAKE = ("sec-websocket-", "upgrade", "connection", "origin")
 def forwarded(headers: Mapping[str, str]) -> CIMultiDict[str]:
     """The handshake's headers as each bridged POST sends them on (credentials are dropped
     later, with every other request's)."""
+    # hop-by-hop: the headers the client named in `Connection` go no further than it does
+    named = {
+        t.strip().lower()
+        for k, v in headers.items()
+        if k.lower() == "connection"
+        for t in v.split(",")
+    }
     out: CIMultiDict[str] = CIMultiDict(
-        (k, v) for k, v in headers.items() if not k.lower().startswith(_HANDSHAKE)
+        (k, v)
+        for k, v in headers.items()
+        if not k.lower().startswith(_HANDSHAKE) and k.lower() not in named
     )
     out["content-type"] = "application/json"
     out["accept"] = "text/event-stream"

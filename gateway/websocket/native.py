@@ -143,6 +143,8 @@ class NativeLink:
         try:
             await self.upstream_ws.send_str(data.decode("utf-8", "replace"))
         except (ConnectionError, RuntimeError):
+            if all(e is not env for e in self.pending):
+                return  # the upstream closed while this was sent: the relay ended it
             self.pending.remove(env)
             raise errors.upstream_unavailable(client.name) from None
         out.attempts[-1].reached = True
