@@ -20,6 +20,7 @@ from conftest import (
     GatewayFactory,
     Running,
     Upstream,
+    ledger_rows,
     make_settings,
     start_app,
 )
@@ -34,6 +35,7 @@ from test_websocket import (
 )
 
 from gateway.websocket.connection import Connection
+from gateway.websocket.native import MAX_UNDER_WAY
 
 USAGE = {"input_tokens": 10, "output_tokens": 90, "total_tokens": 100}
 
@@ -273,15 +275,17 @@ async def test_native_revoked_key_cannot_steer(
             await until(ws, "response.completed")
             monkeypatch.setitem(conftest.ENV, "ALPHA_KEY", "key-alpha-rotated-0123456789")
             await gateway.gw.reload(make_settings(url, tmp_path / "state", upstream_extra=NATIVE))
-            await ws.send_str(create())  # a create is refused: the reload took effect
-            refused = await until(ws, "response.completed")
-            assert refused["type"] == "error" and refused["error"]["code"] == "invalid_api_key"
+            # the first event after the reload, a steer, is refused and ends the connection
             await ws.send_str('{"type":"response.steer","input":"more"}')
             answer = await until(ws, "response.completed")
+            assert answer["type"] == "error" and answer["error"]["code"] == "invalid_api_key"
+            closed = await ws.receive()
+            assert (closed.type, ws.close_code) == (WSMsgType.CLOSE, 1008)
         finally:
             await ws.close()
             await session.close()
-        assert answer["type"] == "error" and answer["error"]["code"] == "invalid_api_key"
+        rows = await ledger_rows(gateway)
+        assert [r["status"] for r in rows] == [200, 401]  # no response for the steer
     finally:
         await runner.cleanup()
 
@@ -313,10 +317,11 @@ async def test_native_responses_under_way_per_connection_are_bounded(
             for _ in range(300):
                 await ws.send_str(create())
             async with asyncio.timeout(5):
-                while gateway.gw.inflight < 17:  # noqa: ASYNC110
+                while gateway.gw.inflight < MAX_UNDER_WAY:  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
-                await asyncio.sleep(0.5)
-            assert gateway.gw.inflight <= 17, gateway.gw.inflight
+            await asyncio.sleep(1.0)  # time for more, were they not held back
+            # the ones under way, and at most one waiting for room
+            assert gateway.gw.inflight <= MAX_UNDER_WAY + 1, gateway.gw.inflight
         finally:
             await ws.close()
             await session.close()

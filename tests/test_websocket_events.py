@@ -10,20 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.context import Outcome
 from gateway.errors import GatewayError
 from gateway.sse import SSEDecoder
 from gateway.websocket import events
-from gateway.websocket.sink import WebSocketSink
-
-
-class _Socket:
-    closed = False
-
-
-def sink() -> WebSocketSink:
-    return WebSocketSink(_Socket(), Outcome(), 1.0, None)  # type: ignore[arg-type]
-
+from gateway.websocket.sink import EventCut
 
 EVENT = st.sampled_from(
     [
@@ -47,8 +37,8 @@ def test_any_chunking_gives_the_decoders_events(parts: list[bytes], cuts: list[i
     expected = [e.data for e in SSEDecoder().feed(stream)]
     bounds = sorted({min(c, len(stream)) for c in cuts})
     chunks = [stream[a:b] for a, b in zip([0, *bounds], [*bounds, len(stream)], strict=True)]
-    s = sink()
-    got = [data for chunk in chunks if chunk for data in s._events(chunk)]
+    cut = EventCut()
+    got = [data for chunk in chunks if chunk for data in cut.feed(chunk)]
     assert got == expected
 
 

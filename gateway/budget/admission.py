@@ -5,7 +5,7 @@ from __future__ import annotations
 from gateway import errors
 from gateway.budget import estimate
 from gateway.budget.store import BudgetStore, Rejection, Reservation
-from gateway.budget.windows import seconds_until
+from gateway.budget.windows import seconds_until, window_bounds
 from gateway.policy import Policy
 from gateway.settings import Team
 from gateway.telemetry.metrics import Metrics
@@ -48,3 +48,21 @@ async def reserve(
         held = usd if got.window.endswith(":usd") else tokens
         raise errors.budget_exceeded(team.name, got.window, got.retry_after, held, got.limit)
     return got
+
+
+def zero_hold(team: Team, now: float) -> Reservation:
+    """A reservation of nothing in every window of the team, for a request that ran without
+    asking (a response an upstream started on its own): settling it charges its real usage."""
+    return Reservation(
+        team.name,
+        0,
+        0.0,
+        tuple((b.per, b.unit, window_bounds(b.per, now)[0]) for b in team.budgets),
+    )
+
+
+async def has_room(store: BudgetStore, team: Team, now: float) -> bool:
+    """Whether every window of the team has something left (a team without budgets has)."""
+    if not team.budgets:
+        return True
+    return all(w.remaining > 0 for w in await store.windows(team, now))

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from gateway.auth import Principal
+from gateway.budget.admission import has_room
 from gateway.errors import GatewayError
 from gateway.relay.sink import CLIENT_GONE
 from gateway.runtime import Gateway
@@ -25,6 +26,7 @@ from gateway.websocket.responder import Responder
 
 ERROR_SEND_TIMEOUT = 10.0  # seconds a client gets to take in an error event
 MAX_QUEUED = 16  # client messages waiting for their turn before the reader stops reading
+# (and at most `limits.max_body_bytes` of them: one request body, as an HTTP connection holds)
 
 
 class Connection:
@@ -33,8 +35,10 @@ class Connection:
         "expires",
         "gw",
         "headers",
+        "max_queued_bytes",
         "principal",
         "queue",
+        "queued_bytes",
         "revoked",
         "space",
         "stopping",
@@ -53,6 +57,9 @@ class Connection:
         self.gw, self.ws, self.headers, self.expires = gw, ws, headers, expires
         self.principal = principal  # as the handshake authenticated it
         self.queue: deque[str | bytes] = deque()
+        self.queued_bytes = 0
+        # one request body's worth: as much as an HTTP connection holds (one message always fits)
+        self.max_queued_bytes = gw.settings.limits.max_body_bytes
         self.wake = asyncio.Event()  # a message arrived, the client closed, or a stop began
         self.space = asyncio.Event()  # the queue has room again
         self.closed = False  # the client's side is closed, or the socket broke
@@ -81,13 +88,23 @@ class Connection:
             async for msg in self.ws:
                 if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                     break  # an error: the socket is done
-                while len(self.queue) >= MAX_QUEUED:
+                data = msg.data
+                while self.queue and (
+                    len(self.queue) >= MAX_QUEUED
+                    or self.queued_bytes + len(data) > self.max_queued_bytes
+                ):
                     self.space.clear()
                     await self.space.wait()
-                self.queue.append(msg.data)
+                self.queue.append(data)
+                self.queued_bytes += len(data)
                 self.wake.set()
-        finally:
+        except asyncio.CancelledError:
+            raise  # the gateway ends the connection: the client did not close it
+        except Exception:  # the socket broke under the reader: the client is gone
             self.closed = True
+        else:
+            self.closed = True
+        finally:
             self.wake.set()
 
     async def _next(self) -> str | bytes | None:
@@ -96,11 +113,13 @@ class Connection:
         while True:
             if self.stopping or self.revoked or self.gw.draining or loop.time() >= self.expires:
                 return None
-            if self.queue:
-                self.space.set()
-                return self.queue.popleft()
             if self.closed:
-                return None
+                return None  # what it queued is nobody's to read any more
+            if self.queue:
+                message = self.queue.popleft()
+                self.queued_bytes -= len(message)
+                self.space.set()
+                return message
             self.wake.clear()
             try:
                 async with asyncio.timeout(self.expires - loop.time()):
@@ -118,6 +137,15 @@ class Connection:
         kind = event["type"]
         lane = event.get("stream_id") if isinstance(event.get("stream_id"), str) else None
         if kind != events.CREATE:
+            try:
+                principal = gw.policy.auth.authenticate(self.headers)
+            except GatewayError as e:
+                await self._refuse(e, lane)
+                self.revoked = True
+                return
+            if not await has_room(gw.budget, principal.team, gw.clock()):
+                await self._refuse(events.no_room(principal.team.name), lane)
+                return
             if not await responder.other(message):
                 await self._refuse(events.unsupported(kind, gw.redactor), lane)
             return

@@ -66,7 +66,7 @@ async def endpoint(request: web.Request, path: str) -> web.StreamResponse:
     # no permessage-deflate: a zlib context per connection costs memory and every message CPU,
     # for JSON that mostly crosses a data centre
     ws = web.WebSocketResponse(max_msg_size=limits.max_body_bytes, autoping=True, compress=False)
-    if not ws.can_prepare(request).ok:
+    if request.version < (1, 1) or not ws.can_prepare(request).ok:  # RFC 6455 4.1: HTTP/1.1+
         raise GatewayError(
             400, "invalid_request_error", "invalid_websocket", "Not a valid WebSocket handshake."
         )

@@ -57,6 +57,16 @@ def unsupported(kind: str, redact: Any) -> GatewayError:
     )
 
 
+def no_room(team: str) -> GatewayError:
+    """An event that would make a team's responses go on (a steer) when a budget is spent."""
+    return GatewayError(
+        429,
+        "insufficient_quota",
+        "budget_exceeded",
+        f"Team {errors.quoted(team)} has no budget left for this event.",
+    )
+
+
 def create_body(event: dict[str, Any]) -> tuple[bytes, str | None]:
     """The `POST /v1/responses` body of a `response.create` (always a stream), and the
     `stream_id` it names, if any (WebSocket-only: not sent to an upstream over HTTP)."""

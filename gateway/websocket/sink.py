@@ -44,8 +44,36 @@ def _utf8(data: bytes) -> bytes:
     return data
 
 
+class EventCut:
+    """An SSE stream, fed in chunks, cut into the data of its events. Events in the usual form
+    (whole, LF line ends, one `data` line last) are cut out directly; anything else goes
+    through the decoder, which knows every rule of the format."""
+
+    __slots__ = ("decoder",)
+
+    def __init__(self) -> None:
+        self.decoder = SSEDecoder()
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        decoder = self.decoder
+        if not decoder.between_events() or b"\r" in chunk:
+            return [e.data for e in decoder.feed(chunk)]
+        blocks = chunk.split(b"\n\n")
+        tail = blocks.pop()  # b"" when the chunk ends an event
+        found: list[bytes] = []
+        for block in blocks:
+            data = _single_data(block)
+            if data is not None:
+                found.append(data)
+            elif block:
+                found.extend(e.data for e in decoder.feed(block + b"\n\n"))
+        if tail:
+            found.extend(e.data for e in decoder.feed(tail))
+        return found
+
+
 class WebSocketSink:
-    __slots__ = ("decoder", "failed", "idle", "lane", "out", "present", "transport", "ws")
+    __slots__ = ("cut", "failed", "idle", "lane", "out", "present", "transport", "ws")
 
     def __init__(
         self,
@@ -56,7 +84,7 @@ class WebSocketSink:
         transport: asyncio.Transport | None = None,
     ) -> None:
         self.ws, self.out, self.idle, self.lane = ws, out, idle, lane
-        self.decoder = SSEDecoder()
+        self.cut = EventCut()
         self.present = not ws.closed
         self.transport = transport
         self.failed: bytearray | None = None  # the body of an upstream error that is no stream
@@ -113,30 +141,10 @@ class WebSocketSink:
         if self.failed is not None:
             self.failed += chunk[: ERROR_BODY_MAX - len(self.failed)]
             return
-        for data in self._events(chunk):
+        for data in self.cut.feed(chunk):
             message = events.server_message(data, self.lane)
             if message is not None:
                 await self.send(message)
-
-    def _events(self, chunk: bytes) -> list[bytes]:
-        """The data of each event the chunk completes. Events in the usual form (whole, LF
-        line ends, one `data` line) are cut out directly; anything else goes through the
-        decoder, which knows every rule of the format."""
-        decoder = self.decoder
-        if not decoder.between_events() or b"\r" in chunk:
-            return [e.data for e in decoder.feed(chunk)]
-        blocks = chunk.split(b"\n\n")
-        tail = blocks.pop()  # b"" when the chunk ends an event
-        found: list[bytes] = []
-        for block in blocks:
-            data = _single_data(block)
-            if data is not None:
-                found.append(data)
-            elif block:
-                found.extend(e.data for e in decoder.feed(block + b"\n\n"))
-        if tail:
-            found.extend(e.data for e in decoder.feed(tail))
-        return found
 
     async def close(self) -> None:
         """The response ended; the connection stays open for the next."""
