@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Mapping
 from typing import Any, BinaryIO, cast
 
 import orjson
@@ -50,10 +51,28 @@ class LineSink:
         self._stream.flush()
 
 
-def configure_logging(level: str = "info", fmt: str = "json") -> None:
-    """Configure structlog process-wide (called once by the CLI, not on import)."""
+class _Fields:
+    """A processor that adds the same fields to every line, under what the line sets."""
+
+    __slots__ = ("_fields",)
+
+    def __init__(self, fields: dict[str, object]) -> None:
+        self._fields = fields
+
+    def __call__(self, logger: object, method: str, event: dict[str, Any]) -> dict[str, Any]:
+        for key, value in self._fields.items():
+            event.setdefault(key, value)
+        return event
+
+
+def configure_logging(
+    level: str = "info", fmt: str = "json", fields: Mapping[str, object] | None = None
+) -> None:
+    """Configure structlog process-wide (called once by the CLI, not on import). `fields`
+    go into every line (a `--workers` process's `worker` and `pid`)."""
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        *([_Fields(dict(fields))] if fields else []),
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
         structlog.processors.format_exc_info,
