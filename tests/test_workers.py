@@ -374,3 +374,17 @@ def test_two_workers_with_the_redis_store(mock_upstream_process: str, tmp_path: 
         drain_both(served, "second-key")
     finally:
         served.kill()
+        forget(prefix)
+
+
+def forget(prefix: str) -> None:
+    """Delete every Redis key under `prefix`."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=500))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
