@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,6 +32,7 @@ from servers import REDIS_URL
 from test_cli import Reply, call, post
 
 from gateway import backends, config
+from gateway.workers.supervisor import socket_dir
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 CONFIG = """
@@ -388,3 +391,29 @@ def forget(prefix: str) -> None:
             client.delete(*keys)
     finally:
         client.close()
+
+
+def test_socket_dir_is_fresh_and_clears_what_killed_supervisors_left() -> None:
+    with tempfile.TemporaryDirectory(prefix="gw-") as short:  # pytest's own are long
+        socket_dir_cases(Path(short))
+
+
+def socket_dir_cases(tmp_path: Path) -> None:
+    base = tmp_path / "state" / "workers"
+    stale = base / "999999999-abc"  # no such process: its supervisor was killed outright
+    stale.mkdir(parents=True)
+    (stale / "w0.sock").touch()
+    alive = base / f"{os.getpid()}-other"  # a supervisor that runs: left alone
+    alive.mkdir()
+    made = socket_dir(str(tmp_path / "state"))
+    try:
+        assert made.parent == base and made.name.startswith(f"{os.getpid()}-")
+        assert not stale.exists() and alive.exists() and made != alive
+    finally:
+        shutil.rmtree(made)
+    deep = tmp_path / ("d" * 90)  # too long for a socket path: the system's temporary folder
+    made = socket_dir(str(deep))
+    try:
+        assert not str(made).startswith(str(tmp_path)) and len(str(made)) < 80
+    finally:
+        shutil.rmtree(made)

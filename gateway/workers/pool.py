@@ -183,6 +183,9 @@ class Pool:
             *worker_argv(config_path, host, port, w.index, w.link.path), **kwargs
         )
         self._log.info("worker started", index=w.index, pid=w.process.pid)
+        if self.stopping:  # the stop's SIGTERM went out while this process was being made
+            with contextlib.suppress(ProcessLookupError):
+                w.process.send_signal(signal.SIGTERM)
 
     async def _until_ready(self, w: Worker, process: asyncio.subprocess.Process) -> None:
         while process.returncode is None:

@@ -32,8 +32,10 @@ from gateway.workers.pool import Pool
 
 __all__ = ["supervise"]
 
-# AF_UNIX paths hold at most 107 bytes on Linux; longer state paths put the sockets in /tmp
-MAX_SOCKET_PATH = 100
+# AF_UNIX paths hold at most 107 bytes on Linux; a socket's path adds up to 30 to the folder's
+# (`/<pid>-<random>/w<index>.sock`), and longer state paths put the sockets in /tmp
+MAX_SOCKET_PATH = 107
+SOCKET_NAME_ROOM = 30
 STOP_MARGIN = 10.0  # seconds past a worker's own worst-case stop before it is killed
 
 
@@ -46,12 +48,27 @@ def stop_deadline(settings: Settings) -> float:
 
 def socket_dir(state_path: str) -> Path:
     """A fresh private folder for the workers' admin sockets: under state.path, or in the
-    system's temporary folder when that path is too long for a Unix socket."""
+    system's temporary folder when that path is too long for a Unix socket. Folders left by
+    a supervisor that no longer runs (killed outright) are removed."""
     base = Path(state_path).resolve() / "workers"
-    if len(str(base)) + 40 <= MAX_SOCKET_PATH:
-        base.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base))
-    return Path(tempfile.mkdtemp(prefix="gateway-workers-"))
+    if len(os.fsencode(base)) + SOCKET_NAME_ROOM > MAX_SOCKET_PATH:
+        return Path(tempfile.mkdtemp(prefix="gateway-workers-"))
+    base.mkdir(parents=True, exist_ok=True)
+    for old in base.iterdir():
+        pid = old.name.partition("-")[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 async def supervise(settings: Settings, config_path: str, host: str, port: int, count: int) -> int:
