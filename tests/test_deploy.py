@@ -7,8 +7,10 @@ How the configs agree with the gateway's own config is tested in test_dashboards
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hashlib
+import json
 import re
 import shutil
 import subprocess
@@ -294,3 +296,23 @@ async def test_nginx_relays_a_stream_as_it_comes_and_spreads_requests(
         after = [await requests_total(session, a) for a in admins]
     served = [b - a for a, b in zip(before, after, strict=True)]
     assert sum(served) == 6 and min(served) >= 1
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
+async def test_nginx_passes_the_websocket_upgrade(balanced: tuple[str, list[str]]) -> None:
+    url, _ = balanced
+    create = {"type": "response.create", "model": "nusantara-base", "input": "hi"}
+    seen: list[str] = []
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(
+            f"{url}/v1/responses", headers={"Authorization": "Bearer client-key"}
+        ) as ws,
+        asyncio.timeout(20),
+    ):
+        for _ in range(2):  # two responses on one upgraded connection
+            await ws.send_str(json.dumps(create))
+            while not seen or seen[-1] not in ("response.completed", "error"):
+                seen.append(json.loads(await ws.receive_str())["type"])
+            assert seen[-1] == "response.completed", seen
+            seen.clear()
