@@ -381,8 +381,11 @@ def test_two_workers_with_the_redis_store(mock_upstream_process: str, tmp_path: 
 
 
 def forget(prefix: str) -> None:
-    """Delete every Redis key under `prefix`."""
+    """Delete every Redis key under `prefix` (never an empty one: that would be every key,
+    other tests' too)."""
     import redis
+
+    assert prefix, "an empty prefix matches every key"
 
     client = redis.Redis.from_url(REDIS_URL)
     try:
