@@ -40,7 +40,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"{path}: {problem}", file=sys.stderr)
     if unavailable:
         return 1
-    configure_logging(settings.telemetry.logs.level, settings.telemetry.logs.format)
+    logs = settings.telemetry.logs
+    configure_logging(logs.level, logs.format, shared_stdout=args.workers > 1)
     host = args.host or settings.listen.host
     port = args.port if args.port is not None else settings.listen.port
     try:

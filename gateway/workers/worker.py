@@ -67,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 1
     logs = settings.telemetry.logs
-    configure_logging(logs.level, logs.format, {"worker": args.index, "pid": os.getpid()})
+    fields = {"worker": args.index, "pid": os.getpid()}
+    configure_logging(logs.level, logs.format, fields, shared_stdout=True)
     use_uvloop()
     try:
         asyncio.run(_serve(args, settings))
