@@ -292,6 +292,23 @@ def test_a_worker_that_dies_is_replaced_and_counters_never_drop(supervised: Serv
     assert supervised.stop() == 0
 
 
+def test_workers_that_keep_dying_stop_serve_with_exit_1(supervised: Served) -> None:
+    """A replacement that cannot start is tried again, paced, five times in a minute; then
+    the supervisor stops the rest and exits 1 for its own supervisor to see."""
+    supervised.ready()
+    supervised.cfg.write_text("upstreams: {}\n")  # what a replacement reads: it cannot start
+    victim = supervised.pids()[0]
+    began = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    assert supervised.process.wait(timeout=60) == 1
+    assert time.monotonic() - began >= 0.5 + 1 + 2 + 4  # the pauses between the replacements
+    exited = supervised.events("worker exited")
+    assert len(exited) == 6 and {x["index"] for x in exited} == {exited[0]["index"]}
+    assert supervised.events("workers keep failing: stopping")
+    stopped = supervised.events("worker stopped")  # the healthy worker drained
+    assert [x["code"] for x in stopped] == [0]
+
+
 def test_sigterm_drains_every_worker(supervised: Served) -> None:
     supervised.ready()
     drain_both(supervised, "first-key")

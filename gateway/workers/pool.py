@@ -112,6 +112,7 @@ class Pool:
 
     def reload(self) -> None:
         """SIGHUP to every worker; one still starting gets it once it is ready."""
+        self._log.info("reloading workers", workers=len(self.workers))
         for w in self.workers:
             if w.ready and w.process is not None and w.process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -147,17 +148,21 @@ class Pool:
     async def _keep(self, w: Worker) -> None:
         """Run slot `w` until the pool stops: start its process, replace it when it dies."""
         while not self.stopping:
-            await self._spawn(w)
-            assert w.process is not None
-            watch = asyncio.get_running_loop().create_task(self._until_ready(w, w.process))
-            code = await w.process.wait()
-            watch.cancel()
-            w.ready = False
-            self._retire(w)
-            if self.stopping:
-                self._log.info("worker stopped", index=w.index, pid=w.pid, code=code)
-                return
-            self._log.error("worker exited", index=w.index, pid=w.pid, code=_describe(code))
+            try:
+                await self._spawn(w)
+            except OSError as e:  # no process could be made (out of memory, of processes)
+                self._log.error("worker not started", index=w.index, error=str(e))
+            else:
+                assert w.process is not None
+                watch = asyncio.get_running_loop().create_task(self._until_ready(w, w.process))
+                code = await w.process.wait()
+                watch.cancel()
+                w.ready = False
+                self._retire(w)
+                if self.stopping:
+                    self._log.info("worker stopped", index=w.index, pid=w.pid, code=code)
+                    return
+                self._log.error("worker exited", index=w.index, pid=w.pid, code=_describe(code))
             delay = self._restarts.next_delay() if self.serving else None
             if delay is None:
                 self._log.error(
