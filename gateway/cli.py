@@ -25,6 +25,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except config.ConfigError as e:
         print(e, file=sys.stderr)
         return 1
+    if args.workers < 1:
+        print(f"gateway serve: --workers must be 1 or more, not {args.workers}", file=sys.stderr)
+        return 2
     if args.workers > 1 and settings.state.store == "local":
         print(
             f"{path}: state.store: --workers {args.workers} needs a shared store "
@@ -37,11 +40,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"{path}: {problem}", file=sys.stderr)
     if unavailable:
         return 1
-    configure_logging(settings.telemetry.logs.level, settings.telemetry.logs.format)
+    logs = settings.telemetry.logs
+    configure_logging(logs.level, logs.format, shared_stdout=args.workers > 1)
     host = args.host or settings.listen.host
     port = args.port if args.port is not None else settings.listen.port
-    use_uvloop()
     try:
+        if args.workers > 1:
+            # the supervisor relays no traffic: the default loop serves it (uvloop is the
+            # workers')
+            from gateway.workers import supervise
+
+            return asyncio.run(supervise(settings, path, host, port, args.workers))
+        use_uvloop()
         asyncio.run(run_gateway(settings, host, port, path))
     except ListenError as e:
         print(f"gateway serve: {e}", file=sys.stderr)
