@@ -367,7 +367,7 @@ cache: {{ttl: 0, scope: global}}
         "listen.port: must be a port number from 0 to 65535 (got 70000)",
         "upstreams.a: set api_key or api_keys, not both",
         "upstreams.a.base_url: must start with http:// or https:// (got 'x')",
-        "teams.t.budgets[0]: set exactly one of tokens or usd",
+        "teams.t.budgets[0]: set exactly one of tokens, usd or requests",
         "teams.u.models: must be a non-empty list of glob patterns (got [])",
         "cache.ttl: must be a positive number of seconds (got 0)",
         "cache.scope: must be team or shared (got 'global')",

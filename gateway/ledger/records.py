@@ -47,6 +47,9 @@ class Charge:
 
     tokens: int
     usd: float
+    # records with an upstream call for a model (attempts > 0 and a model): what `requests`
+    # budgets count
+    requests: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +112,10 @@ class ReportReader(Protocol):
     """
 
     async def charged_since(self, since: float) -> dict[str, Charge]:
-        """Per team: charged tokens and cost of records with ts >= since; teams without such
-        records are absent."""
+        """Per team: charged tokens, cost and requests of records with ts >= since; teams
+        without such records are absent. `requests` counts the records with `attempts > 0`
+        and a non-empty `model`: the requests admitted to an upstream call, as `requests`
+        budgets count them."""
         ...
 
     async def owner(self, response_id: str) -> tuple[str, str] | None:

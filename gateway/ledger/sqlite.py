@@ -158,15 +158,20 @@ class SqliteLedger:
                 self._executor.shutdown(wait=True)
 
     async def charged_since(self, since: float) -> dict[str, Charge]:
-        """Per team: charged tokens and cost of records with ts >= since (buffer included)."""
+        """Per team: charged tokens, cost and admitted requests (attempts > 0 AND model <> '')
+        of records with ts >= since (buffer included)."""
         await self.flush()
         rows = await self._run(
             self._query,
-            "SELECT team, COALESCE(SUM(charged_tokens), 0), TOTAL(cost_usd)"
+            "SELECT team, COALESCE(SUM(charged_tokens), 0), TOTAL(cost_usd),"
+            " COALESCE(SUM(attempts > 0 AND model <> ''), 0)"
             " FROM ledger WHERE ts >= ? GROUP BY team",
             (since,),
         )
-        return {str(team): Charge(tokens=int(tokens), usd=float(usd)) for team, tokens, usd in rows}
+        return {
+            str(team): Charge(tokens=int(tokens), usd=float(usd), requests=int(requests))
+            for team, tokens, usd, requests in rows
+        }
 
     async def owner(self, response_id: str) -> tuple[str, str] | None:
         """(team, upstream) of the first request that recorded `response_id` (buffer included)."""

@@ -15,6 +15,7 @@ from typing import Protocol
 import pytest
 
 from contract.ledger_samples import (
+    DAY1,
     DAY2,
     DAY3,
     assert_rows_equal,
@@ -223,3 +224,16 @@ async def test_close_writes_everything_and_a_reopened_ledger_sees_it(
     await reopened.close()
     again = await open_ledger()
     assert [r.requests for r in await again.report(None, None, ())] == [1001]
+
+
+async def test_charged_since_counts_requests_admitted_to_an_upstream_call(ledger: Ledger) -> None:
+    ledger.append(record(1, attempts=1))
+    ledger.append(record(2, attempts=3))  # retried: still one request
+    ledger.append(record(3, attempts=0, status=429, charged_tokens=0))  # refused: no call
+    ledger.append(record(4, attempts=0, cache="hit", charged_tokens=0))  # a cache hit
+    ledger.append(record(5, attempts=1, model=""))  # about a stored response: not metered
+    ledger.append(record(6, attempts=1, team="ads"))
+    ledger.append(record(0, ts=DAY1 - 1, attempts=1))  # before `since`
+    charges = await ledger.charged_since(DAY1)
+    assert (charges["search"].requests, charges["ads"].requests) == (2, 1)
+    assert (await ledger.charged_since(DAY1 + 2))["search"].requests == 1
