@@ -20,6 +20,7 @@ from gateway.cache.store import CacheStore
 from gateway.ledger.records import Charge, LedgerWriter, ReportReader
 from gateway.policy import Policy, next_clients
 from gateway.redact import Redactor
+from gateway.redis_state import StateUnavailable
 from gateway.settings import Settings
 from gateway.telemetry.metrics import Metrics, named_models
 from gateway.telemetry.tracing import Tracing
@@ -59,7 +60,9 @@ class Gateway:
         self.health.on_ejection = self._ejected
         self.metrics.watch_upstreams(self._healthy, clients)
         self.retry_budget = RetryBudget(settings.retries.budget if settings.retries else 0.0)
-        self.backends = backends or build_backends(settings, clock=clock)
+        self.backends = backends or build_backends(
+            settings, clock=clock, on_state_error=self.state_error
+        )
         self.budget: BudgetStore = self.backends.budget
         self.cache: CacheStore = self.backends.cache
         self.flights: FlightRegistry = self.backends.flights
@@ -78,6 +81,17 @@ class Gateway:
         self._reloading = asyncio.Lock()
         self.streams: set[Cuttable] = set()  # upstream streams being read
         self._tasks: set[asyncio.Task[Any]] = set()
+
+    def state_error(self, operation: str) -> None:
+        """The shared state store did not answer `operation`."""
+        self.metrics.state_errors.labels(operation).inc()
+
+    async def state_ok(self) -> bool:
+        """False while requests are refused because the shared state store does not answer
+        (`state.on_unavailable: reject`); under `admit` they are served all the same."""
+        if self.settings.state.on_unavailable == "admit":
+            return True
+        return await self.budget.reachable()
 
     def _healthy(self, upstream: str) -> bool:
         return self.health.healthy(upstream, self.health.clock())
@@ -115,14 +129,22 @@ class Gateway:
         charged: dict[float, dict[str, Charge]] = {}
         for start in starts:
             charged[start] = await self.reports.charged_since(start)
-        await self.budget.restore(teams, charged, now)
+        try:
+            await self.budget.restore(teams, charged, now)
+        except StateUnavailable:  # a shared store rebuilds them from the ledger once back
+            self.log.warning("the shared state store does not answer; budgets rebuild later")
         await self.refresh_budget_gauges()
 
     async def refresh_budget_gauges(self) -> None:
-        """Set every token budget's limit and spend gauges (at start, reload and scrape)."""
+        """Set every token budget's limit and spend gauges (at start, reload and scrape);
+        those of a store that does not answer keep their last values."""
         now = self.clock()
         for t in list(self.policy.teams.values()):
-            for w in await self.budget.windows(t, now):
+            try:
+                windows = await self.budget.windows(t, now)
+            except StateUnavailable:
+                return
+            for w in windows:
                 if w.unit == "tokens":
                     self.metrics.budget_limit.labels(t.name, w.per).set(w.limit)
                     self.metrics.budget_used.labels(t.name, w.per).set(w.used)

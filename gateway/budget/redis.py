@@ -47,6 +47,7 @@ GRACE = 3600  # seconds a period's counter outlives the period (replica clocks m
 LOCK_MS = 5000  # a seeder that dies holding the lock delays the others at most this long
 WAIT_STEP = 0.02  # seconds between looks at another replica's seed
 ROUNDS = 3  # seed-and-retry rounds before a request gives up on a counter
+MAX_UNRELEASED = 100_000  # holds remembered while Redis is away; past it they wait for expiry
 
 # what the ledger says each team was charged since an instant: `ReportReader.charged_since`
 ChargedSince = Callable[[float], Awaitable[Mapping[str, Charge]]]
@@ -65,7 +66,8 @@ def shown(unit: str, value: bytes | int) -> float:
 
 class RedisBudgetStore:
     """A `BudgetStore` in Redis. `charged_since` reads the ledger for rebuilds; `on_error` is
-    told the operation each time Redis does not answer (`gateway_state_errors_total`)."""
+    told the operation each time Redis does not answer (`gateway_state_errors_total`); it
+    may be replaced once the store is built, as the gateway that counts them is."""
 
     def __init__(
         self,
@@ -78,17 +80,20 @@ class RedisBudgetStore:
         self._client = client
         self._prefix = prefix
         self._charged_since = charged_since
-        self._on_error = on_error
+        self.on_error = on_error
         self._counters = client.register_script(lua.COUNTERS)
         self._seed = client.register_script(lua.SEED)
         self._settle = client.register_script(lua.SETTLE)
         self._unlock = client.register_script(lua.UNLOCK)
         self._outages = 0  # times Redis did not answer this process
         self._checked: dict[str, int] = {}  # team -> outages when its counters were last set
+        # reservations whose settle Redis did not answer: their holds are released once it
+        # does (their spending comes from the ledger with the next `_fresh`)
+        self._unreleased: list[Reservation] = []
 
     def _failed(self, operation: str) -> None:
         self._outages += 1
-        self._on_error(operation)
+        self.on_error(operation)
 
     def _team_key(self, team: str) -> str:
         return f"{self._prefix}budget:{team_tag(team)}"
@@ -115,6 +120,8 @@ class RedisBudgetStore:
             args += [str(units(rule.unit, tokens, usd, requests)), str(limit(rule))]
         with answering("budget_reserve", self._failed):
             await self._fresh(team, now)
+            if self._unreleased:
+                await self._release_unreleased(now)
             for _ in range(ROUNDS):
                 got = await self._counters(keys=keys, args=args)
                 code, rest = int(got[0]), got[1:]
@@ -140,6 +147,17 @@ class RedisBudgetStore:
         if not r.windows:
             return
         count = r.requests if requests is None else requests
+        try:
+            with answering("budget_settle", self._failed):
+                await self._apply(r, tokens, usd, count, now)
+        except StateUnavailable:
+            if len(self._unreleased) < MAX_UNRELEASED:
+                self._unreleased.append(r)
+            raise
+
+    async def _apply(
+        self, r: Reservation, tokens: int, usd: float, requests: int, now: float
+    ) -> None:
         base = self._team_key(r.team)
         keys: list[str] = []
         args = [r.epoch]
@@ -149,9 +167,21 @@ class RedisBudgetStore:
                 f"{base}:{per}:{unit}:{int(window_bounds(per, now)[0])}",
             ]
             held = units(unit, r.tokens, r.usd, r.requests)
-            args += [str(held), str(units(unit, tokens, usd, count))]
-        with answering("budget_settle", self._failed):
-            await self._settle(keys=keys, args=args)
+            args += [str(held), str(units(unit, tokens, usd, requests))]
+        await self._settle(keys=keys, args=args)
+
+    async def _release_unreleased(self, now: float) -> None:
+        """Release the holds of settles Redis did not answer (spending nothing: `_fresh`
+        takes what they spent from the ledger). A settle that timed out after Redis ran it
+        is released twice: never below 0, and better than a hold kept for ever."""
+        pending, self._unreleased = self._unreleased, []
+        while pending:
+            try:
+                await self._apply(pending[-1], 0, 0.0, 0, now)
+            except BaseException:
+                self._unreleased += pending
+                raise
+            pending.pop()
 
     async def windows(self, team: Team, now: float) -> list[WindowState]:
         rules = team.budgets
