@@ -122,17 +122,21 @@ class Gateway:
         self.ready = True
 
     async def restore_budgets(self) -> None:
-        """Rebuild window counters from the ledger, so a restart never resets a budget."""
+        """Rebuild window counters from the ledger, so a restart never resets a budget.
+
+        A store shared with other replicas holds their spend too, which this replica's view
+        of the ledger may lack (records they have not written yet): its counters are never
+        set at a start; it rebuilds those it lacks from the ledger by itself."""
+        if self.budget.shared:
+            await self.refresh_budget_gauges()
+            return
         now = self.clock()
         teams = list(self.policy.teams.values())
         starts = {window_bounds(rule.per, now)[0] for t in teams for rule in t.budgets}
         charged: dict[float, dict[str, Charge]] = {}
         for start in starts:
             charged[start] = await self.reports.charged_since(start)
-        try:
-            await self.budget.restore(teams, charged, now)
-        except StateUnavailable:  # a shared store rebuilds them from the ledger once back
-            self.log.warning("the shared state store does not answer; budgets rebuild later")
+        await self.budget.restore(teams, charged, now)
         await self.refresh_budget_gauges()
 
     async def refresh_budget_gauges(self) -> None:

@@ -105,6 +105,10 @@ class LocalBudgetStore:
                 got = charged.get(c.start, {}).get(team.name)
                 c.used = 0.0 if got is None else amount(rule, got.tokens, got.usd, got.requests)
 
+    @property
+    def shared(self) -> bool:
+        return False
+
     async def reachable(self) -> bool:
         return True
 

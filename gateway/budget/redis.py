@@ -220,6 +220,10 @@ class RedisBudgetStore:
                     await self._write(team, team.budgets, charged, now, "set")
                     self._checked[team.name] = self._outages
 
+    @property
+    def shared(self) -> bool:
+        return True
+
     async def reachable(self) -> bool:
         try:
             with answering("ping", self._failed):

@@ -64,12 +64,19 @@ class WindowState:
 class BudgetStore(Protocol):
     """Atomic reserve/settle over all of a team's windows.
 
+    `shared` says whether other processes share the counters (Redis): such a store rebuilds
+    the counters it lacks from the ledger by itself, and the gateway never `restore`s it at a
+    start, which would set every replica's spend from one replica's view of the ledger.
+
     Every method takes `now` (unix seconds) from the caller rather than reading a clock, and
     works on the calendar period of each window that contains `now` (`window_bounds`); a
     period that has ended is forgotten, so each window starts its new period at zero.
     A token window counts `tokens`, a USD window counts `usd`, a request window counts
     `requests` (1 for a request admitted to an upstream call, 0 for a retry's extra hold).
     """
+
+    @property
+    def shared(self) -> bool: ...
 
     async def reserve(
         self, team: Team, tokens: int, usd: float, now: float, requests: int = 1
