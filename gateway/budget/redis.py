@@ -90,18 +90,31 @@ class RedisBudgetStore:
         # reservations whose settle Redis did not answer: their holds are released once it
         # does (their spending comes from the ledger with the next `_fresh`)
         self._unreleased: list[Reservation] = []
+        self._bases: dict[str, bytes] = {}  # team -> its keys' common start
+        self._periods: dict[str, tuple[float, float]] = {}  # window -> its current period
 
     def _failed(self, operation: str) -> None:
         self._outages += 1
         self.on_error(operation)
 
-    def _team_key(self, team: str) -> str:
-        return f"{self._prefix}budget:{team_tag(team)}"
+    def _team_key(self, team: str) -> bytes:
+        """`{prefix}budget:{team}:`, which every key of the team starts with."""
+        got = self._bases.get(team)
+        if got is None:
+            got = self._bases[team] = f"{self._prefix}budget:{team_tag(team)}:".encode()
+        return got
 
-    def _keys(self, team: str, rules: Sequence[BudgetRule], now: float) -> list[str]:
+    def _period(self, per: str, now: float) -> tuple[float, float]:
+        """`window_bounds`, remembered while `now` stays in the same period."""
+        got = self._periods.get(per)
+        if got is None or not got[0] <= now < got[1]:
+            got = self._periods[per] = window_bounds(per, now)
+        return got
+
+    def _keys(self, team: str, rules: Sequence[BudgetRule], now: float) -> list[bytes]:
         base = self._team_key(team)
-        return [f"{base}:epoch"] + [
-            f"{base}:{r.per}:{r.unit}:{int(window_bounds(r.per, now)[0])}" for r in rules
+        return [base + b"epoch"] + [
+            _counter(base, r.per, r.unit, self._period(r.per, now)[0]) for r in rules
         ]
 
     async def reserve(
@@ -110,14 +123,16 @@ class RedisBudgetStore:
         rules = team.budgets
         if not rules:
             return Reservation(team.name, tokens, usd, (), requests)
-        bounds = [window_bounds(r.per, now) for r in rules]
-        for rule, (_, end) in zip(rules, bounds, strict=True):
+        bounds = [self._period(r.per, now) for r in rules]
+        base = self._team_key(team.name)
+        keys = [base + b"epoch"]
+        amounts = []
+        for rule, (start, end) in zip(rules, bounds, strict=True):
             if amount(rule, tokens, usd, requests) > rule.limit:  # no counter can change this
                 return Rejection(team.name, window_name(rule), seconds_until(end, now), rule.limit)
-        keys = self._keys(team.name, rules, now)
-        args = ["reserve"]
-        for rule in rules:
-            args += [str(units(rule.unit, tokens, usd, requests)), str(limit(rule))]
+            keys.append(_counter(base, rule.per, rule.unit, start))
+            amounts.append(b"%d %d" % (units(rule.unit, tokens, usd, requests), limit(rule)))
+        args = [b"reserve", b" ".join(amounts)]
         with answering("budget_reserve", self._failed):
             await self._fresh(team, now)
             if self._unreleased:
@@ -159,16 +174,16 @@ class RedisBudgetStore:
         self, r: Reservation, tokens: int, usd: float, requests: int, now: float
     ) -> None:
         base = self._team_key(r.team)
-        keys: list[str] = []
-        args = [r.epoch]
+        keys: list[bytes] = []
+        amounts = []
         for per, unit, start in r.windows:
             keys += [
-                f"{base}:{per}:{unit}:{int(start)}",
-                f"{base}:{per}:{unit}:{int(window_bounds(per, now)[0])}",
+                _counter(base, per, unit, start),
+                _counter(base, per, unit, self._period(per, now)[0]),
             ]
             held = units(unit, r.tokens, r.usd, r.requests)
-            args += [str(held), str(units(unit, tokens, usd, requests))]
-        await self._settle(keys=keys, args=args)
+            amounts.append(b"%d %d" % (held, units(unit, tokens, usd, requests)))
+        await self._settle(keys=keys, args=[r.epoch.encode(), b" ".join(amounts)])
 
     async def _release_unreleased(self, now: float) -> None:
         """Release the holds of settles Redis did not answer (spending nothing: `_fresh`
@@ -251,7 +266,7 @@ class RedisBudgetStore:
     async def _rebuild(self, team: Team, missing: Sequence[BudgetRule], now: float) -> None:
         """Seed counters Redis does not hold from the ledger, under the team's lock; a replica
         that finds the lock taken waits for that seed instead of seeding again."""
-        lock = f"{self._team_key(team.name)}:seed"
+        lock = self._team_key(team.name) + b"seed"
         token = secrets.token_hex(8)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + LOCK_MS / 1000
@@ -294,6 +309,11 @@ class RedisBudgetStore:
             ttl = 0 if end == float("inf") else int((end - now + GRACE) * 1000)
             args += [str(used), str(ttl)]
         await self._seed(keys=self._keys(team.name, rules, now), args=args)
+
+
+def _counter(base: bytes, per: str, unit: str, start: float) -> bytes:
+    """The key of a window's counter for the period starting at `start`."""
+    return b"%s%s:%s:%d" % (base, per.encode(), unit.encode(), start)
 
 
 def limit(rule: BudgetRule) -> int:

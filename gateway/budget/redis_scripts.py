@@ -17,7 +17,8 @@ from __future__ import annotations
 MISSING, REFUSED, ADMITTED, READ = 0, 1, 2, 3
 
 # KEYS[1]: the team's epoch; KEYS[2..]: its window counters.
-# ARGV[1]: 'reserve' or 'read'; then, per window, the amount needed and the limit.
+# ARGV[1]: 'reserve' or 'read'; ARGV[2], to reserve: per window, the amount needed and the
+# limit, space-separated (one argument rather than two per window: cheaper to send).
 # Reply: {MISSING, i...} | {REFUSED, i...} | {ADMITTED, epoch} | {READ, used1, reserved1, ...}
 COUNTERS = """
 local epoch = redis.call('GET', KEYS[1])
@@ -37,16 +38,18 @@ if ARGV[1] == 'read' then
   end
   return out
 end
-local refused = {}
-for i = 1, n do
+local needs, refused = {}, {}
+for need, limit in string.gmatch(ARGV[2], '(%d+) (%d+)') do
+  local i = #needs + 1
   local c = counters[i]
-  if tonumber(c[1]) + tonumber(c[2]) + tonumber(ARGV[2 * i]) > tonumber(ARGV[2 * i + 1]) then
+  needs[i] = need
+  if tonumber(c[1]) + tonumber(c[2]) + tonumber(need) > tonumber(limit) then
     refused[#refused + 1] = i
   end
 end
 if #refused > 0 then return {1, unpack(refused)} end
 for i = 1, n do
-  if ARGV[2 * i] ~= '0' then redis.call('HINCRBY', KEYS[i + 1], 'reserved', ARGV[2 * i]) end
+  if needs[i] ~= '0' then redis.call('HINCRBY', KEYS[i + 1], 'reserved', needs[i]) end
 end
 return {2, epoch}
 """
@@ -77,15 +80,17 @@ return epoch
 
 # KEYS: per window, the counter the reservation was made in and the counter of the period
 # that holds now (the same key while the period lasts).
-# ARGV[1]: the reservation's epoch; then, per window, the amount held and the amount spent.
+# ARGV[1]: the reservation's epoch; ARGV[2]: per window, the amount held and the amount
+# spent, space-separated.
 # A hold is released only from its own period and epoch, and never below 0: holds lost with
 # Redis's data are not taken out of holds made since. Spending goes only to a counter that
 # is present: a missing one is seeded from the ledger, which has this request.
 SETTLE = """
 local CAP = 4611686018427387904
-for i = 1, #KEYS / 2 do
+local i = 0
+for held, spent in string.gmatch(ARGV[2], '(%d+) (%d+)') do
+  i = i + 1
   local old, cur = KEYS[2 * i - 1], KEYS[2 * i]
-  local held, spent = ARGV[2 * i], ARGV[2 * i + 1]
   if old == cur and held ~= '0' and redis.call('HGET', old, 'epoch') == ARGV[1] then
     local reserved = tonumber(redis.call('HGET', old, 'reserved'))
     if reserved <= tonumber(held) then
