@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sys
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
@@ -117,6 +119,51 @@ async def test_stores_on_one_prefix_never_admit_past_a_limit_together(
         42,
         0,
     )
+
+
+# one replica: waits for the common start instant, then reserves 7 tokens 100 times at once
+REPLICA = """
+import asyncio, sys, time
+from gateway.budget.redis import RedisBudgetStore
+from gateway.budget.store import Reservation
+from gateway.redis_state import connect
+from gateway.settings import BudgetRule, Team
+
+url, prefix, start, now = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+team = Team(name="t", keys=("sha256:" + "0" * 64,), budgets=(BudgetRule(per="hour", tokens=300),))
+
+async def empty(since):
+    return {}
+
+async def main():
+    store = RedisBudgetStore(connect(url), prefix, empty)
+    await store.reachable()  # connected before the start
+    await asyncio.sleep(max(0.0, start - time.time()))
+    got = await asyncio.gather(*(store.reserve(team, 7, 0.0, now) for _ in range(100)))
+    print(sum(isinstance(r, Reservation) for r in got))
+    await store.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_processes_on_one_prefix_never_admit_past_a_limit_together(prefix: str) -> None:
+    start = time.time() + 2.0  # every process is up by then
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            REPLICA,
+            REDIS_URL,
+            prefix,
+            str(start),
+            str(NOW),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        for _ in range(3)
+    ]
+    admitted = [int((await p.communicate())[0]) for p in procs]
+    assert sum(admitted) == 300 // 7, admitted  # one hour's 300 tokens, 7 at a time
 
 
 async def test_a_counter_redis_lost_is_rebuilt_from_the_ledger(
