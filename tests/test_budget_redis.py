@@ -24,7 +24,7 @@ from gateway.budget.redis import GRACE, RedisBudgetStore
 from gateway.budget.store import Rejection, Reservation
 from gateway.budget.windows import window_bounds
 from gateway.ledger.records import Charge
-from gateway.redis_state import StateUnavailable, connect, team_tag
+from gateway.redis_state import SOCKET_TIMEOUT, StateUnavailable, connect, team_tag
 from gateway.settings import BudgetRule, Team
 
 pytestmark = pytest.mark.redis
@@ -339,3 +339,26 @@ async def test_after_redis_was_away_counters_are_set_from_the_ledger(
         assert (hour.reserved, month.reserved, minute.reserved) == (10, 0, 1)
     finally:
         await proxy.stop()
+
+
+async def test_a_redis_that_hangs_counts_as_away_within_the_socket_timeout(
+    prefix: str, stores: AsyncExitStack
+) -> None:
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(65536):  # reads every command, answers none
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        seen: list[str] = []
+        store = make(stores, prefix, Ledger(), f"redis://127.0.0.1:{port}/0")
+        store.on_error = seen.append
+        started = time.monotonic()
+        with pytest.raises(StateUnavailable):
+            await store.reserve(TEAM, 10, 0.0, NOW)
+        assert time.monotonic() - started < 2 * SOCKET_TIMEOUT + 0.5
+        assert seen == ["budget_reserve"]
+    finally:
+        server.close()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Literal
 
 import redis.asyncio as redis
 
@@ -97,6 +98,13 @@ class RedisBudgetStore:
         self._outages += 1
         self.on_error(operation)
 
+    def _gave_up(self) -> StateUnavailable:
+        """Counters still missing after every round of seeding (a seeder holding the lock
+        past its time), or a ledger that cannot be read: the request is treated as if Redis
+        had not answered."""
+        self._failed("budget_rebuild")
+        return StateUnavailable("budget_rebuild")
+
     def _team_key(self, team: str) -> bytes:
         """`{prefix}budget:{team}:`, which every key of the team starts with."""
         got = self._bases.get(team)
@@ -131,7 +139,7 @@ class RedisBudgetStore:
             if amount(rule, tokens, usd, requests) > rule.limit:  # no counter can change this
                 return Rejection(team.name, window_name(rule), seconds_until(end, now), rule.limit)
             keys.append(_counter(base, rule.per, rule.unit, start))
-            amounts.append(b"%d %d" % (units(rule.unit, tokens, usd, requests), limit(rule)))
+            amounts.append(b"%d %d" % (units(rule.unit, tokens, usd, requests), _limit(rule)))
         args = [b"reserve", b" ".join(amounts)]
         with answering("budget_reserve", self._failed):
             await self._fresh(team, now)
@@ -148,7 +156,7 @@ class RedisBudgetStore:
                 if code == lua.REFUSED:
                     return _refusal(team.name, [rules[int(i) - 1] for i in rest], now)
                 await self._rebuild(team, [rules[int(i) - 1] for i in rest], now)
-        raise StateUnavailable("budget_rebuild")
+        raise self._gave_up()
 
     async def settle(
         self,
@@ -205,11 +213,11 @@ class RedisBudgetStore:
         keys = self._keys(team.name, rules, now)
         with answering("budget_windows", self._failed):
             for _ in range(ROUNDS):
-                got = await self._counters(keys=keys, args=["read"])
+                got = await self._counters(keys=keys, args=[b"read"])
                 if int(got[0]) == lua.READ:
                     out = []
                     for i, rule in enumerate(rules):
-                        start, end = window_bounds(rule.per, now)
+                        start, end = self._period(rule.per, now)
                         used, held = got[1 + 2 * i], got[2 + 2 * i]
                         out.append(
                             WindowState(
@@ -224,7 +232,7 @@ class RedisBudgetStore:
                         )
                     return out
                 await self._rebuild(team, [rules[int(i) - 1] for i in got[1:]], now)
-        raise StateUnavailable("budget_rebuild")
+        raise self._gave_up()
 
     async def restore(
         self, teams: Sequence[Team], charged: Mapping[float, Mapping[str, Charge]], now: float
@@ -289,8 +297,7 @@ class RedisBudgetStore:
         try:
             return {start: await self._charged_since(start) for start in starts}
         except Exception as e:  # the counters cannot be known: as if Redis did not answer
-            self._failed("budget_rebuild")
-            raise StateUnavailable("budget_rebuild") from e
+            raise self._gave_up() from e
 
     async def _write(
         self,
@@ -298,9 +305,10 @@ class RedisBudgetStore:
         rules: Sequence[BudgetRule],
         charged: Mapping[float, Mapping[str, Charge]],
         now: float,
-        mode: str,
+        mode: Literal["missing", "set"],
         epoch: str = "",
     ) -> None:
+        """Seed `rules`' counters with what the ledger charged (`mode`: see `lua.SEED`)."""
         args = [epoch or secrets.token_hex(8), mode]
         for rule in rules:
             start, end = window_bounds(rule.per, now)
@@ -316,7 +324,7 @@ def _counter(base: bytes, per: str, unit: str, start: float) -> bytes:
     return b"%s%s:%s:%d" % (base, per.encode(), unit.encode(), start)
 
 
-def limit(rule: BudgetRule) -> int:
+def _limit(rule: BudgetRule) -> int:
     return units(rule.unit, rule.limit, rule.limit, int(rule.limit))
 
 
