@@ -13,11 +13,12 @@ never does).
 Amounts are integers: tokens, requests, and USD in nano-dollars. Integer counters never
 drift, and HINCRBY on them is exact to 2^63; a nano-dollar is below any per-token price
 (0.025 USD per million tokens is 25 nano-dollars a token), so rounding each request's cost to
-one costs at most half a nano-dollar per request. (Micro-dollars would round a 10-token
-request at 0.10 USD per million to 0 or to ten times its cost.)
+one costs at most half a nano-dollar per request. (Micro-dollars would round a 4-token request
+at 0.10 USD per million, 0.4 micro-dollars, to nothing.)
 
 Counters Redis does not hold (at start, after a restart that lost them, after FLUSHALL, or a
-new period) are rebuilt from the ledger, once, under a lock that the other replicas wait on.
+new period) are rebuilt from the ledger, once, under a lock that the other replicas wait on;
+reading the windows rebuilds them too.
 Holds of requests in flight when Redis lost its data are lost with it; their settles never
 take a counter below 0 nor release holds made since (the team's epoch tells them apart).
 After Redis failed to answer, this process sets each team's counters from the ledger again on
