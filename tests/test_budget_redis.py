@@ -362,3 +362,19 @@ async def test_a_redis_that_hangs_counts_as_away_within_the_socket_timeout(
         assert seen == ["budget_reserve"]
     finally:
         server.close()
+
+
+async def test_a_seeder_that_died_holding_the_lock_delays_the_seed_only_until_it_expires(
+    prefix: str, stores: AsyncExitStack, raw: redis.Redis
+) -> None:
+    ledger = Ledger()
+    ledger.charges = {HOUR: {"t": Charge(100, 0.0, 1)}}
+    store = make(stores, prefix, ledger)
+    # another replica took the team's seed lock and died before seeding
+    await raw.set(f"{prefix}budget:{team_tag('t')}:seed", "theirs", px=400)
+    started = time.monotonic()
+    got = await store.reserve(TEAM, 10, 0.0, NOW)
+    assert isinstance(got, Reservation)
+    assert 0.3 < time.monotonic() - started < 3  # waited for the lock, then seeded itself
+    _, hour, _, _ = await store.windows(TEAM, NOW)
+    assert (hour.used, hour.reserved) == (100, 10)
