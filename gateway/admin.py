@@ -165,6 +165,7 @@ def _metrics_handler() -> Handler:
         stats = await gw.cache.stats()
         gw.metrics.cache_entries.set(stats.entries)
         gw.metrics.cache_bytes.set(stats.bytes)
+        gw.metrics.ledger_pending.set(gw.ledger.pending)
         await gw.refresh_budget_gauges()  # gauges are read at scrape time, not per request
         registry = gw.metrics.registry
         handler = exposition.get(id(registry))

@@ -17,12 +17,21 @@ from gateway.budget.redis import RedisBudgetStore
 from gateway.budget.store import BudgetStore
 from gateway.cache.flight import FlightRegistry, Flights
 from gateway.cache.store import CacheStore, MemoryCacheStore
-from gateway.ledger.records import LedgerWriter, ReportReader
+from gateway.ledger.postgres import PostgresLedger
+from gateway.ledger.records import Ledger, LedgerWriter, ReportReader
 from gateway.ledger.sqlite import SqliteLedger
 from gateway.redis_state import connect
+from gateway.schema import LEDGER_SCHEMES
 from gateway.settings import Settings
 
-__all__ = ["BackendUnavailable", "Backends", "build_backends", "problems"]
+__all__ = [
+    "BackendUnavailable",
+    "Backends",
+    "build_backends",
+    "build_ledger",
+    "is_postgres_url",
+    "problems",
+]
 
 LEDGER_FILE = "ledger.sqlite3"  # under state.path
 
@@ -48,12 +57,26 @@ def problems(settings: Settings) -> list[str]:
     found = []
     if settings.state.store != "local":
         found.append("state.store: only the local store is available in this version")
-    if settings.ledger.url:
-        found.append(
-            "ledger.url: only the SQLite ledger under state.path is available in this version;"
-            " leave it empty"
+    if settings.ledger.url and not is_postgres_url(settings.ledger.url):
+        found.append(  # the URL may carry a password: never shown
+            "ledger.url: must be empty (SQLite under state.path) or a postgresql:// URL"
         )
     return found
+
+
+def is_postgres_url(url: str) -> bool:
+    """Whether `ledger.url` names a PostgreSQL ledger."""
+    return url.split("://", 1)[0] in LEDGER_SCHEMES and "://" in url
+
+
+def build_ledger(settings: Settings) -> Ledger:
+    """The ledger `settings` name: PostgreSQL for a postgresql:// URL (spilling under
+    state.path while it is unreachable), else SQLite under state.path. Does no I/O."""
+    state = Path(settings.state.path)
+    interval = settings.ledger.flush_interval
+    if is_postgres_url(settings.ledger.url):
+        return PostgresLedger(settings.ledger.url, state, interval)
+    return SqliteLedger(state / LEDGER_FILE, interval)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +84,7 @@ class Backends:
     """The gateway's state: one of each backend, built for one set of settings.
 
     `reports` reads what `ledger` writes and shares its lifecycle (valid between
-    `start` and `close`); with SQLite both are the same object.
+    `start` and `close`); with SQLite and PostgreSQL both are the same object.
     """
 
     budget: BudgetStore
@@ -106,7 +129,7 @@ def build_backends(
     if found:
         raise BackendUnavailable(found)
     c = settings.cache
-    ledger = SqliteLedger(Path(settings.state.path) / LEDGER_FILE, settings.ledger.flush_interval)
+    ledger = build_ledger(settings)
     budget: BudgetStore = (
         RedisBudgetStore(
             connect(settings.state.store),

@@ -17,6 +17,19 @@ from gateway.settings import UNKNOWN_TEAM
 from gateway.usage import Usage
 
 
+async def end(gw: Gateway, env: Envelope, counted: int) -> None:
+    """A request is no longer in flight (`counted`: whether a drain waited for it); finish it.
+    Never raises."""
+    gw.inflight -= counted
+    gw.metrics.inflight.dec()
+    try:
+        await finish(gw, env)
+    except Exception:
+        gw.log.exception("finishing a request failed", request_id=env.request_id)
+    finally:
+        gw.active -= 1
+
+
 async def finish(gw: Gateway, env: Envelope) -> None:
     duration = time.perf_counter() - env.started
     now = gw.clock()
@@ -75,6 +88,7 @@ async def finish(gw: Gateway, env: Envelope) -> None:
                 if ctx is not None and ctx.creates_response
                 else "",
                 attempts=len(out.attempts),
+                transport=env.transport,
             )
         )
     overhead = max(0.0, duration - out.upstream_wait)
@@ -90,6 +104,7 @@ async def finish(gw: Gateway, env: Envelope) -> None:
         route=env.route.name,
         status=out.status,
         stream=stream,
+        transport=env.transport,
         cache=out.cache,
         input_tokens=usage.input_tokens if usage else None,
         output_tokens=usage.output_tokens if usage else None,

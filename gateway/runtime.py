@@ -33,6 +33,10 @@ class Cuttable(Protocol):
     def cut(self) -> None: ...
 
 
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
 CUT_GRACE = 2.0  # seconds cut streams get to send their error event and finish
 
 
@@ -80,6 +84,7 @@ class Gateway:
         self.cutting = False  # a graceful stop's deadline passed: streams end now
         self._reloading = asyncio.Lock()
         self.streams: set[Cuttable] = set()  # upstream streams being read
+        self.sockets: set[Stoppable] = set()  # open WebSocket connections
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def state_error(self, operation: str) -> None:
@@ -190,7 +195,9 @@ class Gateway:
         The caller has set `draining` first: meanwhile /readyz answers 503 and new requests
         503 `shutting_down`, so a load balancer sees the drain and clients retry elsewhere.
         """
-        await self._until_idle(within, lambda: self.inflight)
+        for socket in list(self.sockets):  # each closes once its response under way ends
+            socket.stop()
+        await self._until_idle(within, lambda: self.inflight + len(self.sockets))
         if self.inflight or self.streams:
             self.cutting = True
             for stream in list(self.streams):

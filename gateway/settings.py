@@ -57,11 +57,14 @@ from gateway.schema import (
     Seconds,
     Secret,
     Text,
+    WebSocketMode,
     Window,
     _again,
     _fail,
     _http_url,
+    _ledger_url,
     _must_be,
+    _none_as_empty,
     _none_as_empty_list,
     _none_as_empty_table,
     _not_empty,
@@ -114,6 +117,8 @@ class Limits(_Schema):
     max_json_depth: Annotated[
         int, Strict(), Interval(ge=1, le=200), _must_be("an integer from 1 to 200")
     ] = 64
+    # a WebSocket connection older than this is closed once its current response has ended
+    max_websocket_seconds: Seconds = 3600.0
 
 
 class Timeouts(_Schema):
@@ -133,6 +138,8 @@ class Upstream(_Schema):
     # the name this upstream knows a model by, where it differs: the body sent is rewritten
     model_map: Annotated[tuple[tuple[str, str], ...], PlainValidator(_model_map)] = ()
     timeouts: Timeouts = Timeouts()
+    # WebSocket mode: bridge (one streamed POST per response) | native (its own WebSocket)
+    websocket: Annotated[WebSocketMode, _must_be("bridge or native")] = "bridge"
 
     def upstream_model(self, model: str) -> str | None:
         """The name this upstream knows `model` by, when its `model_map` renames it."""
@@ -256,7 +263,14 @@ class State(_Schema):
 
 
 class LedgerSettings(_Schema):
-    url: OptionalText = ""  # empty: SQLite under state.path
+    # empty: SQLite under state.path; postgresql://... (or postgres://): one table for replicas
+    url: Annotated[
+        str,
+        Strict(),
+        BeforeValidator(_none_as_empty),
+        _must_be("a string", secret=True),
+        AfterValidator(_ledger_url),
+    ] = ""
     flush_interval: Annotated[
         float,
         Strict(),

@@ -14,6 +14,7 @@ from gateway.budget.redis import RedisBudgetStore
 from gateway.cache.entry import CacheEntry
 from gateway.cache.flight import Flights
 from gateway.cache.store import MemoryCacheStore
+from gateway.ledger.postgres import PostgresLedger
 from gateway.ledger.sqlite import SqliteLedger
 from gateway.settings import Cache, LedgerSettings, Settings, State, Team, Upstream
 
@@ -83,18 +84,37 @@ def test_a_redis_store_is_refused_by_name(tmp_path: Path, store: str) -> None:
     assert str(refused.value) == refused.value.problems[0]
 
 
-def test_a_postgres_ledger_is_refused_by_name(tmp_path: Path) -> None:
-    with pytest.raises(BackendUnavailable) as refused:
-        build_backends(settings(tmp_path, ledger_url="postgresql://gw@127.0.0.1:5432/gw"))
-    (problem,) = refused.value.problems
-    assert problem.startswith("ledger.url: ")
-    assert "postgresql" not in problem  # a URL may carry a password: never echo it
+@pytest.mark.parametrize(
+    "url", ["postgresql://gw:pw@127.0.0.1:5432/gw", "postgres://db.internal/gw"]
+)
+def test_a_postgres_url_builds_the_postgres_ledger_with_its_spill_files_under_state(
+    tmp_path: Path, url: str
+) -> None:
+    backends = build_backends(settings(tmp_path, ledger_url=url))
+    assert isinstance(backends.ledger, PostgresLedger)
+    assert backends.reports is backends.ledger
+    assert backends.ledger._spill_dir == tmp_path / "state"
+    assert backends.ledger._flush_interval == 0.25
+    assert not (tmp_path / "state").exists()  # building does no I/O
+    assert problems(settings(tmp_path, ledger_url=url)) == []
 
 
-def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
-    both = settings(tmp_path, store="redis://:pw@h:6379/0", ledger_url="postgresql://u:pw@h/db")
+def unchecked(tmp_path: Path, store: str, ledger_url: str) -> Settings:
+    """Settings as code may build them without validation (model_construct)."""
+    base = settings(tmp_path)
+    return base.model_copy(
+        update={
+            "state": State.model_construct(store=store, path=str(tmp_path / "state")),
+            "ledger": LedgerSettings.model_construct(url=ledger_url, flush_interval=0.25),
+        }
+    )
+
+
+def test_every_problem_is_reported_at_once_and_no_url_is_echoed(tmp_path: Path) -> None:
+    both = unchecked(tmp_path, "redis://:pw@h:6379/0", "mysql://u:pw@h/db")
     assert [p.split(":")[0] for p in problems(both)] == ["state.store", "ledger.url"]
-    assert not any("pw" in p for p in problems(both))
+    assert "postgresql://" in problems(both)[1]
+    assert not any("pw" in p or "mysql" in p for p in problems(both))
     assert problems(settings(tmp_path)) == []
     with pytest.raises(BackendUnavailable) as refused:
         build_backends(both)
@@ -116,9 +136,5 @@ def test_a_redis_store_builds_redis_budgets_when_asked(tmp_path: Path) -> None:
     assert not (tmp_path / "state").exists()  # building does no I/O
     local = build_backends(settings(tmp_path), budgets_only_in_redis=True)
     assert isinstance(local.budget, LocalBudgetStore)
-    with pytest.raises(BackendUnavailable) as refused:  # what is still missing stays refused
-        build_backends(
-            settings(tmp_path, store=store, ledger_url="postgresql://db/x"),
-            budgets_only_in_redis=True,
-        )
-    assert [p.split(":")[0] for p in refused.value.problems] == ["ledger.url"]
+    with pytest.raises(BackendUnavailable):  # unless asked, a redis store is refused
+        build_backends(settings(tmp_path, store=store))

@@ -1,0 +1,69 @@
+"""A TCP forwarder to put in front of a real server, to stop and start it under a client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+
+class Forwarder:
+    """127.0.0.1:<port> -> 127.0.0.1:<target>, until `stop` drops every connection; `start`
+    again listens on the same port."""
+
+    def __init__(self, target: int = 5432) -> None:
+        self.target = target
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._handle, "127.0.0.1", self.port, reuse_address=True
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def url(self, url: str) -> str:
+        """`url` (naming the target's port) through this forwarder."""
+        return url.replace(f":{self.target}/", f":{self.port}/")
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        await self._server.wait_closed()
+        self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers |= {writer, up_writer}
+        try:
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        finally:
+            self._writers -= {writer, up_writer}
+            writer.transport.abort()
+            up_writer.transport.abort()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    writer.transport.abort()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    writer.transport.abort()
