@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as redis
 from conftest import (
     ADMIN_KEY,
     BETA_KEY,
@@ -24,12 +25,12 @@ from conftest import (
     start_gateway,
 )
 from redis_proxy import RedisProxy
-from servers import REDIS_URL, redis_prefix
+from servers import REDIS_URL, postgres_database, redis_prefix
 
 from gateway.backends import build_backends
 from gateway.budget.redis import RedisBudgetStore
 from gateway.runtime import Gateway
-from gateway.settings import State
+from gateway.settings import LedgerSettings, State
 
 pytestmark = pytest.mark.redis
 
@@ -60,11 +61,14 @@ async def redis_gateway(
     url: str = REDIS_URL,
     on_unavailable: str = "reject",
     budgets: str = "[{tokens: 100000, per: day}]",
+    ledger_url: str = "",
 ) -> Running:
-    """A gateway whose budgets live in Redis at `url` under `prefix`."""
+    """A gateway whose budgets live in Redis at `url` under `prefix` (and whose ledger is in
+    PostgreSQL at `ledger_url`, if given)."""
     settings = make_settings(upstream.url, tmp_path / "state", alpha_budgets=budgets)
     state = State(store=url, prefix=prefix, on_unavailable=on_unavailable, path=settings.state.path)
-    settings = settings.model_copy(update={"state": state})
+    ledger = LedgerSettings(url=ledger_url, flush_interval=0.05)
+    settings = settings.model_copy(update={"state": state, "ledger": ledger})
     backends = build_backends(settings, clock=lambda: NOW, budgets_only_in_redis=True)
     gw = Gateway(settings, clock=lambda: NOW, backends=backends)
     assert isinstance(backends.budget, RedisBudgetStore)
@@ -95,6 +99,15 @@ async def team_budgets(gw: Running, name: str) -> list[dict[str, Any]]:
     assert status == 200, text
     teams: list[dict[str, Any]] = json.loads(text)["teams"]
     return next(t["budgets"] for t in teams if t["team"] == name)
+
+
+async def rows_in(gw: Running, n: int) -> None:
+    """Until the replica's ledger holds `n` records, whatever its backend."""
+    for _ in range(200):
+        if sum(r.requests for r in await gw.gw.reports.report(None, None, ())) >= n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the ledger never held {n} records")
 
 
 async def rows_after(gw: Running, n: int) -> list[dict[str, Any]]:
@@ -200,3 +213,30 @@ async def test_admit_serves_unchecked_and_corrects_counters_once_redis_is_back(
         assert 'gateway_state_errors_total{operation="budget_reserve"} 2.0' in metrics
     finally:
         await proxy.stop()
+
+
+@pytest.mark.postgres
+async def test_replicas_rebuild_a_flushed_redis_from_their_shared_ledger(
+    started: list[Running], upstream: Upstream, tmp_path: Path, prefix: str
+) -> None:
+    budgets = "[{requests: 3, per: minute}, {tokens: 100000, per: day}]"
+    async with postgres_database() as ledger_url:
+        a, b = [
+            await redis_gateway(
+                started, upstream, tmp_path / name, prefix, budgets=budgets, ledger_url=ledger_url
+            )
+            for name in ("a", "b")
+        ]
+        assert [(await post(a))[0] for _ in range(2)] == [200, 200]
+        await rows_in(a, 2)
+        await a.gw.ledger.flush()  # in PostgreSQL, where replica b reads it
+        raw = redis.Redis.from_url(REDIS_URL)
+        try:  # Redis loses this test's keys (a FLUSHALL for everybody else's)
+            keys = [k async for k in raw.scan_iter(match=f"{prefix}*")]
+            assert keys and await raw.delete(*keys)
+        finally:
+            await raw.aclose()
+        spent = (await team_budgets(b, "alpha"))[1]["used"]
+        assert spent > 0 and (await team_budgets(b, "alpha"))[0]["used"] == 2
+        assert (await post(b))[0] == 200  # the third request of the minute
+        assert (await post(a))[0] == 429  # the fourth, on either replica
