@@ -9,11 +9,12 @@ import orjson
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from gateway import config
+from gateway import config, errors
 from gateway.amounts import amount
 from gateway.envelope import expect
 from gateway.errors import GatewayError
 from gateway.ledger.report import parse_by, parse_when, row_to_dict
+from gateway.redis_state import StateUnavailable
 from gateway.runtime import GATEWAY
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -59,7 +60,10 @@ async def teams(request: web.Request) -> web.Response:
     now = gw.clock()
     out = []
     for team in gw.policy.teams.values():
-        windows = await gw.budget.windows(team, now)
+        try:
+            windows = await gw.budget.windows(team, now)
+        except StateUnavailable:
+            raise errors.state_unavailable() from None
         out.append(
             {
                 "team": team.name,

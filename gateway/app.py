@@ -23,6 +23,8 @@ async def _healthz(request: web.Request) -> web.Response:
 async def _readyz(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     if gw.ready and not gw.draining:
+        if not await gw.state_ok():
+            return web.json_response({"status": "state_unavailable"}, status=503)
         return web.json_response({"status": "ready"})
     return web.json_response({"status": "draining" if gw.draining else "starting"}, status=503)
 

@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.budget.local import LocalBudgetStore
+from gateway.budget.redis import RedisBudgetStore
 from gateway.budget.store import BudgetStore
 from gateway.cache.flight import FlightRegistry, Flights
 from gateway.cache.store import CacheStore, MemoryCacheStore
 from gateway.ledger.postgres import PostgresLedger
 from gateway.ledger.records import Ledger, LedgerWriter, ReportReader
 from gateway.ledger.sqlite import SqliteLedger
+from gateway.redis_state import connect
 from gateway.schema import LEDGER_SCHEMES
 from gateway.settings import Settings
 
@@ -47,7 +49,11 @@ class BackendUnavailable(Exception):
 
 
 def problems(settings: Settings) -> list[str]:
-    """What in `settings` names a backend this version cannot build; empty when all is well."""
+    """What in `settings` names a backend this version cannot build; empty when all is well.
+
+    A redis:// store holds budgets only so far (`build_backends(..., budgets_only_in_redis=
+    True)`); the cache and single-flight stay per process, which `serve` must not pretend
+    is shared state."""
     found = []
     if settings.state.store != "local":
         found.append("state.store: only the local store is available in this version")
@@ -93,26 +99,49 @@ class Backends:
 
     async def close(self) -> None:
         """The ledger first, so every record reaches storage even if another close fails;
-        then the cache."""
+        then the cache and the budget store."""
         try:
             await self.ledger.close()
         finally:
-            await self.cache.close()
+            try:
+                await self.cache.close()
+            finally:
+                await self.budget.close()
 
 
-def build_backends(settings: Settings, *, clock: Callable[[], float] = time.time) -> Backends:
+def build_backends(
+    settings: Settings,
+    *,
+    clock: Callable[[], float] = time.time,
+    on_state_error: Callable[[str], None] = lambda operation: None,
+    budgets_only_in_redis: bool = False,
+) -> Backends:
     """The backends `settings` ask for; raises BackendUnavailable for one this version lacks.
 
     Does no I/O: `Backends.start` opens them. `clock` is the gateway's: the cache measures
-    the age of entries by it, as the `age` header does.
+    the age of entries by it, as the `age` header does. `on_state_error` is told each
+    operation the shared state store (Redis) did not answer. With `budgets_only_in_redis`, a
+    redis:// `state.store` builds the Redis budget store while the cache and single-flight
+    stay in this process (what this version can build of it).
     """
-    found = problems(settings)
+    redis_budgets = budgets_only_in_redis and settings.state.store != "local"
+    found = [p for p in problems(settings) if not (redis_budgets and p.startswith("state.store:"))]
     if found:
         raise BackendUnavailable(found)
     c = settings.cache
     ledger = build_ledger(settings)
+    budget: BudgetStore = (
+        RedisBudgetStore(
+            connect(settings.state.store),
+            settings.state.prefix,
+            ledger.charged_since,
+            on_error=on_state_error,
+        )
+        if redis_budgets
+        else LocalBudgetStore()
+    )
     return Backends(
-        budget=LocalBudgetStore(),
+        budget=budget,
         cache=MemoryCacheStore(c.ttl, c.max_bytes, c.max_entry_bytes, clock),
         flights=Flights(),
         ledger=ledger,

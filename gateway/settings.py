@@ -181,24 +181,37 @@ class Route(_Schema):
     ] = Field(description="a non-empty list of upstream names")
 
 
+UNITS = ("tokens", "usd", "requests")  # what a budget counts
+
+
 class BudgetRule(_Schema):
+    """A limit over one calendar window, in exactly one unit: `tokens`, `usd`, or `requests`
+    (each request admitted to an upstream call counts 1)."""
+
     per: Annotated[Window, _must_be(" | ".join(WINDOWS))] = Field(description=" | ".join(WINDOWS))
     tokens: Annotated[Annotated[int, Strict(), Ge(1)] | None, _must_be("a positive integer")] = None
     usd: Annotated[_USD | None, _must_be("a non-negative number")] = None
+    requests: Annotated[Annotated[int, Strict(), Ge(1)] | None, _must_be("a positive integer")] = (
+        None
+    )
 
     @classmethod
     def _prepare(cls, data: Any) -> tuple[Any, list[InitErrorDetails]]:
-        if isinstance(data, Mapping) and (data.get("tokens") is None) == (data.get("usd") is None):
-            return data, [_problem((), RULE, "set exactly one of tokens or usd", None)]
+        if isinstance(data, Mapping) and sum(data.get(u) is not None for u in UNITS) != 1:
+            return data, [_problem((), RULE, "set exactly one of tokens, usd or requests", None)]
         return data, []
 
     @property
     def unit(self) -> str:
-        return "tokens" if self.tokens is not None else "usd"
+        """tokens | usd | requests"""
+        if self.tokens is not None:
+            return "tokens"
+        return "usd" if self.usd is not None else "requests"
 
     @property
     def limit(self) -> float:
-        return float(self.tokens) if self.tokens is not None else float(self.usd or 0.0)
+        value = self.tokens if self.tokens is not None else self.usd
+        return float(value if value is not None else self.requests or 0)
 
 
 class Team(_Schema):
@@ -241,6 +254,11 @@ class State(_Schema):
     store: Annotated[
         str, Strict(), _must_be("local or redis://host:port/db"), AfterValidator(_store)
     ] = "local"
+    # every Redis key the gateway writes starts with it: replicas sharing it share state
+    prefix: Text = "gw:"
+    # Redis unreachable: a generation request of a team with budgets is refused (503
+    # state_unavailable) or served without budget checks
+    on_unavailable: Annotated[Literal["reject", "admit"], _must_be("reject or admit")] = "reject"
     path: Text = "./gateway-state"
 
 

@@ -10,6 +10,7 @@ from contract.ledger_samples import record
 
 from gateway.backends import Backends, BackendUnavailable, build_backends, problems
 from gateway.budget.local import LocalBudgetStore
+from gateway.budget.redis import RedisBudgetStore
 from gateway.cache.entry import CacheEntry
 from gateway.cache.flight import Flights
 from gateway.cache.store import MemoryCacheStore
@@ -125,3 +126,15 @@ def test_backends_is_frozen(tmp_path: Path) -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         built.budget = LocalBudgetStore()  # type: ignore[misc]
     assert isinstance(built, Backends)
+
+
+def test_a_redis_store_builds_redis_budgets_when_asked(tmp_path: Path) -> None:
+    store = "redis://127.0.0.1:6379/0"
+    backends = build_backends(settings(tmp_path, store=store), budgets_only_in_redis=True)
+    assert isinstance(backends.budget, RedisBudgetStore) and backends.budget.shared
+    assert isinstance(backends.cache, MemoryCacheStore)  # the cache stays per process so far
+    assert not (tmp_path / "state").exists()  # building does no I/O
+    local = build_backends(settings(tmp_path), budgets_only_in_redis=True)
+    assert isinstance(local.budget, LocalBudgetStore)
+    with pytest.raises(BackendUnavailable):  # unless asked, a redis store is refused
+        build_backends(settings(tmp_path, store=store))

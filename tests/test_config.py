@@ -167,6 +167,36 @@ def test_one_budget_per_window_and_unit() -> None:
     assert "g.yaml: teams.search.budgets: two tokens budgets per month" in str(e.value)
 
 
+def test_a_requests_budget_and_the_state_settings() -> None:
+    env = {"NEOSANTARA_API_KEY": "k", "SEARCH_KEY": "t"}
+    text = GOOD.replace(
+        "- {tokens: 1000000, per: month}",
+        "- {tokens: 1000000, per: month}\n      - {requests: 600, per: minute}",
+    )
+    s = loads(
+        text + 'state: {store: "redis://h:6379/0", prefix: "a:", on_unavailable: admit}\n', env
+    )
+    rule = s.teams[0].budgets[1]
+    assert (rule.unit, rule.limit, rule.per) == ("requests", 600, "minute")
+    assert (s.state.prefix, s.state.on_unavailable) == ("a:", "admit")
+    assert (loads(GOOD, env).state.prefix, loads(GOOD, env).state.on_unavailable) == (
+        "gw:",
+        "reject",
+    )
+    bad = GOOD.replace(
+        "- {tokens: 1000000, per: month}",
+        "- {requests: 0, per: minute}\n      - {requests: 5, usd: 1.0, per: day}",
+    )
+    with pytest.raises(ConfigError) as e:
+        loads(bad + "state: {on_unavailable: maybe, prefix: 5}\n", env, "g.yaml")
+    assert e.value.problems == [
+        "teams.search.budgets[0].requests: must be a positive integer (got 0)",
+        "teams.search.budgets[1]: set exactly one of tokens, usd or requests",
+        "state.on_unavailable: must be reject or admit (got 'maybe')",
+        "state.prefix: must be a string (got 5)",
+    ]
+
+
 def test_server_limits_defaults_and_values() -> None:
     """The HTTP server limits have production defaults and take values from `limits`."""
     env = {"NEOSANTARA_API_KEY": "k", "SEARCH_KEY": "t"}
@@ -367,7 +397,7 @@ cache: {{ttl: 0, scope: global}}
         "listen.port: must be a port number from 0 to 65535 (got 70000)",
         "upstreams.a: set api_key or api_keys, not both",
         "upstreams.a.base_url: must start with http:// or https:// (got 'x')",
-        "teams.t.budgets[0]: set exactly one of tokens or usd",
+        "teams.t.budgets[0]: set exactly one of tokens, usd or requests",
         "teams.u.models: must be a non-empty list of glob patterns (got [])",
         "cache.ttl: must be a positive number of seconds (got 0)",
         "cache.scope: must be team or shared (got 'global')",

@@ -270,6 +270,14 @@ class Metrics:
                 registry=r,
             )
         )
+        self.state_errors = Family(
+            Counter(
+                "gateway_state_errors",
+                "Operations on the shared state store (Redis) that got no answer, by operation.",
+                ["operation"],
+                registry=r,
+            )
+        )
         # each upstream's child reads the health view when scraped (`watch_upstreams`)
         self.upstream_healthy = Gauge(
             "gateway_upstream_healthy",
