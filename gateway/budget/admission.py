@@ -77,6 +77,7 @@ def zero_hold(team: Team, now: float) -> Reservation:
         0,
         0.0,
         tuple((b.per, b.unit, window_bounds(b.per, now)[0]) for b in team.budgets),
+        requests=0,  # holds nothing: its settle adds the request without releasing one
     )
 
 
