@@ -10,9 +10,9 @@ class Forwarder:
     """127.0.0.1:<port> -> 127.0.0.1:<target>, until `stop` drops every connection; `start`
     again listens on the same port."""
 
-    def __init__(self, target: int = 5432) -> None:
+    def __init__(self, target: int = 5432, port: int = 0) -> None:
         self.target = target
-        self.port = 0
+        self.port = port  # 0: chosen at the first start
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
@@ -31,7 +31,8 @@ class Forwarder:
         return self._server is not None
 
     async def stop(self) -> None:
-        assert self._server is not None
+        if self._server is None:
+            return
         self._server.close()
         for writer in list(self._writers):
             writer.transport.abort()
@@ -51,14 +52,6 @@ class Forwarder:
             self._writers -= {writer, up_writer}
             writer.transport.abort()
             up_writer.transport.abort()
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(OSError):
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    writer.transport.abort()
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -291,7 +291,7 @@ async def test_a_redis_that_does_not_answer_raises_state_unavailable(
 ) -> None:
     proxy = RedisProxy()  # nothing listens on its port yet
     seen: list[str] = []
-    store = make(stores, prefix, Ledger(), proxy.url)
+    store = make(stores, prefix, Ledger(), proxy.redis_url)
     store.on_error = seen.append
     with pytest.raises(StateUnavailable):
         await store.reserve(TEAM, 10, 0.0, NOW)
@@ -313,7 +313,7 @@ async def test_after_redis_was_away_counters_are_set_from_the_ledger(
     proxy = RedisProxy()
     await proxy.start()
     ledger = Ledger()
-    store = make(stores, prefix, ledger, proxy.url)
+    store = make(stores, prefix, ledger, proxy.redis_url)
     other = make(stores, prefix, Ledger())  # a replica that never lost Redis
     held = await store.reserve(TEAM, 100, 0.1, NOW)
     assert isinstance(held, Reservation)

@@ -192,7 +192,7 @@ async def test_admit_serves_unchecked_and_corrects_counters_once_redis_is_back(
 ) -> None:
     proxy = RedisProxy()  # Redis is away when the gateway starts
     gw = await redis_gateway(
-        started, upstream, tmp_path, prefix, url=proxy.url, on_unavailable="admit"
+        started, upstream, tmp_path, prefix, url=proxy.redis_url, on_unavailable="admit"
     )
     assert (await get(f"{gw.url}/readyz"))[0] == 200  # admitting: ready
     for _ in range(2):
