@@ -99,6 +99,40 @@ async def one_request(
         phase.ttfbs.append(ttfb)
 
 
+async def one_response(
+    ws: aiohttp.ClientWebSocketResponse, body: str, phase: Phase, within: float
+) -> None:
+    """One `response.create` on an open WebSocket, read to its `response.completed`."""
+    start = time.perf_counter()
+    ttfb: float | None = None
+    events = 0
+    try:
+        await ws.send_str(body)
+        async with asyncio.timeout(within):
+            while True:
+                msg = await ws.receive()
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    raise ConnectionError(f"the connection ended: {msg.type!r}")
+                if ttfb is None:
+                    ttfb = time.perf_counter() - start
+                events += 1
+                head = msg.data[:60]
+                if '"response.completed"' in head:
+                    break
+                if '"error"' in head:
+                    phase.statuses["error_event"] += 1
+                    phase.error({"event": msg.data[:500]})
+                    return
+    except (TimeoutError, aiohttp.ClientError, OSError) as e:
+        phase.statuses["exception"] += 1
+        phase.error({"exception": repr(e)})
+        return
+    phase.statuses["200"] += 1
+    phase.latencies.append(time.perf_counter() - start)
+    phase.sse_events[events] += 1
+    phase.ttfbs.append(ttfb)
+
+
 async def run_phase(
     session: aiohttp.ClientSession,
     args: argparse.Namespace,
@@ -106,14 +140,29 @@ async def run_phase(
     headers: dict[str, str],
     seconds: float,
     phase: Phase,
+    sockets: list[aiohttp.ClientWebSocketResponse],
 ) -> float:
-    """All workers loop until the deadline, then finish their request in flight."""
+    """All workers loop until the deadline, then finish their request in flight. WebSocket
+    workers take their connection from `sockets` (or open one) and put it back at the end."""
     started = time.perf_counter()
     deadline = started + seconds
 
     async def worker() -> None:
         while time.perf_counter() < deadline:
             await one_request(session, args.url, body, headers, args.stream, phase)
+
+    async def websocket_worker() -> None:
+        # one connection per worker, kept across phases, as a WebSocket client keeps it
+        ws = sockets.pop() if sockets else await session.ws_connect(args.url, headers=headers)
+        try:
+            while time.perf_counter() < deadline:
+                await one_response(ws, body.decode(), phase, args.timeout)
+        finally:
+            sockets.append(ws)
+
+    if args.websocket:
+        await asyncio.gather(*(websocket_worker() for _ in range(args.concurrency)))
+        return time.perf_counter() - started
 
     await asyncio.gather(*(worker() for _ in range(args.concurrency)))
     return time.perf_counter() - started
@@ -131,10 +180,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         headers[name.strip()] = value.strip()
     timeout = aiohttp.ClientTimeout(total=args.timeout)
     connector = aiohttp.TCPConnector(limit=args.concurrency, force_close=False)
+    sockets: list[aiohttp.ClientWebSocketResponse] = []
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         warm = Phase(record=False)
         if args.warmup > 0:
-            await run_phase(session, args, body, headers, args.warmup, warm)
+            await run_phase(session, args, body, headers, args.warmup, warm, sockets)
         if args.handshake:
             print(
                 json.dumps(
@@ -149,13 +199,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
         phase = Phase(record=True)
         cpu = time.process_time()
-        wall = await run_phase(session, args, body, headers, args.duration, phase)
+        wall = await run_phase(session, args, body, headers, args.duration, phase, sockets)
         cpu = time.process_time() - cpu
     ok = len(phase.latencies)
     return {
         "event": "result",
         "url": args.url,
         "stream": args.stream,
+        "websocket": args.websocket,
         "concurrency": args.concurrency,
         "seconds": round(wall, 3),
         "load_cpu_s": round(cpu, 3),  # this generator's own CPU time in the measured phase
@@ -179,6 +230,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--url", required=True)
     p.add_argument("--body", required=True, help="request body (JSON text), sent as is")
     p.add_argument("--stream", action="store_true", help="the response is an SSE stream")
+    p.add_argument(
+        "--websocket",
+        action="store_true",
+        help="each worker sends --body as a message on its own WebSocket at --url",
+    )
     p.add_argument("--header", action="append", default=[], metavar="NAME:VALUE")
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--duration", type=float, default=5.0)

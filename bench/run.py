@@ -60,6 +60,7 @@ class Scenario:
     stream: bool
     cache: bool  # through a gateway with the cache on, the same request repeated
     concurrency: tuple[int, ...]  # default
+    websocket: bool = False  # each worker sends response.create events on one WebSocket
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -423,6 +424,8 @@ def request_body(scenario: Scenario, args: argparse.Namespace) -> str:
             args.stream_output_tokens if scenario.stream else args.max_output_tokens
         ),
     }
+    if scenario.websocket:
+        return json.dumps({"type": "response.create", **body})
     if scenario.stream:
         body["stream"] = True
     return json.dumps(body)
@@ -483,6 +486,8 @@ def measure(
     ]
     if scenario.stream:
         cmd.append("--stream")
+    if scenario.websocket:
+        cmd.append("--websocket")
     spy: subprocess.Popen[bytes] | None = None
     with (
         tempfile.TemporaryFile("w+") as errors,

@@ -10,12 +10,12 @@ import orjson
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from gateway import config
+from gateway import config, errors
 from gateway.amounts import amount
 from gateway.envelope import expect
 from gateway.errors import GatewayError
 from gateway.ledger.report import parse_by, parse_when, row_to_dict
-from gateway.redis_link import StateUnavailable
+from gateway.redis_state import StateUnavailable
 from gateway.runtime import GATEWAY
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -61,7 +61,10 @@ async def teams(request: web.Request) -> web.Response:
     now = gw.clock()
     out = []
     for team in gw.policy.teams.values():
-        windows = await gw.budget.windows(team, now)
+        try:
+            windows = await gw.budget.windows(team, now)
+        except StateUnavailable:
+            raise errors.state_unavailable() from None
         out.append(
             {
                 "team": team.name,
@@ -181,6 +184,7 @@ def _metrics_handler() -> Handler:
             stats = await gw.cache.stats()
             gw.metrics.cache_entries.set(stats.entries)
             gw.metrics.cache_bytes.set(stats.bytes)
+        gw.metrics.ledger_pending.set(gw.ledger.pending)
         await gw.refresh_budget_gauges()  # gauges are read at scrape time, not per request
         registry = gw.metrics.registry
         handler = exposition.get(id(registry))

@@ -8,11 +8,12 @@ from aiohttp import web
 
 from gateway import errors
 from gateway.admin import add_admin_routes
-from gateway.envelope import envelope, expect
+from gateway.envelope import WEBSOCKET, envelope, expect
 from gateway.pipeline import handle
 from gateway.routes import PASSTHROUGH, ROUTES
 from gateway.runtime import GATEWAY, Gateway
 from gateway.server import GatewayRunner, http_logger
+from gateway.websocket.endpoint import endpoint as websocket_endpoint
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -22,6 +23,8 @@ async def _healthz(request: web.Request) -> web.Response:
 async def _readyz(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     if gw.ready and not gw.draining:
+        if not await gw.state_ok():
+            return web.json_response({"status": "state_unavailable"}, status=503)
         return web.json_response({"status": "ready"})
     return web.json_response({"status": "draining" if gw.draining else "starting"}, status=503)
 
@@ -34,6 +37,7 @@ def create_app(gw: Gateway, *, manage_lifecycle: bool = True) -> web.Application
     """The client-facing app. With manage_lifecycle the app starts and closes the Gateway."""
     app = web.Application(client_max_size=gw.settings.limits.max_body_bytes, middlewares=[envelope])
     app[GATEWAY] = gw
+    app[WEBSOCKET] = websocket_endpoint
     app.router.add_get("/healthz", _healthz, expect_handler=expect)
     app.router.add_get("/readyz", _readyz, expect_handler=expect)
     for route in ROUTES:

@@ -13,16 +13,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.budget.local import LocalBudgetStore
+from gateway.budget.redis import RedisBudgetStore
 from gateway.budget.store import BudgetStore
 from gateway.cache.flight import FlightRegistry, Flights
 from gateway.cache.store import CacheStore, MemoryCacheStore
-from gateway.ledger.records import LedgerWriter, ReportReader
+from gateway.ledger.postgres import PostgresLedger
+from gateway.ledger.records import Ledger, LedgerWriter, ReportReader
 from gateway.ledger.sqlite import SqliteLedger
 from gateway.owners import LocalOwners, OwnerStore
+from gateway.redis_state import connect
+from gateway.schema import LEDGER_SCHEMES
 from gateway.settings import Settings
 from gateway.shared import Shared
 
-__all__ = ["BackendUnavailable", "Backends", "build_backends", "problems"]
+__all__ = [
+    "BackendUnavailable",
+    "Backends",
+    "build_backends",
+    "build_ledger",
+    "is_postgres_url",
+    "problems",
+]
 
 LEDGER_FILE = "ledger.sqlite3"  # under state.path
 
@@ -40,24 +51,28 @@ class BackendUnavailable(Exception):
 
 
 def problems(settings: Settings) -> list[str]:
-    """What in `settings` names a backend this version cannot serve with; empty when all is
-    well. A Redis store builds (cache, single-flight, response owners) but is refused here
-    until budgets are shared too: replicas with budgets of their own would each let a team
-    spend its whole budget."""
+    """What in `settings` names a backend this version cannot build; empty when all is well."""
     found = []
-    if settings.state.store != "local":
-        found.append("state.store: only the local store is available in this version")
-    return found + _unbuildable(settings)
-
-
-def _unbuildable(settings: Settings) -> list[str]:
-    found = []
-    if settings.ledger.url:
-        found.append(
-            "ledger.url: only the SQLite ledger under state.path is available in this version;"
-            " leave it empty"
+    if settings.ledger.url and not is_postgres_url(settings.ledger.url):
+        found.append(  # the URL may carry a password: never shown
+            "ledger.url: must be empty (SQLite under state.path) or a postgresql:// URL"
         )
     return found
+
+
+def is_postgres_url(url: str) -> bool:
+    """Whether `ledger.url` names a PostgreSQL ledger."""
+    return url.split("://", 1)[0] in LEDGER_SCHEMES and "://" in url
+
+
+def build_ledger(settings: Settings) -> Ledger:
+    """The ledger `settings` name: PostgreSQL for a postgresql:// URL (spilling under
+    state.path while it is unreachable), else SQLite under state.path. Does no I/O."""
+    state = Path(settings.state.path)
+    interval = settings.ledger.flush_interval
+    if is_postgres_url(settings.ledger.url):
+        return PostgresLedger(settings.ledger.url, state, interval)
+    return SqliteLedger(state / LEDGER_FILE, interval)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +80,7 @@ class Backends:
     """The gateway's state: one of each backend, built for one set of settings.
 
     `reports` reads what `ledger` writes and shares its lifecycle (valid between
-    `start` and `close`); with SQLite both are the same object.
+    `start` and `close`); with SQLite and PostgreSQL both are the same object.
     """
 
     budget: BudgetStore
@@ -80,14 +95,10 @@ class Backends:
         """Open what needs opening (the ledger's storage); the other backends are ready."""
         await self.ledger.start()
 
-    def count_state_errors(self, count: Callable[[str], None]) -> None:
-        """Tell `count(operation)` of every call to the shared state that failed."""
-        if self.shared is not None:
-            self.shared.link.on_error = count
-
     async def close(self) -> None:
         """The ledger first, so every record reaches storage even if another close fails;
-        then the cache, and the shared state's connections last."""
+        then the cache, the owners and the budget store, and the shared state's connections
+        last."""
         try:
             await self.ledger.close()
         finally:
@@ -95,36 +106,52 @@ class Backends:
                 await self.cache.close()
                 await self.owners.close()
             finally:
-                if self.shared is not None:
-                    await self.shared.close()
+                try:
+                    await self.budget.close()
+                finally:
+                    if self.shared is not None:
+                        await self.shared.close()
 
 
-def build_backends(settings: Settings, *, clock: Callable[[], float] = time.time) -> Backends:
+def build_backends(
+    settings: Settings,
+    *,
+    clock: Callable[[], float] = time.time,
+    on_state_error: Callable[[str], None] = lambda operation: None,
+) -> Backends:
     """The backends `settings` ask for; raises BackendUnavailable for one this version lacks.
 
     Does no I/O: `Backends.start` opens them. `clock` is the gateway's: the cache measures
-    the age of entries by it, as the `age` header does.
+    the age of entries by it, as the `age` header does. `on_state_error` is told each
+    operation the shared state store (Redis) did not answer. A redis:// `state.store` puts
+    budgets, the cache, single-flight and response owners in Redis.
     """
-    found = _unbuildable(settings)
+    found = problems(settings)
     if found:
         raise BackendUnavailable(found)
     c = settings.cache
-    ledger = SqliteLedger(Path(settings.state.path) / LEDGER_FILE, settings.ledger.flush_interval)
-    if settings.state.store != "local":
-        shared = Shared.build(settings, clock)
+    ledger = build_ledger(settings)
+    if settings.state.store == "local":
         return Backends(
             budget=LocalBudgetStore(),
-            cache=shared.cache,
-            flights=shared.flights,
+            cache=MemoryCacheStore(c.ttl, c.max_bytes, c.max_entry_bytes, clock),
+            flights=Flights(),
             ledger=ledger,
             reports=ledger,
-            owners=shared.owners,
-            shared=shared,
         )
+    shared = Shared.build(settings, clock, on_state_error)
+    budget = RedisBudgetStore(
+        connect(settings.state.store),
+        settings.state.prefix,
+        ledger.charged_since,
+        on_error=on_state_error,
+    )
     return Backends(
-        budget=LocalBudgetStore(),
-        cache=MemoryCacheStore(c.ttl, c.max_bytes, c.max_entry_bytes, clock),
-        flights=Flights(),
+        budget=budget,
+        cache=shared.cache,
+        flights=shared.flights,
         ledger=ledger,
         reports=ledger,
+        owners=shared.owners,
+        shared=shared,
     )

@@ -10,6 +10,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import asyncpg
+
 from gateway import backends, config
 from gateway.cli_run import ListenError, run_gateway, use_uvloop
 from gateway.demo import cmd_demo
@@ -23,6 +25,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except config.ConfigError as e:
         print(e, file=sys.stderr)
         return 1
+    if args.workers < 1:
+        print(f"gateway serve: --workers must be 1 or more, not {args.workers}", file=sys.stderr)
+        return 2
     if args.workers > 1 and settings.state.store == "local":
         print(
             f"{path}: state.store: --workers {args.workers} needs a shared store "
@@ -35,11 +40,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"{path}: {problem}", file=sys.stderr)
     if unavailable:
         return 1
-    configure_logging(settings.telemetry.logs.level, settings.telemetry.logs.format)
+    logs = settings.telemetry.logs
+    configure_logging(logs.level, logs.format, shared_stdout=args.workers > 1)
     host = args.host or settings.listen.host
     port = args.port if args.port is not None else settings.listen.port
-    use_uvloop()
     try:
+        if args.workers > 1:
+            # the supervisor relays no traffic: the default loop serves it (uvloop is the
+            # workers')
+            from gateway.workers import supervise
+
+            return asyncio.run(supervise(settings, path, host, port, args.workers))
+        use_uvloop()
         asyncio.run(run_gateway(settings, host, port, path))
     except ListenError as e:
         print(f"gateway serve: {e}", file=sys.stderr)
@@ -69,7 +81,6 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
 
 def cmd_usage(args: argparse.Namespace) -> int:
     from gateway.ledger.report import parse_by, parse_when, render
-    from gateway.ledger.sqlite import SqliteLedger
 
     path = args.config or config.default_config_path()
     try:
@@ -83,13 +94,14 @@ def cmd_usage(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"gateway usage: {e}", file=sys.stderr)
         return 2
-    db = Path(settings.state.path) / "ledger.sqlite3"
-    if not db.exists():
-        print(f"gateway usage: no ledger at {db} yet", file=sys.stderr)
-        return 1
+    if not backends.is_postgres_url(settings.ledger.url):
+        db = Path(settings.state.path) / backends.LEDGER_FILE
+        if not db.exists():
+            print(f"gateway usage: no ledger at {db} yet", file=sys.stderr)
+            return 1
 
     async def report() -> str:
-        ledger = SqliteLedger(db)
+        ledger = backends.build_ledger(settings)
         await ledger.start()
         try:
             rows = await ledger.report(since, until, by)
@@ -97,7 +109,12 @@ def cmd_usage(args: argparse.Namespace) -> int:
             await ledger.close()
         return render(rows, by, args.format)
 
-    print(asyncio.run(report()), end="")
+    try:
+        print(asyncio.run(report()), end="")
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        # asyncpg's messages name the host and database, never the password
+        print(f"gateway usage: cannot read the ledger: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -26,8 +26,11 @@ class ListenError(Exception):
     def __init__(self, what: str, host: str, port: int, error: OSError) -> None:
         # asyncio words a failed bind with the address tuple: the errno says it plainly
         reason = (os.strerror(error.errno) if error.errno else str(error)).lower()
-        where = f"[{host}]" if ":" in host else host
-        super().__init__(f"cannot listen on {where}:{port} ({what}): {reason}")
+        if host.startswith("/"):  # a Unix socket
+            where = host
+        else:
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        super().__init__(f"cannot listen on {where} ({what}): {reason}")
 
 
 def use_uvloop() -> None:
@@ -44,11 +47,18 @@ async def run_gateway(
     config_path: str | None = None,
     announce: bool = True,
     ready: Callable[[], None] | None = None,
+    *,
+    reuse_port: bool = False,
+    admin_path: str | None = None,
+    stop: asyncio.Event | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT; SIGHUP reloads the config. A stop drains and flushes.
+    """Serve until SIGTERM/SIGINT (or `stop` is set); SIGHUP reloads the config. A stop
+    drains and flushes.
 
     `ready` runs once both listeners are bound; an address that cannot be bound raises
-    ListenError with everything started closed again."""
+    ListenError with everything started closed again. A `--workers` process binds the
+    client port with `reuse_port` and serves its admin app on the Unix socket `admin_path`
+    instead of `admin.host:admin.port`, which its supervisor serves."""
     gw = Gateway(settings)
     app = create_app(gw)
     admin = create_admin_app(gw)
@@ -61,15 +71,27 @@ async def run_gateway(
     await admin_runner.setup()
     where = ("listen", host, port)
     try:
-        site = LimitedSite(runner, host, port, max_connections=settings.limits.max_connections)
+        site = LimitedSite(
+            runner,
+            host,
+            port,
+            max_connections=settings.limits.max_connections,
+            reuse_port=reuse_port,
+        )
         await site.start()
         where = ("admin", settings.admin.host, settings.admin.port)
-        await web.TCPSite(admin_runner, settings.admin.host, settings.admin.port).start()
+        admin_site: web.BaseSite
+        if admin_path is None:
+            admin_site = web.TCPSite(admin_runner, settings.admin.host, settings.admin.port)
+        else:
+            where = ("admin", admin_path, 0)
+            admin_site = web.UnixSite(admin_runner, admin_path)
+        await admin_site.start()
     except OSError as e:
         await admin_runner.cleanup()
         await runner.cleanup()
         raise ListenError(*where, e) from None
-    stop = asyncio.Event()
+    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)

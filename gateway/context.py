@@ -143,6 +143,7 @@ class Envelope:
     route: Route
     method: str
     started: float = field(default_factory=time.perf_counter)
+    transport: str = "http"  # http | websocket
     policy: Policy | None = None  # the snapshot the request runs under, held to its end
     principal: Principal | None = None
     model: str = ""  # the requested model, once read

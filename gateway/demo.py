@@ -170,6 +170,21 @@ client = OpenAI(base_url="{base}/v1", api_key="{search}")
 print(client.responses.create(model="nusantara-base", input="Hello").output_text)
 PY
 
+# the OpenAI SDK over one WebSocket (responses.connect)
+{python} - <<'PY'
+from openai import OpenAI
+client = OpenAI(base_url="{base}/v1", api_key="{search}")
+with client.responses.connect() as conn:
+    for question in ("Hello", "And once more"):
+        conn.send({{"type": "response.create", "model": "nusantara-base", "input": question}})
+        for event in conn:
+            if event.type == "error":
+                raise SystemExit(event.error.message)
+            if event.type == "response.completed":
+                print(event.response.output_text)
+                break
+PY
+
 # usage and cost from the ledger
 {gateway} usage --config {shown_path(config_path)}
 """

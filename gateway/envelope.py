@@ -19,7 +19,7 @@ from aiohttp import hdrs, web
 from gateway import errors
 from gateway.context import Envelope, request_id
 from gateway.errors import GatewayError
-from gateway.finish import finish
+from gateway.finish import end
 from gateway.paths import canonical_path
 from gateway.relay.sink import send_whole
 from gateway.routes import PASSTHROUGH, ROUTES, Route, for_method, route_of
@@ -30,6 +30,10 @@ from gateway.telemetry.tracing import trace_id_hex
 # (path, raw query) as the client sent them, checked canonical
 TARGET: web.RequestKey[tuple[str, str]] = web.RequestKey("target", tuple)
 ENVELOPE: web.RequestKey[Envelope] = web.RequestKey("envelope", Envelope)
+# the app's WebSocket endpoint (the client listener's `GET /v1/responses`): (request, path)
+WEBSOCKET: web.AppKey[Callable[[web.Request, str], Awaitable[web.StreamResponse]]] = web.AppKey(
+    "websocket"
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -57,6 +61,8 @@ def _route(request: web.Request, path: str) -> Route | None:
 @web.middleware
 async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
     target = canonical_path(request.raw_path)
+    if hdrs.UPGRADE in request.headers and "websocket" in request.headers[hdrs.UPGRADE].lower():
+        return await _upgrade(request, target)
     route = _route(request, target[0]) if target is not None else None
     if route is None:
         return await _plain(request, handler, target)
@@ -84,14 +90,7 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
     try:
         return await _answer(gw, request, handler, env)
     finally:
-        gw.inflight -= counted
-        gw.metrics.inflight.dec()
-        try:
-            await finish(gw, env)
-        except Exception:
-            gw.log.exception("finishing a request failed", request_id=env.request_id)
-        finally:
-            gw.active -= 1
+        await end(gw, env, counted)
 
 
 async def _answer(
@@ -117,6 +116,31 @@ async def _answer(
         return out.response
     out.status, out.error = error.status, out.error or error.code
     return await send_whole(request, error.response(env.headers()))
+
+
+async def _upgrade(request: web.Request, target: tuple[str, str] | None) -> web.StreamResponse:
+    """A request to switch protocols: a WebSocket where the app takes one (`WEBSOCKET`), a JSON
+    refusal anywhere else (the connection stays HTTP: nothing was switched)."""
+    headers = _ids(request)
+    endpoint = request.app.get(WEBSOCKET)
+    try:
+        if target is None:
+            raise errors.not_found()
+        if endpoint is None:
+            raise websocket_refused()
+        return await endpoint(request, target[0])
+    except GatewayError as e:
+        resp = e.response(headers)
+    return resp
+
+
+def websocket_refused() -> GatewayError:
+    return GatewayError(
+        400,
+        "invalid_request_error",
+        "websocket_not_supported",
+        "WebSocket connections are accepted only at GET /v1/responses on the client listener.",
+    )
 
 
 async def _plain(

@@ -134,9 +134,8 @@ def budget_exceeded(
     team: str, window: str, retry_after: int, reserve: float = 0.0, limit: float = 0.0
 ) -> GatewayError:
     if limit:
-        usd = window.endswith(":usd")
-        held = f"{amounts.usd_text(reserve)} USD" if usd else f"{amounts.tokens(reserve)} tokens"
-        whole = f"{amounts.usd_text(limit)} USD" if usd else f"{amounts.tokens(limit)} tokens"
+        unit = window.rpartition(":")[2] if ":" in window else "tokens"
+        held, whole = amounts.text(unit, reserve), amounts.text(unit, limit)
         message = (
             f"This request reserves {held} (its input estimate plus max_output_tokens), "
             f"more than team '{team}''s whole '{window}' budget of {whole}: lower "
@@ -189,6 +188,18 @@ def upstream_timeout(upstream: str, seconds: float) -> GatewayError:
     err.reached = True  # it may be working on the request: charge the estimate
     err.timed_out = True
     return err
+
+
+def state_unavailable() -> GatewayError:
+    """The shared state store (Redis) does not answer and `state.on_unavailable` is reject."""
+    return GatewayError(
+        503,
+        "server_error",
+        "state_unavailable",
+        "The gateway cannot reach its shared state store to check this team's budgets; "
+        "retry shortly.",
+        headers={"retry-after": "2"},
+    )
 
 
 def shutting_down() -> GatewayError:

@@ -11,9 +11,23 @@ from opentelemetry.trace import Status, StatusCode
 from gateway.budget.charge import charge
 from gateway.context import Envelope
 from gateway.ledger.records import LedgerRecord
+from gateway.redis_state import StateUnavailable
 from gateway.runtime import Gateway
 from gateway.settings import UNKNOWN_TEAM
 from gateway.usage import Usage
+
+
+async def end(gw: Gateway, env: Envelope, counted: int) -> None:
+    """A request is no longer in flight (`counted`: whether a drain waited for it); finish it.
+    Never raises."""
+    gw.inflight -= counted
+    gw.metrics.inflight.dec()
+    try:
+        await finish(gw, env)
+    except Exception:
+        gw.log.exception("finishing a request failed", request_id=env.request_id)
+    finally:
+        gw.active -= 1
 
 
 async def finish(gw: Gateway, env: Envelope) -> None:
@@ -29,10 +43,15 @@ async def finish(gw: Gateway, env: Envelope) -> None:
     if ctx is not None:
         charged, cost, estimated = charge(ctx.model, metered, out, policy.prices)
         if out.reservation is not None:
+            # a request counts in `requests` windows once it reached for an upstream, as the
+            # ledger rebuild counts it (attempts > 0)
+            requests = 1 if out.attempts else 0
             try:
-                await gw.budget.settle(out.reservation, charged, cost, now)
+                await gw.budget.settle(out.reservation, charged, cost, now, requests)
                 for more in out.more_reservations:  # the charge above covers what they held
                     await gw.budget.settle(more, 0, 0.0, now)
+            except StateUnavailable:
+                pass  # counted in gateway_state_errors_total; the ledger record corrects it
             except Exception:  # the record, metrics and log line still go out
                 gw.log.exception("settling a reservation failed", request_id=env.request_id)
     shown = policy.shown(env.model) if env.model else ""  # never a key, never 5,000 characters
@@ -69,6 +88,7 @@ async def finish(gw: Gateway, env: Envelope) -> None:
                 if ctx is not None and ctx.creates_response
                 else "",
                 attempts=len(out.attempts),
+                transport=env.transport,
             )
         )
     overhead = max(0.0, duration - out.upstream_wait)
@@ -84,6 +104,7 @@ async def finish(gw: Gateway, env: Envelope) -> None:
         route=env.route.name,
         status=out.status,
         stream=stream,
+        transport=env.transport,
         cache=out.cache,
         input_tokens=usage.input_tokens if usage else None,
         output_tokens=usage.output_tokens if usage else None,

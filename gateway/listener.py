@@ -14,7 +14,7 @@ from aiohttp import web
 
 from gateway.server import GatewayRequestHandler, http_logger
 
-__all__ = ["LimitedSite"]
+__all__ = ["LimitedSite", "bind_sockets"]
 
 _OUT_OF_FDS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
@@ -71,7 +71,7 @@ class LimitedSite(web.BaseSite):
         assert server is not None
         loop = asyncio.get_running_loop()
         if not self._socks:
-            self._socks = await _bind(loop, self._host, self._port, self._reuse_port)
+            self._socks = await bind_sockets(loop, self._host, self._port, self._reuse_port)
         slots = asyncio.Semaphore(self._limit)  # shared by all of this site's sockets
         for sock in self._socks:
             sock.listen(self._backlog)
@@ -92,10 +92,12 @@ class LimitedSite(web.BaseSite):
             sock.close()
 
 
-async def _bind(
+async def bind_sockets(
     loop: asyncio.AbstractEventLoop, host: str | None, port: int, reuse_port: bool
 ) -> list[socket.socket]:
-    """One bound socket per address `host` resolves to, as loop.create_server makes them."""
+    """One bound socket per address `host` resolves to, as loop.create_server makes them;
+    not yet listening. With `reuse_port` several processes can bind the same address, and
+    the kernel spreads new connections over those that listen."""
     infos = await loop.getaddrinfo(
         host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )

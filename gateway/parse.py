@@ -39,7 +39,18 @@ async def read(
         body = await read_body(request, limits.max_body_bytes, limits.body_timeout)
     except ConnectionError:  # the client left mid-upload: nobody to answer, nothing to charge
         raise errors.client_disconnected() from None
-    method = request.method
+    return parse(body, request.method, request.content_type, route, limits, redact)
+
+
+def parse(
+    body: bytes,
+    method: str,
+    content_type: str,
+    route: Route,
+    limits: Limits,
+    redact: Callable[[str], str],
+) -> Parsed:
+    """A body already read (from a request, or a WebSocket message): its JSON and fields."""
     needs_model = method == "POST" and route.model
     parsed: Any = None
     # a JSON object sent under another content type (or none) is still read for its model:
@@ -47,7 +58,7 @@ async def read(
     if (
         method == "POST"
         and body
-        and (needs_model or "json" in request.content_type or _OBJECT.match(body) is not None)
+        and (needs_model or "json" in content_type or _OBJECT.match(body) is not None)
     ):
         try:
             parsed = jsonbody.loads(body, limits.max_json_depth)

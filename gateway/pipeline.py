@@ -7,19 +7,21 @@ in `finish` after it, whatever path it took.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from functools import partial
 
+import aiohttp
 from aiohttp import web
 
 from gateway import errors, parse, plan
 from gateway.budget.admission import budget_headers, reserve
 from gateway.budget.store import Reservation
 from gateway.cache.lookup import Lookup, lookup
-from gateway.context import Envelope, Outcome, RequestContext
+from gateway.context import Candidate, Envelope, Outcome, RequestContext
 from gateway.envelope import ENVELOPE, TARGET
 from gateway.models_route import list_models
 from gateway.relay import answer
+from gateway.relay.sink import ClientSink
 from gateway.runtime import GATEWAY, Gateway
 from gateway.upstream import attempts
 
@@ -112,20 +114,11 @@ async def _call(
 ) -> web.StreamResponse:
     out, team = env.outcome, ctx.principal.team
     if ctx.metered and team.budgets:
-        out.reservation = await _hold(gw, ctx)
+        out.reservation = await hold(gw, ctx)
     if found.result:  # a miss or a bypass is counted once its call is admitted
         out.cache = found.result
         gw.cache_counts.count(found.result, gw.metrics)
-    up, candidate = await attempts.run(
-        gw.tracing,
-        gw.metrics,
-        gw.health,
-        gw.retry_budget,
-        env,
-        ctx,
-        request.headers,
-        partial(_hold_more, gw, ctx, out),
-    )
+    up, candidate = await call(gw, env, ctx, request.headers)
     # an answer from further down the route is not the first upstream's to store
     store_key = found.store_key if candidate.client is ctx.plan[0] else None
     try:
@@ -134,14 +127,32 @@ async def _call(
             extra.update(await budget_headers(gw.budget, team, gw.clock()))
         if out.cache:
             extra["x-gateway-cache"] = out.cache
-        return await answer.from_upstream(
-            gw, request, ctx, out, up, candidate, extra, env.started, store_key, found.lead
+        sink = ClientSink(request, out, candidate.client.cfg.timeouts.idle)
+        await answer.from_upstream(
+            gw, sink, ctx, out, up, candidate, extra, env.started, store_key, found.lead
         )
+        return sink.resp or web.Response()
     finally:
         up.release()
 
 
-def _hold(gw: Gateway, ctx: RequestContext, counted: bool = True) -> Awaitable[Reservation]:
+def call(
+    gw: Gateway, env: Envelope, ctx: RequestContext, headers: Mapping[str, str]
+) -> Awaitable[tuple[aiohttp.ClientResponse, Candidate]]:
+    """The admitted request's attempt plan, run: the answer to relay and who gave it."""
+    return attempts.run(
+        gw.tracing,
+        gw.metrics,
+        gw.health,
+        gw.retry_budget,
+        env,
+        ctx,
+        headers,
+        partial(hold_more, gw, ctx, env.outcome),
+    )
+
+
+def hold(gw: Gateway, ctx: RequestContext, counted: bool = True) -> Awaitable[Reservation]:
     """The request's estimate, held in every window of its team (or a 429)."""
     return reserve(
         gw.budget,
@@ -156,13 +167,13 @@ def _hold(gw: Gateway, ctx: RequestContext, counted: bool = True) -> Awaitable[R
     )
 
 
-async def _hold_more(gw: Gateway, ctx: RequestContext, out: Outcome) -> bool:
+async def hold_more(gw: Gateway, ctx: RequestContext, out: Outcome) -> bool:
     """One more estimate before a retry of an attempt the upstream may have billed: each such
     attempt is charged one, so each must be held first (refused: no retry)."""
     if out.reservation is None:
         return True
     try:
-        more = await _hold(gw, ctx, counted=False)  # a retry's hold is no request refused
+        more = await hold(gw, ctx, counted=False)  # a retry's hold is no request refused
     except errors.GatewayError:
         return False
     out.more_reservations.append(more)

@@ -18,6 +18,10 @@ import redis.asyncio as redis
 from redis.asyncio import BlockingConnectionPool
 from redis.exceptions import RedisError
 
+from gateway.redis_state import StateUnavailable
+
+__all__ = ["BLOCK_MS", "COMMAND_TIMEOUT", "RedisLink", "StateUnavailable"]
+
 T = TypeVar("T")
 
 CONNECT_TIMEOUT = 0.25  # seconds: a Redis on the same network answers in well under that
@@ -25,15 +29,6 @@ COMMAND_TIMEOUT = 0.5
 RETRY_AFTER = 1.0  # seconds Redis is skipped after a failure
 POOL_SIZE = 32  # connections for commands that do not block
 BLOCK_MS = 250  # longest a blocking read waits: bounds how late a lost leader is noticed
-
-
-class StateUnavailable(Exception):
-    """Redis did not answer (or is being skipped after it did not): the caller goes on
-    without shared state (the cache is bypassed)."""
-
-    def __init__(self, operation: str) -> None:
-        self.operation = operation
-        super().__init__(f"shared state unavailable during {operation}")
 
 
 def _no_count(operation: str) -> None:

@@ -20,6 +20,7 @@ from gateway.ledger.records import Charge, LedgerWriter, ReportReader
 from gateway.owners import OwnerStore
 from gateway.policy import Policy, next_clients
 from gateway.redact import Redactor
+from gateway.redis_state import StateUnavailable
 from gateway.settings import Settings
 from gateway.telemetry.metrics import Metrics, named_models
 from gateway.telemetry.tracing import Tracing
@@ -30,6 +31,10 @@ from gateway.upstream.retry_budget import RetryBudget
 
 class Cuttable(Protocol):
     def cut(self) -> None: ...
+
+
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
 
 
 CUT_GRACE = 2.0  # seconds cut streams get to send their error event and finish
@@ -59,8 +64,9 @@ class Gateway:
         self.health.on_ejection = self._ejected
         self.metrics.watch_upstreams(self._healthy, clients)
         self.retry_budget = RetryBudget(settings.retries.budget if settings.retries else 0.0)
-        self.backends = backends or build_backends(settings, clock=clock)
-        self.backends.count_state_errors(self._state_error)
+        self.backends = backends or build_backends(
+            settings, clock=clock, on_state_error=self.state_error
+        )
         self.budget: BudgetStore = self.backends.budget
         self.cache: CacheStore = self.backends.cache
         self.flights: FlightRegistry = self.backends.flights
@@ -78,13 +84,22 @@ class Gateway:
         self.cutting = False  # a graceful stop's deadline passed: streams end now
         self._reloading = asyncio.Lock()
         self.streams: set[Cuttable] = set()  # upstream streams being read
+        self.sockets: set[Stoppable] = set()  # open WebSocket connections
         self._tasks: set[asyncio.Task[Any]] = set()
+
+    def state_error(self, operation: str) -> None:
+        """The shared state store did not answer `operation`."""
+        self.metrics.state_errors.labels(operation).inc()
+
+    async def state_ok(self) -> bool:
+        """False while requests are refused because the shared state store does not answer
+        (`state.on_unavailable: reject`); under `admit` they are served all the same."""
+        if self.settings.state.on_unavailable == "admit":
+            return True
+        return await self.budget.reachable()
 
     def _healthy(self, upstream: str) -> bool:
         return self.health.healthy(upstream, self.health.clock())
-
-    def _state_error(self, operation: str) -> None:
-        self.metrics.state_errors.labels(operation).inc()
 
     def _ejected(self, upstream: str, reason: str) -> None:
         self.metrics.key_ejections.labels(upstream, reason).inc()
@@ -112,7 +127,14 @@ class Gateway:
         self.ready = True
 
     async def restore_budgets(self) -> None:
-        """Rebuild window counters from the ledger, so a restart never resets a budget."""
+        """Rebuild window counters from the ledger, so a restart never resets a budget.
+
+        A store shared with other replicas holds their spend too, which this replica's view
+        of the ledger may lack (records they have not written yet): its counters are never
+        set at a start; it rebuilds those it lacks from the ledger by itself."""
+        if self.budget.shared:
+            await self.refresh_budget_gauges()
+            return
         now = self.clock()
         teams = list(self.policy.teams.values())
         starts = {window_bounds(rule.per, now)[0] for t in teams for rule in t.budgets}
@@ -123,10 +145,15 @@ class Gateway:
         await self.refresh_budget_gauges()
 
     async def refresh_budget_gauges(self) -> None:
-        """Set every token budget's limit and spend gauges (at start, reload and scrape)."""
+        """Set every token budget's limit and spend gauges (at start, reload and scrape);
+        those of a store that does not answer keep their last values."""
         now = self.clock()
         for t in list(self.policy.teams.values()):
-            for w in await self.budget.windows(t, now):
+            try:
+                windows = await self.budget.windows(t, now)
+            except StateUnavailable:
+                return
+            for w in windows:
                 if w.unit == "tokens":
                     self.metrics.budget_limit.labels(t.name, w.per).set(w.limit)
                     self.metrics.budget_used.labels(t.name, w.per).set(w.used)
@@ -168,7 +195,9 @@ class Gateway:
         The caller has set `draining` first: meanwhile /readyz answers 503 and new requests
         503 `shutting_down`, so a load balancer sees the drain and clients retry elsewhere.
         """
-        await self._until_idle(within, lambda: self.inflight)
+        for socket in list(self.sockets):  # each closes once its response under way ends
+            socket.stop()
+        await self._until_idle(within, lambda: self.inflight + len(self.sockets))
         if self.inflight or self.streams:
             self.cutting = True
             for stream in list(self.streams):

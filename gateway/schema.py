@@ -12,6 +12,7 @@ import hashlib
 import re
 from collections.abc import Iterable
 from typing import Annotated, Any, Literal, Self, get_args
+from urllib.parse import urlsplit
 
 from annotated_types import Ge, Gt, Interval, MinLen
 from pydantic import (
@@ -33,6 +34,7 @@ from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError, c
 
 Window = Literal["minute", "hour", "day", "week", "month", "total"]
 AuthHeader = Literal["x-api-key", "authorization"]
+WebSocketMode = Literal["bridge", "native"]
 WINDOWS: tuple[str, ...] = get_args(Window)
 AUTH_HEADERS: tuple[str, ...] = get_args(AuthHeader)
 ALL_MODELS: tuple[str, ...] = ("*",)
@@ -186,6 +188,31 @@ def _digest(value: Any) -> bytes:
         "must be 'sha256:<64 lowercase hex>' or an env reference like ${TEAM_KEY} "
         "(plain keys are not allowed in the file)",
     )
+
+
+LEDGER_SCHEMES = ("postgresql", "postgres")
+
+
+def _ledger_url(value: str) -> str:
+    """Empty (SQLite under state.path) or a PostgreSQL URL with a host; a URL may carry a
+    password, so a problem never shows it."""
+    if not value:
+        return value
+    wanted = "empty (SQLite under state.path) or postgresql://user@host:port/database"
+    try:
+        parts = urlsplit(value)
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        raise PydanticCustomError(SECRET, f"must be {wanted}: the port is not a number") from None
+    if parts.scheme not in LEDGER_SCHEMES:
+        raise PydanticCustomError(
+            SECRET, f"must be {wanted} (only a PostgreSQL ledger can be named by URL)"
+        )
+    if not (parts.hostname or "host=" in parts.query):
+        raise PydanticCustomError(SECRET, f"must be {wanted}: the host is missing")
+    if not port_ok:
+        raise PydanticCustomError(SECRET, f"must be {wanted}: the port is not valid")
+    return value
 
 
 Port = Annotated[int, Strict(), Interval(ge=0, le=65535), _must_be("a port number from 0 to 65535")]

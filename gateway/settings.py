@@ -57,11 +57,14 @@ from gateway.schema import (
     Seconds,
     Secret,
     Text,
+    WebSocketMode,
     Window,
     _again,
     _fail,
     _http_url,
+    _ledger_url,
     _must_be,
+    _none_as_empty,
     _none_as_empty_list,
     _none_as_empty_table,
     _not_empty,
@@ -114,6 +117,8 @@ class Limits(_Schema):
     max_json_depth: Annotated[
         int, Strict(), Interval(ge=1, le=200), _must_be("an integer from 1 to 200")
     ] = 64
+    # a WebSocket connection older than this is closed once its current response has ended
+    max_websocket_seconds: Seconds = 3600.0
 
 
 class Timeouts(_Schema):
@@ -133,6 +138,8 @@ class Upstream(_Schema):
     # the name this upstream knows a model by, where it differs: the body sent is rewritten
     model_map: Annotated[tuple[tuple[str, str], ...], PlainValidator(_model_map)] = ()
     timeouts: Timeouts = Timeouts()
+    # WebSocket mode: bridge (one streamed POST per response) | native (its own WebSocket)
+    websocket: Annotated[WebSocketMode, _must_be("bridge or native")] = "bridge"
 
     def upstream_model(self, model: str) -> str | None:
         """The name this upstream knows `model` by, when its `model_map` renames it."""
@@ -174,24 +181,37 @@ class Route(_Schema):
     ] = Field(description="a non-empty list of upstream names")
 
 
+UNITS = ("tokens", "usd", "requests")  # what a budget counts
+
+
 class BudgetRule(_Schema):
+    """A limit over one calendar window, in exactly one unit: `tokens`, `usd`, or `requests`
+    (each request admitted to an upstream call counts 1)."""
+
     per: Annotated[Window, _must_be(" | ".join(WINDOWS))] = Field(description=" | ".join(WINDOWS))
     tokens: Annotated[Annotated[int, Strict(), Ge(1)] | None, _must_be("a positive integer")] = None
     usd: Annotated[_USD | None, _must_be("a non-negative number")] = None
+    requests: Annotated[Annotated[int, Strict(), Ge(1)] | None, _must_be("a positive integer")] = (
+        None
+    )
 
     @classmethod
     def _prepare(cls, data: Any) -> tuple[Any, list[InitErrorDetails]]:
-        if isinstance(data, Mapping) and (data.get("tokens") is None) == (data.get("usd") is None):
-            return data, [_problem((), RULE, "set exactly one of tokens or usd", None)]
+        if isinstance(data, Mapping) and sum(data.get(u) is not None for u in UNITS) != 1:
+            return data, [_problem((), RULE, "set exactly one of tokens, usd or requests", None)]
         return data, []
 
     @property
     def unit(self) -> str:
-        return "tokens" if self.tokens is not None else "usd"
+        """tokens | usd | requests"""
+        if self.tokens is not None:
+            return "tokens"
+        return "usd" if self.usd is not None else "requests"
 
     @property
     def limit(self) -> float:
-        return float(self.tokens) if self.tokens is not None else float(self.usd or 0.0)
+        value = self.tokens if self.tokens is not None else self.usd
+        return float(value if value is not None else self.requests or 0)
 
 
 class Team(_Schema):
@@ -234,12 +254,23 @@ class State(_Schema):
     store: Annotated[
         str, Strict(), _must_be("local or redis://host:port/db"), AfterValidator(_store)
     ] = "local"
-    prefix: Text = "gw:"  # every Redis key the gateway writes starts with it
+    # every Redis key the gateway writes starts with it: replicas sharing it share state
+    prefix: Text = "gw:"
+    # Redis unreachable: a generation request of a team with budgets is refused (503
+    # state_unavailable) or served without budget checks
+    on_unavailable: Annotated[Literal["reject", "admit"], _must_be("reject or admit")] = "reject"
     path: Text = "./gateway-state"
 
 
 class LedgerSettings(_Schema):
-    url: OptionalText = ""  # empty: SQLite under state.path
+    # empty: SQLite under state.path; postgresql://... (or postgres://): one table for replicas
+    url: Annotated[
+        str,
+        Strict(),
+        BeforeValidator(_none_as_empty),
+        _must_be("a string", secret=True),
+        AfterValidator(_ledger_url),
+    ] = ""
     flush_interval: Annotated[
         float,
         Strict(),

@@ -21,10 +21,14 @@ class Shared:
     owners: RedisOwners
 
     @classmethod
-    def build(cls, settings: Settings, clock: Callable[[], float]) -> Shared:
-        """Does no I/O: the link connects on its first command."""
+    def build(
+        cls, settings: Settings, clock: Callable[[], float], on_error: Callable[[str], None]
+    ) -> Shared:
+        """Does no I/O: the link connects on its first command. `on_error(operation)` is told
+        of each call that Redis did not answer."""
         c, state = settings.cache, settings.state
         link = RedisLink(state.store, state.prefix)
+        link.on_error = on_error
         return cls(
             link=link,
             cache=RedisCacheStore(link, c.ttl, c.max_bytes, c.max_entry_bytes, clock),

@@ -36,12 +36,12 @@ limits:
   drain_timeout: {drain}
   header_timeout: {header_timeout}
   body_timeout: {body_timeout}
-  max_connections: {max_connections}
+  max_connections: {max_connections}{limits_extra}
 upstreams:
   {upstream_name}:
     base_url: {upstream}
     api_key: ${{UPSTREAM_KEY}}
-    auth_header: {auth_header}
+    auth_header: {auth_header}{upstream_extra}
     models: {models}
     timeouts: {{connect: 1, first_byte: {first_byte}, idle: {idle}}}
 teams:
@@ -102,7 +102,9 @@ def free_port() -> int:
         return port
 
 
-def make_settings(upstream: str, state: Path, **kw: Any) -> Settings:
+def make_settings(
+    upstream: str, state: Path, env: dict[str, str] | None = None, **kw: Any
+) -> Settings:
     params: dict[str, Any] = {
         "upstream": upstream,
         "upstream_name": "mock",
@@ -119,9 +121,11 @@ def make_settings(upstream: str, state: Path, **kw: Any) -> Settings:
         "cache": "false",
         "alpha_budgets": "[]",
         "beta_budgets": "[]",
+        "limits_extra": "",  # more lines under `limits:`, each "\n  name: value"
+        "upstream_extra": "",  # more lines under the upstream, each "\n    name: value"
     }
     params.update(kw)
-    return loads(BASE_CONFIG.format(**params), ENV)
+    return loads(BASE_CONFIG.format(**params), ENV if env is None else env)
 
 
 @dataclass

@@ -10,11 +10,13 @@ from contract.ledger_samples import record
 
 from gateway.backends import Backends, BackendUnavailable, build_backends, problems
 from gateway.budget.local import LocalBudgetStore
+from gateway.budget.redis import RedisBudgetStore
 from gateway.cache.entry import CacheEntry
 from gateway.cache.flight import Flights
 from gateway.cache.redis import RedisCacheStore
 from gateway.cache.redis_flight import RedisFlights
 from gateway.cache.store import MemoryCacheStore
+from gateway.ledger.postgres import PostgresLedger
 from gateway.ledger.sqlite import SqliteLedger
 from gateway.owners import RedisOwners
 from gateway.settings import Cache, LedgerSettings, Settings, State, Team, Upstream
@@ -76,40 +78,59 @@ async def test_close_closes_the_cache_even_when_the_ledger_fails(tmp_path: Path)
 
 
 @pytest.mark.parametrize("store", ["redis://127.0.0.1:6379/0", "rediss://cache.internal:6380/2"])
-async def test_a_redis_store_builds_shared_state_but_is_not_served_yet(
-    tmp_path: Path, store: str
-) -> None:
-    built = build_backends(settings(tmp_path, store=store))  # no I/O: nothing connects
-    assert built.shared is not None
+async def test_a_redis_store_puts_all_shared_state_in_redis(tmp_path: Path, store: str) -> None:
+    errors: list[str] = []
+    built = build_backends(settings(tmp_path, store=store), on_state_error=errors.append)
+    assert built.shared is not None  # building does no I/O: nothing connects
     try:
+        assert isinstance(built.budget, RedisBudgetStore) and built.budget.shared
         assert isinstance(built.cache, RedisCacheStore)
         assert isinstance(built.flights, RedisFlights)
         assert isinstance(built.owners, RedisOwners)
         assert built.shared.link.prefix == "gw:"
+        assert not (tmp_path / "state").exists()
+        built.shared.link.on_error("cache_get")  # the link tells the gateway's counter
+        assert errors == ["cache_get"]
     finally:
-        await built.shared.close()
-    # budgets are not shared yet: `serve` refuses it
-    assert problems(settings(tmp_path, store=store)) == [
-        "state.store: only the local store is available in this version"
-    ]
+        await built.close()
+    assert problems(settings(tmp_path, store=store)) == []  # and `serve` runs it
 
 
-def test_a_postgres_ledger_is_refused_by_name(tmp_path: Path) -> None:
-    with pytest.raises(BackendUnavailable) as refused:
-        build_backends(settings(tmp_path, ledger_url="postgresql://gw@127.0.0.1:5432/gw"))
-    (problem,) = refused.value.problems
-    assert problem.startswith("ledger.url: ")
-    assert "postgresql" not in problem  # a URL may carry a password: never echo it
+@pytest.mark.parametrize(
+    "url", ["postgresql://gw:pw@127.0.0.1:5432/gw", "postgres://db.internal/gw"]
+)
+def test_a_postgres_url_builds_the_postgres_ledger_with_its_spill_files_under_state(
+    tmp_path: Path, url: str
+) -> None:
+    backends = build_backends(settings(tmp_path, ledger_url=url))
+    assert isinstance(backends.ledger, PostgresLedger)
+    assert backends.reports is backends.ledger
+    assert backends.ledger._spill_dir == tmp_path / "state"
+    assert backends.ledger._flush_interval == 0.25
+    assert not (tmp_path / "state").exists()  # building does no I/O
+    assert problems(settings(tmp_path, ledger_url=url)) == []
 
 
-def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
-    both = settings(tmp_path, store="redis://:pw@h:6379/0", ledger_url="postgresql://u:pw@h/db")
-    assert [p.split(":")[0] for p in problems(both)] == ["state.store", "ledger.url"]
-    assert not any("pw" in p for p in problems(both))
+def unchecked(tmp_path: Path, store: str, ledger_url: str) -> Settings:
+    """Settings as code may build them without validation (model_construct)."""
+    base = settings(tmp_path)
+    return base.model_copy(
+        update={
+            "state": State.model_construct(store=store, path=str(tmp_path / "state")),
+            "ledger": LedgerSettings.model_construct(url=ledger_url, flush_interval=0.25),
+        }
+    )
+
+
+def test_problems_are_reported_and_no_url_is_echoed(tmp_path: Path) -> None:
+    both = unchecked(tmp_path, "redis://:pw@h:6379/0", "mysql://u:pw@h/db")
+    assert [p.split(":")[0] for p in problems(both)] == ["ledger.url"]
+    assert "postgresql://" in problems(both)[0]
+    assert not any("pw" in p or "mysql" in p for p in problems(both))
     assert problems(settings(tmp_path)) == []
     with pytest.raises(BackendUnavailable) as refused:
         build_backends(both)
-    assert str(refused.value).splitlines() == problems(both)[1:]  # the store builds
+    assert str(refused.value).splitlines() == problems(both)
 
 
 def test_backends_is_frozen(tmp_path: Path) -> None:

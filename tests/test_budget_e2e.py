@@ -374,3 +374,33 @@ async def test_chat_n_choices_reserve_n_outputs(gateway_factory: GatewayFactory)
     ):
         remaining = int(r.headers["x-gateway-budget-remaining-tokens"])
     assert remaining == 100000 - (math.ceil(len(orjson.dumps(chat)) / 4) + 300)
+
+
+async def test_a_requests_budget_counts_upstream_calls_not_cache_hits_nor_refusals(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gw = await gateway_factory(
+        alpha_budgets="[{requests: 2, per: day}, {tokens: 100000, per: day}]", cache="true"
+    )
+    statuses = []
+    async with session(headers=auth()) as s:
+        for body in (BODY, BODY, {**BODY, "input": "another"}, {**BODY, "input": "a third"}):
+            async with s.post(f"{gw.url}/v1/responses", json=body) as r:
+                statuses.append((r.status, r.headers.get("x-gateway-cache")))
+                answer = await r.json()
+    # the second is a cache hit: no upstream call, so not counted
+    assert statuses == [(200, "miss"), (200, "hit"), (200, "miss"), (429, None)]
+    assert "'day:requests'" in answer["error"]["message"]
+    requests, tokens = (await admin_teams(gw))["alpha"]["budgets"]
+    assert (requests["unit"], requests["used"], requests["reserved"]) == ("requests", 2, 0)
+    assert type(requests["limit"]) is int and requests["remaining"] == 0
+    assert tokens["used"] > 0
+    # a restart rebuilds the count from the ledger: records that made an upstream call
+    rows = await ledger_rows(gw)
+    assert [r["attempts"] for r in rows] == [1, 0, 1, 0]
+    await gw.stop()
+    again = await gateway_factory(
+        alpha_budgets="[{requests: 2, per: day}, {tokens: 100000, per: day}]", cache="true"
+    )
+    requests, _ = (await admin_teams(again))["alpha"]["budgets"]
+    assert requests["used"] == 2

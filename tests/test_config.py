@@ -167,6 +167,36 @@ def test_one_budget_per_window_and_unit() -> None:
     assert "g.yaml: teams.search.budgets: two tokens budgets per month" in str(e.value)
 
 
+def test_a_requests_budget_and_the_state_settings() -> None:
+    env = {"NEOSANTARA_API_KEY": "k", "SEARCH_KEY": "t"}
+    text = GOOD.replace(
+        "- {tokens: 1000000, per: month}",
+        "- {tokens: 1000000, per: month}\n      - {requests: 600, per: minute}",
+    )
+    s = loads(
+        text + 'state: {store: "redis://h:6379/0", prefix: "a:", on_unavailable: admit}\n', env
+    )
+    rule = s.teams[0].budgets[1]
+    assert (rule.unit, rule.limit, rule.per) == ("requests", 600, "minute")
+    assert (s.state.prefix, s.state.on_unavailable) == ("a:", "admit")
+    assert (loads(GOOD, env).state.prefix, loads(GOOD, env).state.on_unavailable) == (
+        "gw:",
+        "reject",
+    )
+    bad = GOOD.replace(
+        "- {tokens: 1000000, per: month}",
+        "- {requests: 0, per: minute}\n      - {requests: 5, usd: 1.0, per: day}",
+    )
+    with pytest.raises(ConfigError) as e:
+        loads(bad + "state: {on_unavailable: maybe, prefix: 5}\n", env, "g.yaml")
+    assert e.value.problems == [
+        "teams.search.budgets[0].requests: must be a positive integer (got 0)",
+        "teams.search.budgets[1]: set exactly one of tokens, usd or requests",
+        "state.on_unavailable: must be reject or admit (got 'maybe')",
+        "state.prefix: must be a string (got 5)",
+    ]
+
+
 def test_server_limits_defaults_and_values() -> None:
     """The HTTP server limits have production defaults and take values from `limits`."""
     env = {"NEOSANTARA_API_KEY": "k", "SEARCH_KEY": "t"}
@@ -367,7 +397,7 @@ cache: {{ttl: 0, scope: global}}
         "listen.port: must be a port number from 0 to 65535 (got 70000)",
         "upstreams.a: set api_key or api_keys, not both",
         "upstreams.a.base_url: must start with http:// or https:// (got 'x')",
-        "teams.t.budgets[0]: set exactly one of tokens or usd",
+        "teams.t.budgets[0]: set exactly one of tokens, usd or requests",
         "teams.u.models: must be a non-empty list of glob patterns (got [])",
         "cache.ttl: must be a positive number of seconds (got 0)",
         "cache.scope: must be team or shared (got 'global')",
@@ -399,7 +429,7 @@ def test_unknown_keys_name_the_allowed_ones() -> None:
         loads(text + "cache: {size: 1}\n", {}, "u.yaml")
     assert e.value.problems == [
         "upstreams.u.name: unknown key (expected one of: base_url, api_key, api_keys,"
-        " auth_header, models, model_map, timeouts)",
+        " auth_header, models, model_map, timeouts, websocket)",
         "cache.size: unknown key (expected one of: enabled, ttl, max_bytes, scope,"
         " max_entry_bytes)",
     ]
@@ -514,3 +544,43 @@ state: {{path: "/tmp/__GATEWAY_ENV_0__/__GATEWAY_ENV_9__"}}
 """
     settings = loads(text, {"KEY": "sk-secret-value"})
     assert settings.state.path == "/tmp/__GATEWAY_ENV_0__/__GATEWAY_ENV_9__"
+
+
+def test_websocket_mode_and_age_limit() -> None:
+    env = {"NEOSANTARA_API_KEY": "sk-real", "SEARCH_KEY": "team-secret"}
+    native = GOOD.replace("auth_header: x-api-key", "auth_header: x-api-key\n    websocket: native")
+    assert loads(native, env).upstreams[0].websocket == "native"
+    assert loads(GOOD, env).upstreams[0].websocket == "bridge"
+    assert loads(GOOD, env).limits.max_websocket_seconds == 3600
+    bad = native.replace("websocket: native", "websocket: relay")
+    with pytest.raises(ConfigError) as e:
+        loads(bad + "limits: {max_websocket_seconds: -1}\n", env, "g.yaml")
+    text = "\n".join(e.value.problems)
+    assert "upstreams.neosantara.websocket: must be bridge or native" in text, text
+    assert "limits.max_websocket_seconds" in text, text
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("mysql://u:hunter2@db/gw", "only a PostgreSQL ledger can be named by URL"),
+        ("sqlite:///tmp/hunter2.db", "only a PostgreSQL ledger can be named by URL"),
+        ("postgresql://u:hunter2@db:port/gw", "the port is not a number"),
+        ("postgresql://u:hunter2@/gw", "the host is missing"),
+    ],
+)
+def test_a_ledger_url_must_be_postgres_with_a_host_and_is_never_shown(url: str, why: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        loads(MINIMAL + f"ledger: {{url: '{url}'}}\n", {}, "g.yaml")
+    (problem,) = e.value.problems
+    assert problem.startswith("ledger.url: must be empty (SQLite under state.path) or ")
+    assert why in problem
+    assert "hunter2" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql://gw:pw@127.0.0.1:5432/gw", "postgres://db/gw", "postgresql:///gw?host=/run/pg"],
+)
+def test_a_postgres_ledger_url_is_accepted(url: str) -> None:
+    assert loads(MINIMAL + f"ledger: {{url: '{url}'}}\n", {}).ledger.url == url

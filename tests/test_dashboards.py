@@ -327,6 +327,9 @@ def test_deploy_gateway_config_loads_with_its_environment() -> None:
     assert settings.upstreams[0].base_url == "http://mock-upstream:8090"
     assert settings.telemetry.traces.endpoint == "http://otel-collector:4318"
     assert {t.name for t in settings.teams} == {"search", "support"}
+    # the replicas share state: Redis and PostgreSQL by their compose service names
+    assert settings.state.store == "redis://redis:6379/0"
+    assert settings.ledger.url == "postgresql://gateway:gateway@postgres:5432/gateway"
     with pytest.raises(ConfigError) as err:
         load(DEPLOY / "gateway.yaml", env={})
     assert {p.split(":")[0] for p in err.value.problems} == {
@@ -344,19 +347,25 @@ def _seconds(value: str) -> float:
 
 def test_compose_stack_is_wired_to_the_gateway_config() -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
-    assert {"gateway", "mock-upstream", "prometheus", "grafana", "otel-collector"} <= compose.keys()
-    gw = compose["gateway"]
-    # the gateway's environment, with compose's ${VAR:-default} taken at its default
-    env = {k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(v)) for k, v in gw["environment"].items()}
-    settings = load(DEPLOY / "gateway.yaml", env=env)
-    assert "./gateway.yaml:/etc/gateway/gateway.yaml:ro" in gw["volumes"]
-    assert _seconds(gw["stop_grace_period"]) >= settings.limits.drain_timeout
-    mock = compose["mock-upstream"]["command"]
-    assert settings.upstreams[0].base_url.endswith(f":{mock[mock.index('--port') + 1]}")
+    assert {"mock-upstream", "prometheus", "grafana", "otel-collector"} <= compose.keys()
+    replicas = ["gateway-1", "gateway-2"]
+    for name in replicas:
+        gw = compose[name]
+        # the gateway's environment, with compose's ${VAR:-default} taken at its default
+        env = {
+            k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(v)) for k, v in gw["environment"].items()
+        }
+        settings = load(DEPLOY / "gateway.yaml", env=env)
+        assert "./gateway.yaml:/etc/gateway/gateway.yaml:ro" in gw["volumes"]
+        assert _seconds(gw["stop_grace_period"]) >= settings.limits.drain_timeout
+        mock = compose["mock-upstream"]["command"]
+        assert settings.upstreams[0].base_url.endswith(f":{mock[mock.index('--port') + 1]}")
 
     prom = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     (job,) = prom["scrape_configs"]
-    assert job["static_configs"][0]["targets"] == [f"gateway:{settings.admin.port}"]
+    # every replica on its own: a scrape through the balancer would see a random one
+    targets = [f"{name}:{settings.admin.port}" for name in replicas]
+    assert job["static_configs"][0]["targets"] == targets
     assert prom["rule_files"] == ["alerts.yml"]
     assert (
         "../dashboards/prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro"
@@ -384,7 +393,14 @@ def test_k8s_manifests_agree_with_the_config() -> None:
     for d in docs:
         by_kind.setdefault(d["kind"], []).append(d)
     (cm,) = by_kind["ConfigMap"]
-    settings = loads(cm["data"]["gateway.yaml"], {"UPSTREAM_API_KEY": "sk-test"})
+    secret_env = {
+        "UPSTREAM_API_KEY": "sk-test",
+        "REDIS_URL": "redis://redis:6379/0",
+        "LEDGER_URL": "postgresql://gateway@postgres:5432/gateway",
+    }
+    settings = loads(cm["data"]["gateway.yaml"], secret_env)
+    assert settings.state.store == secret_env["REDIS_URL"]
+    assert settings.ledger.url == secret_env["LEDGER_URL"]
     (deployment,) = by_kind["Deployment"]
     pod = deployment["spec"]["template"]["spec"]
     (c,) = pod["containers"]
@@ -395,14 +411,25 @@ def test_k8s_manifests_agree_with_the_config() -> None:
     pre_stop = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert pod["terminationGracePeriodSeconds"] >= pre_stop + settings.limits.drain_timeout
     env = {e["name"]: e for e in c["env"]}
-    assert env["UPSTREAM_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "llm-gateway-secrets"
+    for name in secret_env:  # every variable the config needs comes from the Secret
+        assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "llm-gateway-secrets"
     assert pod["securityContext"]["runAsNonRoot"] is True
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     assert c["args"][-1] == f"{mounts['config']}/gateway.yaml"
     assert settings.state.path.startswith(mounts["state"])
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["config"]["configMap"]["name"] == cm["metadata"]["name"]
-    assert deployment["spec"]["replicas"] == 1  # state.store: local
+    # shared state: several replicas, replaced one at a time, never more than one away
+    assert deployment["spec"]["replicas"] >= 2
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    (pdb,) = by_kind["PodDisruptionBudget"]
+    assert pdb["spec"]["selector"] == deployment["spec"]["selector"]
+    assert pdb["spec"]["maxUnavailable"] == 1
+    # read-only root: state.path and /tmp are emptyDirs
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert "emptyDir" in volumes["state"] and "emptyDir" in volumes["tmp"]
+    assert mounts["tmp"] == "/tmp"
+    assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
     services = {s["metadata"]["name"]: s for s in by_kind["Service"]}
     assert services["llm-gateway-admin"]["spec"]["ports"][0]["targetPort"] == "admin"
     assert services["llm-gateway"]["spec"]["ports"][0]["targetPort"] == "http"

@@ -89,6 +89,7 @@ def test_every_printed_snippet_runs_verbatim_in_a_shell(demo: str, tmp_path: Pat
         "a streamed response",
         "the teams' budgets",
         "the OpenAI SDK",
+        "the OpenAI SDK over one WebSocket (responses.connect)",
         "usage and cost from the ledger",
     ]
     out: dict[str, str] = {}
@@ -108,6 +109,7 @@ def test_every_printed_snippet_runs_verbatim_in_a_shell(demo: str, tmp_path: Pat
     assert "event: response.completed" in out["a streamed response"]
     assert '"team":"search"' in out["the teams' budgets"]
     assert len(out["the OpenAI SDK"].split()) >= 3
+    assert len(out["the OpenAI SDK over one WebSocket (responses.connect)"].splitlines()) == 2
     report = out["usage and cost from the ledger"].splitlines()
     assert report[0].split()[:3] == ["team", "model", "requests"]
     assert report[-1].startswith("TOTAL")

@@ -30,7 +30,7 @@ async def prefix() -> AsyncIterator[str]:
 
 @pytest.fixture
 async def forwarder() -> AsyncIterator[Forwarder]:
-    fwd = Forwarder("127.0.0.1", 6379)
+    fwd = Forwarder(6379)
     await fwd.start()
     yield fwd
     await fwd.stop()
@@ -57,7 +57,7 @@ async def read(flight: FlightLike) -> bytes:
 async def test_a_leader_lost_mid_stream_ends_its_followers_with_an_error_event(
     prefix: str, forwarder: Forwarder
 ) -> None:
-    a, b = await two_replicas(prefix, forwarder.url)
+    a, b = await two_replicas(prefix, forwarder.url(REDIS_URL))
     try:
         leader, leads = await a.claim("k", True)
         assert leads
@@ -90,7 +90,7 @@ async def test_a_leader_lost_mid_stream_ends_its_followers_with_an_error_event(
 async def test_a_leader_lost_before_its_head_lets_followers_make_their_own_call(
     prefix: str, forwarder: Forwarder
 ) -> None:
-    a, b = await two_replicas(prefix, forwarder.url)
+    a, b = await two_replicas(prefix, forwarder.url(REDIS_URL))
     try:
         _, leads = await a.claim("k", True)
         assert leads

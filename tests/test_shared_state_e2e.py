@@ -46,7 +46,7 @@ async def prefix() -> AsyncIterator[str]:
 
 @pytest.fixture
 async def forwarder() -> AsyncIterator[Forwarder]:
-    fwd = Forwarder("127.0.0.1", 6379)
+    fwd = Forwarder(6379)
     await fwd.start()
     yield fwd
     await fwd.stop()
@@ -148,7 +148,7 @@ async def test_a_response_made_through_one_is_readable_through_the_other_by_its_
 async def test_a_leader_cut_off_mid_stream_ends_its_followers_cleanly(
     replica: Start, forwarder: Forwarder, upstream: Upstream
 ) -> None:
-    a = await replica(forwarder.url)  # leads, and loses Redis mid-stream
+    a = await replica(forwarder.url(REDIS_URL))  # leads, and loses Redis mid-stream
     b = await replica()
     body = {**BODY, "stream": True, "max_output_tokens": 60}
     slow = {"x-mock-tokens-per-s": "20"}  # three seconds of stream
@@ -200,7 +200,7 @@ async def test_max_bytes_bounds_what_all_replicas_store_together(replica: Start)
 async def test_redis_down_bypasses_the_cache_and_it_comes_back_by_itself(
     replica: Start, forwarder: Forwarder, upstream: Upstream
 ) -> None:
-    a = await replica(forwarder.url)
+    a = await replica(forwarder.url(REDIS_URL))
     assert (await post(a.url, BODY))[1]["x-gateway-cache"] == "miss"
     assert (await post(a.url, BODY))[1]["x-gateway-cache"] == "hit"
     await forwarder.stop()

@@ -9,15 +9,17 @@ from typing import Any
 
 import openai
 import orjson
+import pytest
 from agents import (
     Agent,
     OpenAIResponsesModel,
+    OpenAIResponsesWSModel,
     RunItemStreamEvent,
     Runner,
     function_tool,
     set_tracing_disabled,
 )
-from conftest import ALPHA_KEY, Running, Upstream, ledger_rows
+from conftest import ALPHA_KEY, GatewayFactory, Running, Upstream, ledger_rows
 
 MODEL = "nusantara-base"
 ASK = "What is the weather in Jakarta? use get_weather"
@@ -116,20 +118,21 @@ async def test_openai_sdk_chat_tool_call_from_deltas(gateway: Running) -> None:
 # ---------------------------------------------------------------- the Agents SDK
 
 
-def _agent(client: openai.AsyncOpenAI, cities: list[str]) -> Agent[Any]:
+def _agent(client: openai.AsyncOpenAI, cities: list[str], websocket: bool = False) -> Agent[Any]:
     @function_tool
     def get_weather(city: str) -> str:
         """The weather in a city."""
         cities.append(city)
         return f"Sunny and 31C in {city}"
 
-    model = OpenAIResponsesModel(model=MODEL, openai_client=client)
+    kind = OpenAIResponsesWSModel if websocket else OpenAIResponsesModel
+    model = kind(model=MODEL, openai_client=client)
     return Agent(name="weather", instructions="Be brief.", tools=[get_weather], model=model)
 
 
 def _check_upstream_saw_the_result(upstream: Upstream, city: str) -> None:
     """The agent's two requests: the question, then the question, the call and its output."""
-    posts = [r for r in upstream.state.requests if r.path == "/v1/responses"]
+    posts = [r for r in upstream.state.requests if (r.method, r.path) == ("POST", "/v1/responses")]
     assert len(posts) == 2
     first, second = (orjson.loads(r.body) for r in posts)
     assert first["tools"][0]["name"] == "get_weather"
@@ -181,3 +184,24 @@ async def test_agents_sdk_streamed_run(gateway: Running, upstream: Upstream) -> 
     _check_upstream_saw_the_result(upstream, city)
     assert isinstance(result.final_output, str) and result.final_output
     await _check_ledger(gateway, [r.usage for r in result.raw_responses], stream=True)
+
+
+@pytest.mark.parametrize("extra", ["", "\n    websocket: native"], ids=["bridge", "native"])
+async def test_agents_sdk_websocket_model(
+    gateway_factory: GatewayFactory, upstream: Upstream, extra: str
+) -> None:
+    """The Agents SDK's WebSocket model: both turns of the run on one Responses WebSocket."""
+    set_tracing_disabled(True)
+    gateway = await gateway_factory(upstream_extra=extra)
+    cities: list[str] = []
+    async with _client(gateway.url) as client:
+        agent = _agent(client, cities, websocket=True)
+        result = await Runner.run(agent, ASK)
+        await agent.model.close()  # type: ignore[union-attr]
+    [city] = cities
+    _check_upstream_saw_the_result(upstream, city)
+    assert isinstance(result.final_output, str) and result.final_output
+    rows = await ledger_rows(gateway)
+    assert [(r["status"], r["transport"]) for r in rows] == [(200, "websocket")] * 2
+    seen = [(r.usage.input_tokens, r.usage.output_tokens) for r in result.raw_responses]
+    assert [(r["input_tokens"], r["output_tokens"]) for r in rows] == seen

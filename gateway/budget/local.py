@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from gateway.budget.store import Rejection, Reservation, WindowState
+from gateway.budget.store import Rejection, Reservation, WindowState, amount, window_name
 from gateway.budget.windows import seconds_until, window_bounds
 from gateway.ledger.records import Charge
 from gateway.settings import BudgetRule, Team
@@ -19,8 +19,8 @@ class _Counter:
     used: float = 0.0
     reserved: float = 0.0
 
-    def amount(self, tokens: float, usd: float) -> float:
-        return tokens if self.rule.tokens is not None else usd
+    def amount(self, tokens: float, usd: float, requests: int) -> float:
+        return amount(self.rule, tokens, usd, requests)
 
 
 class LocalBudgetStore:
@@ -42,15 +42,14 @@ class LocalBudgetStore:
         return c
 
     async def reserve(
-        self, team: Team, tokens: int, usd: float, now: float
+        self, team: Team, tokens: int, usd: float, now: float, requests: int = 1
     ) -> Reservation | Rejection:
         counters = [self._counter(team.name, rule, now) for rule in team.budgets]
         worst: Rejection | None = None
         for c in counters:
-            need = c.amount(tokens, usd)
+            need = c.amount(tokens, usd, requests)
             if c.used + c.reserved + need > c.rule.limit:
-                unit = "" if c.rule.tokens is not None else ":usd"
-                name = c.rule.per + unit
+                name = window_name(c.rule)
                 if need > c.rule.limit:  # no reset will ever make room for this request
                     return Rejection(team.name, name, seconds_until(c.end, now), c.rule.limit)
                 wait = seconds_until(c.end, now)
@@ -59,23 +58,34 @@ class LocalBudgetStore:
         if worst is not None:
             return worst
         for c in counters:
-            c.reserved += c.amount(tokens, usd)
+            c.reserved += c.amount(tokens, usd, requests)
         return Reservation(
-            team.name, tokens, usd, tuple((c.rule.per, c.rule.unit, c.start) for c in counters)
+            team.name,
+            tokens,
+            usd,
+            tuple((c.rule.per, c.rule.unit, c.start) for c in counters),
+            requests,
         )
 
-    async def settle(self, reservation: Reservation, tokens: int, usd: float, now: float) -> None:
+    async def settle(
+        self,
+        reservation: Reservation,
+        tokens: int,
+        usd: float,
+        now: float,
+        requests: int | None = None,
+    ) -> None:
+        r = reservation
+        count = r.requests if requests is None else requests
         for per, unit, start in reservation.windows:
             old = self._counters.get((reservation.team, per, unit))
             if old is None:
                 continue
             if old.start == start:
-                old.reserved = max(
-                    0.0, old.reserved - old.amount(reservation.tokens, reservation.usd)
-                )
+                old.reserved = max(0.0, old.reserved - old.amount(r.tokens, r.usd, r.requests))
             # charged to the window the request finished in, as the ledger rebuild counts it
             c = self._counter(reservation.team, old.rule, now)
-            c.used += c.amount(tokens, usd)
+            c.used += c.amount(tokens, usd, count)
 
     async def windows(self, team: Team, now: float) -> list[WindowState]:
         out = []
@@ -93,8 +103,14 @@ class LocalBudgetStore:
             for rule in team.budgets:
                 c = self._counter(team.name, rule, now)
                 got = charged.get(c.start, {}).get(team.name)
-                c.used = (
-                    0.0
-                    if got is None
-                    else (float(got.tokens) if rule.tokens is not None else got.usd)
-                )
+                c.used = 0.0 if got is None else amount(rule, got.tokens, got.usd, got.requests)
+
+    @property
+    def shared(self) -> bool:
+        return False
+
+    async def reachable(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        pass

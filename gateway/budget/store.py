@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.ledger.records import Charge
-from gateway.settings import Team
+from gateway.settings import BudgetRule, Team
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,12 +31,17 @@ class Reservation:
     # (window, unit, window start) of each counter it was counted in; keyed by window and
     # unit rather than list position, so a config reload that edits budgets settles right
     windows: tuple[tuple[str, str, float], ...]
+    requests: int = 1  # what it counts in `requests` windows: 0 for a retry's extra hold
+    # for a store that can lose its counters (Redis): the generation of the team's counters
+    # it was held in, so a hold lost with the counters never releases one made after they
+    # were rebuilt. Empty for the in-process store.
+    epoch: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class Rejection:
     team: str
-    window: str  # e.g. "day" or "month:usd"
+    window: str  # e.g. "day" (tokens), "month:usd" or "minute:requests"
     retry_after: int
     limit: float = 0.0  # the refusing window's whole limit, when the request alone exceeds it
 
@@ -44,7 +49,7 @@ class Rejection:
 @dataclass(frozen=True, slots=True)
 class WindowState:
     per: str
-    unit: str  # tokens | usd
+    unit: str  # tokens | usd | requests
     limit: float
     used: float
     reserved: float
@@ -59,24 +64,33 @@ class WindowState:
 class BudgetStore(Protocol):
     """Atomic reserve/settle over all of a team's windows.
 
+    `shared` says whether other processes share the counters (Redis): such a store rebuilds
+    the counters it lacks from the ledger by itself, and the gateway never `restore`s it at a
+    start, which would set every replica's spend from one replica's view of the ledger.
+
     Every method takes `now` (unix seconds) from the caller rather than reading a clock, and
     works on the calendar period of each window that contains `now` (`window_bounds`); a
     period that has ended is forgotten, so each window starts its new period at zero.
-    A token window counts `tokens`, a USD window counts `usd`.
+    A token window counts `tokens`, a USD window counts `usd`, a request window counts
+    `requests` (1 for a request admitted to an upstream call, 0 for a retry's extra hold).
     """
 
+    @property
+    def shared(self) -> bool: ...
+
     async def reserve(
-        self, team: Team, tokens: int, usd: float, now: float
+        self, team: Team, tokens: int, usd: float, now: float, requests: int = 1
     ) -> Reservation | Rejection:
-        """Admit a request costing at most `tokens` / `usd`, or refuse it; one atomic step.
+        """Admit a request costing at most `tokens` / `usd` / `requests`, or refuse it; one
+        atomic step.
 
         Admitted when every window can hold it (`used + reserved + amount <= limit`): the
         amount is then added to `reserved` of every window, and the Reservation names each
         of them. Otherwise nothing is reserved anywhere and a Rejection names a refusing
-        window (`per`, or `per:usd` for a USD window) with `retry_after`, the whole seconds
-        (at least 1) until every refusing window has reset. When the request alone exceeds
-        a window's whole limit, so that no reset can make room, the Rejection names that
-        window and carries its `limit`; otherwise `limit` is 0.0.
+        window (`window_name`: `per`, `per:usd` or `per:requests`) with `retry_after`, the
+        whole seconds (at least 1) until every refusing window has reset. When the request
+        alone exceeds a window's whole limit, so that no reset can make room, the Rejection
+        names that window and carries its `limit`; otherwise `limit` is 0.0.
 
         A team without budgets is always admitted, with a Reservation of no windows.
         Concurrent reserves, in this process or any other sharing the store, never admit
@@ -84,12 +98,20 @@ class BudgetStore(Protocol):
         """
         ...
 
-    async def settle(self, reservation: Reservation, tokens: int, usd: float, now: float) -> None:
+    async def settle(
+        self,
+        reservation: Reservation,
+        tokens: int,
+        usd: float,
+        now: float,
+        requests: int | None = None,
+    ) -> None:
         """Replace a reservation by what the request really cost; one atomic step.
 
         Releases the reservation's amount from each window it was counted in (if that
         window's period is still current: an ended period is forgotten with what it held),
-        and adds the real `tokens` / `usd` to `used` of the same windows in the period that
+        and adds the real `tokens` / `usd` / `requests` (None: the reservation's own count)
+        to `used` of the same windows in the period that
         contains `now`, which is where a ledger rebuild counts the request too. The real cost
         may be more than the reservation: `used` may then pass the limit. Windows that a
         reload added after the reservation are not charged; windows it removed are settled
@@ -113,7 +135,29 @@ class BudgetStore(Protocol):
         """Seed window counters from the ledger: `charged[window_start][team]`.
 
         For each team's window, `used` of the period containing `now` is set (not added) to
-        the tokens or USD charged since that period's start, or to 0 where the ledger has
+        the tokens, USD or requests charged since that period's start, or to 0 where the ledger has
         none. What is `reserved` by requests in flight is kept.
         """
         ...
+
+    async def reachable(self) -> bool:
+        """Whether the store answers now: a shared store's server is up (an in-process store
+        always answers). Other methods of a store that does not answer raise
+        `gateway.redis_state.StateUnavailable`."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections; the store is not used after."""
+        ...
+
+
+def window_name(rule: BudgetRule) -> str:
+    """How a refusal names a window: `day` for tokens, `month:usd`, `minute:requests`."""
+    return rule.per if rule.unit == "tokens" else f"{rule.per}:{rule.unit}"
+
+
+def amount(rule: BudgetRule, tokens: float, usd: float, requests: int) -> float:
+    """What a request costing `tokens` / `usd` / `requests` counts in `rule`'s window."""
+    if rule.tokens is not None:
+        return tokens
+    return usd if rule.usd is not None else float(requests)

@@ -39,14 +39,20 @@ class LedgerRecord:
     saved_tokens: int = 0
     response_id: str = ""  # the id of a response this request created (POST /v1/responses)
     attempts: int = 0  # upstream calls made (`upstream` is the one that answered, or the last)
+    transport: str = "http"  # http | websocket (a response.create on a WebSocket connection)
 
 
 @dataclass(frozen=True, slots=True)
 class Charge:
-    """What a team was charged since some instant: used to rebuild budget windows at start."""
+    """What a team was charged since some instant: used to rebuild budget windows at start.
+
+    `requests` counts the team's records in that time that called an upstream for a named
+    model (`attempts > 0` and a non-empty `model`): cache hits and refusals do not count.
+    """
 
     tokens: int
     usd: float
+    requests: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +115,8 @@ class ReportReader(Protocol):
     """
 
     async def charged_since(self, since: float) -> dict[str, Charge]:
-        """Per team: charged tokens and cost of records with ts >= since; teams without such
-        records are absent."""
+        """Per team: charged tokens, cost and requests (see `Charge`) of records with
+        ts >= since; teams without such records are absent."""
         ...
 
     async def owner(self, response_id: str) -> tuple[str, str] | None:

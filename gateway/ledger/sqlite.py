@@ -8,63 +8,20 @@ import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway.ledger.records import GROUP_KEYS, Charge, LedgerRecord, ReportRow
-from gateway.ledger.report import normalize_by
+from gateway.ledger import queries
+from gateway.ledger.columns import NAMES, sqlite_row
+from gateway.ledger.records import Charge, LedgerRecord, ReportRow
 
 logger = logging.getLogger("gateway.ledger")
 
 _T = TypeVar("_T")
 
-_COLUMNS = tuple(field.name for field in fields(LedgerRecord))
-_INSERT = f"INSERT INTO ledger ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
-_SCHEMA = (
-    """
-    CREATE TABLE IF NOT EXISTS ledger (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        ts REAL NOT NULL,
-        request_id TEXT NOT NULL,
-        team TEXT NOT NULL,
-        key_id TEXT NOT NULL,
-        model TEXT NOT NULL,
-        upstream TEXT NOT NULL,
-        route TEXT NOT NULL,
-        status INTEGER NOT NULL,
-        stream INTEGER NOT NULL,
-        cache TEXT NOT NULL,
-        input_tokens INTEGER NOT NULL,
-        cached_tokens INTEGER NOT NULL,
-        output_tokens INTEGER NOT NULL,
-        reasoning_tokens INTEGER NOT NULL,
-        charged_tokens INTEGER NOT NULL,
-        cost_usd REAL NOT NULL,
-        estimated INTEGER NOT NULL,
-        duration_ms REAL NOT NULL,
-        ttft_ms REAL,
-        saved_tokens INTEGER NOT NULL DEFAULT 0,
-        response_id TEXT NOT NULL DEFAULT '',
-        attempts INTEGER NOT NULL DEFAULT 0
-    )
-    """,
-    "CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts)",
-    "CREATE INDEX IF NOT EXISTS ledger_team_ts ON ledger (team, ts)",
+_INSERT = (
+    f"INSERT INTO {queries.TABLE} ({', '.join(NAMES)}) VALUES ({', '.join('?' for _ in NAMES)})"
 )
-# columns added after the first release, for databases created before them
-_ADDED_COLUMNS = {
-    "response_id": "TEXT NOT NULL DEFAULT ''",
-    "attempts": "INTEGER NOT NULL DEFAULT 0",
-}
-_INDEX_RESPONSE = (
-    "CREATE INDEX IF NOT EXISTS ledger_response ON ledger (response_id) WHERE response_id != ''"
-)
-_GROUP_EXPR = {
-    "team": "team",
-    "model": "model",
-    "day": "strftime('%Y-%m-%d', ts, 'unixepoch')",
-}
 
 
 class SqliteLedger:
@@ -158,73 +115,27 @@ class SqliteLedger:
                 self._executor.shutdown(wait=True)
 
     async def charged_since(self, since: float) -> dict[str, Charge]:
-        """Per team: charged tokens and cost of records with ts >= since (buffer included)."""
-        await self.flush()
-        rows = await self._run(
-            self._query,
-            "SELECT team, COALESCE(SUM(charged_tokens), 0), TOTAL(cost_usd)"
-            " FROM ledger WHERE ts >= ? GROUP BY team",
-            (since,),
-        )
-        return {str(team): Charge(tokens=int(tokens), usd=float(usd)) for team, tokens, usd in rows}
+        """Per team: charged tokens, cost and requests of records with ts >= since (buffer
+        included)."""
+        return queries.charges(await self._read(queries.charged_since("sqlite", since)))
 
     async def owner(self, response_id: str) -> tuple[str, str] | None:
         """(team, upstream) of the first request that recorded `response_id` (buffer included)."""
         if not response_id:
             return None
-        await self.flush()
-        rows = await self._run(
-            self._query,
-            "SELECT team, upstream FROM ledger WHERE response_id = ? ORDER BY id LIMIT 1",
-            (response_id,),
-        )
+        rows = await self._read(queries.owner("sqlite", response_id))
         return (str(rows[0][0]), str(rows[0][1])) if rows else None
 
     async def report(
         self, since: float | None, until: float | None, by: Sequence[str]
     ) -> list[ReportRow]:
         """Usage rows grouped by `by` (team, model, day in UTC), over ts in [since, until)."""
-        keys = normalize_by(by)
-        select = [f"{_GROUP_EXPR[key]} AS {key}" if key in keys else "''" for key in GROUP_KEYS]
-        where: list[str] = []
-        params: list[float] = []
-        if since is not None:
-            where.append("ts >= ?")
-            params.append(since)
-        if until is not None:
-            where.append("ts < ?")
-            params.append(until)
-        sql = (
-            f"SELECT {', '.join(select)}, COUNT(*),"
-            " COALESCE(SUM(input_tokens), 0), COALESCE(SUM(cached_tokens), 0),"
-            " COALESCE(SUM(output_tokens), 0), COALESCE(SUM(reasoning_tokens), 0),"
-            " TOTAL(cost_usd), COALESCE(SUM(saved_tokens), 0), COALESCE(SUM(estimated), 0)"
-            " FROM ledger"
-        )
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        if keys:
-            sql += f" GROUP BY {', '.join(keys)} ORDER BY {', '.join(keys)}"
+        query = queries.report("sqlite", since, until, by)  # validates `by` before any I/O
+        return queries.report_rows(await self._read(query))
+
+    async def _read(self, query: queries.Query) -> list[tuple[Any, ...]]:
         await self.flush()
-        rows = await self._run(self._query, sql, tuple(params))
-        # Without GROUP BY an empty range still yields one all-zero row; report no rows instead.
-        return [
-            ReportRow(
-                team=str(r[0]),
-                model=str(r[1]),
-                day=str(r[2]),
-                requests=int(r[3]),
-                input_tokens=int(r[4]),
-                cached_tokens=int(r[5]),
-                output_tokens=int(r[6]),
-                reasoning_tokens=int(r[7]),
-                cost_usd=float(r[8]),
-                saved_tokens=int(r[9]),
-                estimated_requests=int(r[10]),
-            )
-            for r in rows
-            if r[3]
-        ]
+        return await self._run(self._query, query.sql, query.params)
 
     async def _flush_periodically(self) -> None:
         loop = asyncio.get_running_loop()
@@ -291,13 +202,10 @@ class SqliteLedger:
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
-                for statement in _SCHEMA:
+                conn.execute(queries.create_table("sqlite"))
+                have = [row[1] for row in conn.execute("PRAGMA table_info(ledger)")]
+                for statement in [*queries.add_columns("sqlite", have), *queries.INDEXES]:
                     conn.execute(statement)
-                have = {row[1] for row in conn.execute("PRAGMA table_info(ledger)")}
-                for column, decl in _ADDED_COLUMNS.items():
-                    if column not in have:
-                        conn.execute(f"ALTER TABLE ledger ADD COLUMN {column} {decl}")
-                conn.execute(_INDEX_RESPONSE)
             except BaseException:
                 conn.close()
                 raise
@@ -305,7 +213,7 @@ class SqliteLedger:
         return self._conn
 
     def _insert(self, batch: list[LedgerRecord]) -> None:
-        self._write_rows(self._connection(), [_row(record) for record in batch])
+        self._write_rows(self._connection(), [sqlite_row(record) for record in batch])
 
     def _write_rows(self, conn: sqlite3.Connection, rows: list[tuple[object, ...]]) -> None:
         """Insert `rows` in one transaction (a seam: tests override it to inject failures)."""
@@ -329,7 +237,3 @@ class SqliteLedger:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-
-
-def _row(record: LedgerRecord) -> tuple[object, ...]:
-    return tuple(getattr(record, column) for column in _COLUMNS)

@@ -30,6 +30,7 @@ from gateway.mock_upstream.responses import (
     retrieve_response,
 )
 from gateway.mock_upstream.state import MOCK_STATE, RUNTIME, MockOptions, MockState, Runtime
+from gateway.mock_upstream.websocket import responses_websocket
 
 __all__ = ["create_mock_app", "run_mock", "start_mock"]
 
@@ -82,6 +83,7 @@ def create_mock_app(options: MockOptions | None = None) -> web.Application:
     app.on_response_prepare.append(_add_request_id)
     routes: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = [
         ("POST", "/v1/responses", create_response),
+        ("GET", "/v1/responses", responses_websocket),
         ("POST", "/v1/responses/input_tokens", count_input_tokens),
         ("GET", "/v1/responses/{response_id}", retrieve_response),
         ("DELETE", "/v1/responses/{response_id}", delete_response),

@@ -72,6 +72,10 @@ class MockState:
     requests: list[RecordedRequest] = field(default_factory=list)  # last _MAX_RECORDED, in order
     calls: collections.Counter[str] = field(default_factory=collections.Counter)  # "METHOD /path"
     faults: Faults = field(default_factory=Faults)  # create_mock_app sets one from the options
+    # WebSocket messages as received, the last _MAX_RECORDED, in order
+    websocket_messages: collections.deque[str] = field(
+        default_factory=lambda: collections.deque(maxlen=_MAX_RECORDED)
+    )
 
     def record(self, recorded: RecordedRequest, call: str) -> None:
         """Append `recorded`, dropping the oldest beyond _MAX_RECORDED, and count `call`."""

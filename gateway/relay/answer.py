@@ -35,7 +35,7 @@ _LEADERS_OWN = frozenset({"x-gateway-upstream", "x-gateway-attempts"})
 
 async def from_upstream(
     gw: Gateway,
-    request: web.Request,
+    sink: Sink,
     ctx: RequestContext,
     out: Outcome,
     up: aiohttp.ClientResponse,
@@ -44,13 +44,13 @@ async def from_upstream(
     started: float,
     store_key: str | None,
     flight: FlightLike | None,
-) -> web.StreamResponse:
+) -> None:
+    """Relay the upstream's answer to `sink` (a client's socket, or a WebSocket connection)."""
     policy, client = ctx.policy, candidate.client
     idle = client.cfg.timeouts.idle
     headers = client_headers(up, extra, policy.secrets)
     owner = (ctx.team, client.name)
     owners = gw.owners if ctx.creates_response else None
-    sink = ClientSink(request, out, idle)
     answer = Answer(up, headers, out, idle, gw.metrics, policy.secrets)
     ctype = up.content_type
     taps: list[Tap] = []
@@ -75,7 +75,7 @@ async def from_upstream(
             await _streamed(gw, source, sink, taps)
             if recorder is not None:
                 await recorder.store_entry(gw.log)
-            return sink.resp or web.Response()
+            return
         flight.readers += 1  # the leader's own client
         pump = gw.spawn(_lead_stream(gw, source, stream_sink, taps, flight, recorder, out))
         try:
@@ -83,7 +83,7 @@ async def from_upstream(
         finally:
             flight.readers -= 1
         await asyncio.shield(pump)
-        return sink.resp or web.Response()
+        return
     if flight is not None and flight.stream:  # streamed followers cannot take this answer
         flight.publish_head(up.status, (), shared=False)
     if "json" in ctype:
@@ -101,11 +101,10 @@ async def from_upstream(
                 flight.finish(recorder.entry if recorder is not None else None, out.usage)
         if recorder is not None:
             await recorder.store_entry(gw.log)
-        return sink.resp or web.Response()
+        return
     if flight is not None:
         flight.finish(None, None)
     await relay(UpstreamRaw(answer, lambda: sink.present), sink)
-    return sink.resp or web.Response()
 
 
 def _recorder(

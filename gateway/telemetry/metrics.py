@@ -233,7 +233,15 @@ class Metrics:
                 registry=r,
             )
         )
+        self.ledger_pending = Gauge(
+            "gateway_ledger_pending_records",
+            "Ledger records not yet in the ledger's storage (in memory or in a spill file).",
+            registry=r,
+        )
         self.inflight = Gauge("gateway_inflight_requests", "Requests being handled.", registry=r)
+        self.websockets = Gauge(
+            "gateway_websocket_connections", "Open Responses WebSocket connections.", registry=r
+        )
         self.active_streams = Gauge(
             "gateway_active_streams", "SSE streams being relayed.", registry=r
         )
@@ -265,8 +273,7 @@ class Metrics:
         self.state_errors = Family(
             Counter(
                 "gateway_state_errors",
-                "Calls to the shared state (Redis) that failed or were skipped while it was"
-                " down, by operation.",
+                "Operations on the shared state store (Redis) that got no answer, by operation.",
                 ["operation"],
                 registry=r,
             )

@@ -135,3 +135,39 @@ class UpstreamClient:
             raise errors.upstream_timeout(self.name, self.cfg.timeouts.first_byte) from None
         except aiohttp.ClientError:
             raise errors.upstream_unavailable(self.name, reached=True) from None
+
+    async def websocket(
+        self, path: str, headers: Mapping[str, str], max_msg_size: int
+    ) -> aiohttp.ClientWebSocketResponse:
+        """Open the upstream's own WebSocket at `path` (its Responses WebSocket mode).
+
+        Raises GatewayError: the upstream's refusal of the handshake with its status (a 401
+        or 403 names the key as refused), or `upstream_unavailable` when it cannot be reached.
+        """
+        session = self._session
+        if session is None:
+            raise errors.upstream_unavailable(self.name)
+        url = URL(self.cfg.base_url + path, encoded=True)
+        url = url.with_scheme("wss" if url.scheme == "https" else "ws")
+        try:
+            async with asyncio.timeout(self.cfg.timeouts.first_byte):
+                return await session.ws_connect(
+                    url,
+                    headers=headers,
+                    autoping=True,
+                    max_msg_size=max_msg_size,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
+                )
+        except aiohttp.WSServerHandshakeError as e:
+            err = errors.GatewayError(
+                e.status if e.status >= 400 else 502,
+                "upstream_error",
+                "upstream_refused_websocket",
+                f"The upstream {errors.quoted(self.name)} refused the WebSocket handshake"
+                f" with HTTP status {e.status}.",
+            )
+            raise err from None
+        except TimeoutError:
+            raise errors.upstream_timeout(self.name, self.cfg.timeouts.first_byte) from None
+        except aiohttp.ClientError:
+            raise errors.upstream_unavailable(self.name) from None

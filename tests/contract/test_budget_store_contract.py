@@ -3,19 +3,45 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
 import pytest
+from servers import REDIS_URL, redis_prefix
 
 from contract import implementations, in_process
 from gateway.budget.local import LocalBudgetStore
+from gateway.budget.redis import RedisBudgetStore
 from gateway.budget.store import BudgetStore, Rejection, Reservation
 from gateway.budget.windows import window_bounds
 from gateway.ledger.records import Charge
+from gateway.redis_state import connect
 from gateway.settings import BudgetRule, Team
 
+
+async def empty_ledger(since: float) -> Mapping[str, Charge]:
+    return {}
+
+
+@asynccontextmanager
+async def redis_store() -> AsyncIterator[RedisBudgetStore]:
+    """A Redis store on a fresh prefix, over a ledger with no records."""
+    async with redis_prefix() as prefix:
+        made = RedisBudgetStore(connect(REDIS_URL), prefix, empty_ledger)
+        try:
+            yield made
+        finally:
+            await made.close()
+
+
 # the one place an implementation joins this suite (see tests/contract/__init__.py)
-store = implementations("store", pytest.param(in_process(LocalBudgetStore), id="local"))
+store = implementations(
+    "store",
+    pytest.param(in_process(LocalBudgetStore), id="local"),
+    pytest.param(redis_store, id="redis", marks=pytest.mark.redis),
+)
 
 
 def ts(*args: int) -> float:
@@ -310,7 +336,7 @@ async def test_settle_skips_a_window_it_never_counted_and_settles_the_others(
     store: BudgetStore,
 ) -> None:
     r = await reserved(store, 100, 0.2)
-    unknown = Reservation(r.team, r.tokens, r.usd, (("week", "tokens", 0.0), *r.windows))
+    unknown = dataclasses.replace(r, windows=(("week", "tokens", 0.0), *r.windows))
     await store.settle(unknown, 40, 0.05, NOW + 1)
     day, hour, month = await store.windows(TEAM, NOW + 1)
     assert (day.used, day.reserved, hour.used, hour.reserved) == (40, 0, 40, 0)
@@ -324,3 +350,71 @@ async def test_two_requests_just_before_a_window_ends_share_that_window(
     await reserved(store, 300, 0.0, instant)
     got = await refused(store, 300, 0.0, instant)
     assert got.window == "hour" and got.retry_after == 1
+
+
+RATED = team(BudgetRule(per="minute", requests=3), BudgetRule(per="hour", tokens=300))
+
+
+async def test_a_requests_window_counts_each_admitted_request(store: BudgetStore) -> None:
+    held = [await store.reserve(RATED, 10, 0.0, NOW) for _ in range(3)]
+    assert all(isinstance(r, Reservation) and r.requests == 1 for r in held)
+    minute, hour = await store.windows(RATED, NOW)
+    assert (minute.unit, minute.limit, minute.reserved, minute.remaining) == ("requests", 3, 3, 0)
+    assert hour.reserved == 30  # the other units count tokens as ever
+    got = await store.reserve(RATED, 10, 0.0, NOW)
+    minute_end = window_bounds("minute", NOW)[1]
+    assert got == Rejection("t", "minute:requests", int(minute_end - NOW))
+    # a retry's extra hold is no request: it holds tokens, and no request
+    more = await store.reserve(RATED, 10, 0.0, NOW, requests=0)
+    assert isinstance(more, Reservation) and more.requests == 0
+    assert [w.reserved for w in await store.windows(RATED, NOW)] == [3, 40]
+    for r in held:
+        assert isinstance(r, Reservation)
+        await store.settle(r, 5, 0.0, NOW + 1)  # counts what it held: one request
+    await store.settle(more, 0, 0.0, NOW + 1)
+    minute, hour = await store.windows(RATED, NOW + 1)
+    assert (minute.used, minute.reserved, hour.used, hour.reserved) == (3, 0, 15, 0)
+    await refused_by(store, RATED, "minute:requests", NOW + 2)
+    # the next minute admits again
+    assert isinstance(await store.reserve(RATED, 10, 0.0, NOW + 60), Reservation)
+
+
+async def refused_by(store: BudgetStore, t: Team, window: str, now: float) -> None:
+    got = await store.reserve(t, 1, 0.0, now)
+    assert isinstance(got, Rejection) and got.window == window, got
+
+
+async def test_settle_counts_the_requests_it_is_told(store: BudgetStore) -> None:
+    r = await store.reserve(RATED, 10, 0.0, NOW)
+    assert isinstance(r, Reservation)
+    await store.settle(r, 0, 0.0, NOW, requests=0)  # admitted, yet no upstream call was made
+    minute, _ = await store.windows(RATED, NOW)
+    assert (minute.used, minute.reserved) == (0, 0)
+    r = await store.reserve(RATED, 10, 0.0, NOW)
+    assert isinstance(r, Reservation)
+    await store.settle(r, 0, 0.0, NOW, requests=2)
+    minute, _ = await store.windows(RATED, NOW)
+    assert (minute.used, minute.reserved) == (2, 0)
+
+
+async def test_restore_seeds_requests_windows_from_the_ledger(store: BudgetStore) -> None:
+    start = window_bounds("minute", NOW)[0]
+    await store.restore([RATED], {start: {"t": Charge(100, 0.5, requests=2)}}, NOW)
+    minute, hour = await store.windows(RATED, NOW)
+    assert (minute.used, hour.used) == (2, 0)
+    assert isinstance(await store.reserve(RATED, 1, 0.0, NOW), Reservation)
+    await refused_by(store, RATED, "minute:requests", NOW)
+
+
+async def test_a_usd_window_keeps_sums_of_small_costs_exact(store: BudgetStore) -> None:
+    dollar = team(BudgetRule(per="day", usd=1.0))
+    for _ in range(1000):
+        r = await store.reserve(dollar, 1, 0.000_001, NOW)  # 10 tokens at 0.10 per million
+        assert isinstance(r, Reservation)
+        await store.settle(r, 1, 0.000_001, NOW)
+    (day,) = await store.windows(dollar, NOW)
+    assert day.used == pytest.approx(0.001, abs=1e-12) and day.reserved == pytest.approx(0)
+
+
+async def test_the_store_answers(store: BudgetStore) -> None:
+    assert await store.reachable()

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Protocol
 
 import pytest
+from servers import postgres_database
 
 from contract.ledger_samples import (
+    DAY1,
     DAY2,
     DAY3,
     assert_rows_equal,
@@ -23,6 +25,7 @@ from contract.ledger_samples import (
     record,
     wait_until,
 )
+from gateway.ledger.postgres import PostgresLedger
 from gateway.ledger.records import Ledger
 from gateway.ledger.sqlite import SqliteLedger
 
@@ -38,8 +41,17 @@ async def sqlite_storage(tmp_path: Path) -> AsyncIterator[NewLedger]:
     yield lambda flush_interval: SqliteLedger(path, flush_interval)
 
 
+@asynccontextmanager
+async def postgres_storage(tmp_path: Path) -> AsyncIterator[NewLedger]:
+    async with postgres_database() as url:
+        yield lambda flush_interval: PostgresLedger(url, tmp_path / "state", flush_interval)
+
+
 # the one place an implementation joins this suite (see tests/contract/__init__.py)
-IMPLEMENTATIONS = [pytest.param(sqlite_storage, id="sqlite")]
+IMPLEMENTATIONS = [
+    pytest.param(sqlite_storage, id="sqlite"),
+    pytest.param(postgres_storage, id="postgres", marks=pytest.mark.postgres),
+]
 
 
 class OpenLedger(Protocol):
@@ -159,6 +171,24 @@ async def test_charged_since_sums_per_team_including_queued_records(ledger: Ledg
     assert math.isclose(charges["search"].usd, 0.000125)
     assert everything["search"].tokens == 150 + 151 + 154
     assert nothing == {}
+
+
+async def test_charged_since_counts_requests_that_called_an_upstream_for_a_model(
+    ledger: Ledger,
+) -> None:
+    ledger.append(record(0, attempts=1))
+    ledger.append(record(1, attempts=3, status=502))  # failed after retries: still a request
+    ledger.append(record(2, attempts=0, cache="hit"))  # answered from the cache
+    ledger.append(record(3, attempts=1, model=""))  # no model named
+    ledger.append(record(4, attempts=2, team="ads"))
+    ledger.append(record(5, attempts=0, team="ads", status=429))  # refused before any call
+    ledger.append(record(6, attempts=1, ts=DAY1 - 1))  # before `since`
+
+    charges = await ledger.charged_since(DAY1)
+
+    assert {team: c.requests for team, c in charges.items()} == {"search": 2, "ads": 1}
+    assert (await ledger.charged_since(DAY1 - 1))["search"].requests == 3
+    assert charges["search"].tokens == 150 + 151 + 152 + 153
 
 
 async def test_owner_is_the_team_and_upstream_that_created_a_response(ledger: Ledger) -> None:

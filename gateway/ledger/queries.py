@@ -1,0 +1,150 @@
+"""The ledger's read queries, written once for both SQL backends.
+
+The report's grouping rules (which expression each group key is, the half-open time range,
+the order of rows, no rows for no records) and what a team was charged are defined here; a
+backend runs the SQL with its driver and converts the rows with `report_rows` and `charges`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.ledger.columns import COLUMNS, Dialect
+from gateway.ledger.records import GROUP_KEYS, Charge, ReportRow
+from gateway.ledger.report import normalize_by
+
+TABLE = "ledger"
+
+_DAY: dict[Dialect, str] = {
+    "sqlite": "strftime('%Y-%m-%d', ts, 'unixepoch')",
+    "postgres": "to_char(to_timestamp(ts) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+}
+# Rows sort by code point in both, as Python sorts strings (PostgreSQL's default collation
+# may follow a locale).
+_ORDER: dict[Dialect, str] = {"sqlite": "{}", "postgres": '{} COLLATE "C"'}
+_TEXT_KEYS = ("team", "model")  # `day` is digits and dashes, and an alias PostgreSQL cannot
+# collate in ORDER BY
+_TRUE: dict[Dialect, str] = {"sqlite": "1", "postgres": "TRUE"}
+# what counts as a request in `Charge.requests`: an upstream call for a named model
+_REQUEST = "attempts > 0 AND model <> ''"
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """SQL with its parameters, in the driver's placeholder style."""
+
+    sql: str
+    params: tuple[object, ...]
+
+
+def _placeholder(dialect: Dialect, n: int) -> str:
+    return "?" if dialect == "sqlite" else f"${n}"
+
+
+def create_table(dialect: Dialect) -> str:
+    """CREATE TABLE IF NOT EXISTS with an id in write order and one column per field."""
+    ident = {
+        "sqlite": "id INTEGER PRIMARY KEY AUTOINCREMENT",
+        "postgres": "id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+    }[dialect]
+    cols = ",\n    ".join(f"{c.name} {c.declaration(dialect)}" for c in COLUMNS)
+    return f"CREATE TABLE IF NOT EXISTS {TABLE} (\n    {ident},\n    {cols}\n)"
+
+
+def add_columns(dialect: Dialect, have: Iterable[str]) -> list[str]:
+    """ALTER TABLE statements adding the columns a table made by an older version lacks."""
+    present = set(have)
+    return [
+        f"ALTER TABLE {TABLE} ADD COLUMN {c.name} {c.declaration(dialect)}"
+        for c in COLUMNS
+        if c.name not in present
+    ]
+
+
+# The report filters on ts, ownership looks up response_id, the request listing filters on
+# team and pages by ts.
+INDEXES = (
+    f"CREATE INDEX IF NOT EXISTS ledger_ts ON {TABLE} (ts)",
+    f"CREATE INDEX IF NOT EXISTS ledger_team_ts ON {TABLE} (team, ts)",
+    f"CREATE INDEX IF NOT EXISTS ledger_response ON {TABLE} (response_id) WHERE response_id <> ''",
+)
+
+
+def charged_since(dialect: Dialect, since: float) -> Query:
+    """Per team: charged tokens, cost and requests (see `Charge`) of records with ts >= since."""
+    return Query(
+        "SELECT team, COALESCE(SUM(charged_tokens), 0), COALESCE(SUM(cost_usd), 0),"
+        f" COALESCE(SUM(CASE WHEN {_REQUEST} THEN 1 ELSE 0 END), 0)"
+        f" FROM {TABLE} WHERE ts >= {_placeholder(dialect, 1)} GROUP BY team",
+        (since,),
+    )
+
+
+def charges(rows: Iterable[Sequence[Any]]) -> dict[str, Charge]:
+    """`charged_since` rows as Charges by team."""
+    return {
+        str(team): Charge(tokens=int(tokens), usd=float(usd), requests=int(requests))
+        for team, tokens, usd, requests in rows
+    }
+
+
+def owner(dialect: Dialect, response_id: str) -> Query:
+    """(team, upstream) of the earliest record naming `response_id`: by ts, then write order
+    (a record that waited in a spill file is written late but keeps its ts)."""
+    return Query(
+        f"SELECT team, upstream FROM {TABLE} WHERE response_id = {_placeholder(dialect, 1)}"
+        " ORDER BY ts, id LIMIT 1",
+        (response_id,),
+    )
+
+
+def report(dialect: Dialect, since: float | None, until: float | None, by: Sequence[str]) -> Query:
+    """Usage over ts in [since, until), grouped by `by` (validated: ValueError for an unknown
+    key), in `by` order. Without grouping an empty range yields one row of zeros, which
+    `report_rows` drops."""
+    keys = normalize_by(by)
+    expr = {"team": "team", "model": "model", "day": _DAY[dialect]}
+    select = [f"{expr[key]} AS {key}" if key in keys else "''" for key in GROUP_KEYS]
+    where: list[str] = []
+    params: list[float] = []
+    for bound, op in ((since, ">="), (until, "<")):
+        if bound is not None:
+            params.append(bound)
+            where.append(f"ts {op} {_placeholder(dialect, len(params))}")
+    sql = (
+        f"SELECT {', '.join(select)}, COUNT(*),"
+        " COALESCE(SUM(input_tokens), 0), COALESCE(SUM(cached_tokens), 0),"
+        " COALESCE(SUM(output_tokens), 0), COALESCE(SUM(reasoning_tokens), 0),"
+        " COALESCE(SUM(cost_usd), 0), COALESCE(SUM(saved_tokens), 0),"
+        f" COALESCE(SUM(CASE WHEN estimated = {_TRUE[dialect]} THEN 1 ELSE 0 END), 0)"
+        f" FROM {TABLE}"
+    )
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    if keys:
+        order = ", ".join(_ORDER[dialect].format(key) if key in _TEXT_KEYS else key for key in keys)
+        sql += f" GROUP BY {', '.join(keys)} ORDER BY {order}"
+    return Query(sql, tuple(params))
+
+
+def report_rows(rows: Iterable[Sequence[Any]]) -> list[ReportRow]:
+    """`report` rows as ReportRows, without the all-zero row of an empty ungrouped range."""
+    return [
+        ReportRow(
+            team=str(r[0]),
+            model=str(r[1]),
+            day=str(r[2]),
+            requests=int(r[3]),
+            input_tokens=int(r[4]),
+            cached_tokens=int(r[5]),
+            output_tokens=int(r[6]),
+            reasoning_tokens=int(r[7]),
+            cost_usd=float(r[8]),
+            saved_tokens=int(r[9]),
+            estimated_requests=int(r[10]),
+        )
+        for r in rows
+        if r[3]
+    ]

@@ -1,0 +1,1 @@
+"""The Responses API's WebSocket mode: one persistent connection, many responses."""
