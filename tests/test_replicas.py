@@ -177,7 +177,7 @@ async def post(
     session: aiohttp.ClientSession, url: str, body: dict[str, Any], key: str = ALPHA
 ) -> tuple[int, dict[str, str], bytes]:
     async with session.post(f"{url}/v1/responses", json=body, headers=auth(key)) as resp:
-        return resp.status, dict(resp.headers), await resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.headers.items()}, await resp.read()
 
 
 async def ledger_rows(url: str) -> list[dict[str, Any]]:

@@ -143,11 +143,13 @@ async def _lead_stream(
 ) -> None:
     try:
         await _streamed(gw, source, sink, taps)
+        # stored before the clients' streams end: a client that read its whole answer and
+        # asks again, through any replica sharing the store, gets a hit (in-process this
+        # costs nothing; through Redis, one round trip before the end)
+        if recorder is not None:
+            await recorder.store_entry(gw.log)
     finally:
-        # followers (and the leader's own client) end here, before the entry is stored
         flight.finish(recorder.entry if recorder is not None else None, out.usage)
-    if recorder is not None:
-        await recorder.store_entry(gw.log)
 
 
 async def from_entry(
