@@ -94,7 +94,10 @@ async def test_claim_leads_once_then_joins_until_landed(flights: FlightRegistry)
     leader.finish(None, None)
     await flights.land("k", leader)
     assert len(flights) == 0
-    again = await lead(flights)  # landed: a newcomer leads anew
+    # landed, and its end seen where it was followed: a newcomer leads anew (until then,
+    # another process may still hand the ended flight's result to a newcomer)
+    await asyncio.wait_for(joined.wait_done(), 5)
+    again = await lead(flights)
     await flights.land("k", again)
 
 
