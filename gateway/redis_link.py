@@ -6,6 +6,9 @@ through `RedisLink.run`, which turns any Redis or socket failure into `StateUnav
 and counts it by operation. After a failure the link stays down for `retry_after` seconds:
 requests meanwhile skip Redis at once instead of each waiting out a timeout, and the first
 call after that tries Redis again, so the gateway recovers by itself when Redis is back.
+
+The budget store keeps a client of its own (`gateway.redis_state.connect`): its failures
+decide admission (`state.on_unavailable`), where these only make the cache step aside.
 """
 
 from __future__ import annotations
