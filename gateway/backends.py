@@ -145,6 +145,7 @@ def build_backends(
         settings.state.prefix,
         ledger.charged_since,
         on_error=on_state_error,
+        clock=clock,
     )
     return Backends(
         budget=budget,

@@ -378,3 +378,38 @@ async def test_a_seeder_that_died_holding_the_lock_delays_the_seed_only_until_it
     assert 0.3 < time.monotonic() - started < 3  # waited for the lock, then seeded itself
     _, hour, _, _ = await store.windows(TEAM, NOW)
     assert (hour.used, hour.reserved) == (100, 10)
+
+
+async def test_a_replica_that_missed_settles_corrects_the_counters_unasked(
+    prefix: str, stores: AsyncExitStack
+) -> None:
+    """A settle Redis did not answer, on a replica that then gets no request: once Redis is
+    back the replica itself releases the hold and raises the counters to the ledger's."""
+    proxy = RedisProxy()
+    await proxy.start()
+    ledger = Ledger()
+    store = RedisBudgetStore(
+        connect(proxy.redis_url), prefix, ledger.charged_since, clock=lambda: NOW
+    )
+    stores.push_async_callback(store.close)
+    other = make(stores, prefix, Ledger())
+    held = await store.reserve(TEAM, 100, 0.1, NOW)
+    assert isinstance(held, Reservation)
+    await proxy.stop()
+    with pytest.raises(StateUnavailable):
+        await store.settle(held, 40, 0.05, NOW)
+    # the request's record reaches the ledger; Redis comes back; no request follows
+    ledger.charges = {
+        s: {"t": Charge(40, 0.05, 1)}
+        for s in (DAY, HOUR, window_bounds("month", NOW)[0], window_bounds("minute", NOW)[0])
+    }
+    await proxy.start()
+    try:
+        async with asyncio.timeout(10):
+            while (await other.windows(TEAM, NOW))[1].reserved:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+        day, hour, month, minute = await other.windows(TEAM, NOW)
+        assert (day.used, hour.used, month.used, minute.used) == (40, 40, 0.05, 1)
+        assert (day.reserved, hour.reserved, minute.reserved) == (0, 0, 0)
+    finally:
+        await proxy.stop()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Literal
 
@@ -49,6 +50,8 @@ GRACE = 3600  # seconds a period's counter outlives the period (replica clocks m
 LOCK_MS = 5000  # a seeder that dies holding the lock delays the others at most this long
 WAIT_STEP = 0.02  # seconds between looks at another replica's seed
 ROUNDS = 3  # seed-and-retry rounds before a request gives up on a counter
+RECOVER_EVERY = 1.0  # seconds between looks for a Redis that did not answer
+RECOVER_AGAIN = 3.0  # seconds to the second correction: records still on their way landed
 MAX_UNRELEASED = 100_000  # holds remembered while Redis is away; past it they wait for expiry
 
 # what the ledger says each team was charged since an instant: `ReportReader.charged_since`
@@ -78,6 +81,7 @@ class RedisBudgetStore:
         charged_since: ChargedSince,
         *,
         on_error: Callable[[str], None] = lambda operation: None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._client = client
         self._prefix = prefix
@@ -93,11 +97,21 @@ class RedisBudgetStore:
         # does (their spending comes from the ledger with the next `_fresh`)
         self._unreleased: list[Reservation] = []
         self._bases: dict[str, bytes] = {}  # team -> its keys' common start
+        self._teams: dict[str, Team] = {}  # the teams seen with budgets, latest settings
+        self._clock = clock
+        self._recovering: asyncio.Task[None] | None = None
+        self._closed = False
         self._periods: dict[str, tuple[float, float]] = {}  # window -> its current period
 
     def _failed(self, operation: str) -> None:
         self._outages += 1
         self.on_error(operation)
+        if self._recovering is None and not self._closed:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            self._recovering = loop.create_task(self._recover())
 
     def _gave_up(self) -> StateUnavailable:
         """Counters still missing after every round of seeding (a seeder holding the lock
@@ -132,6 +146,7 @@ class RedisBudgetStore:
         rules = team.budgets
         if not rules:
             return Reservation(team.name, tokens, usd, (), requests)
+        self._teams[team.name] = team
         bounds = [self._period(r.per, now) for r in rules]
         base = self._team_key(team.name)
         keys = [base + b"epoch"]
@@ -256,21 +271,61 @@ class RedisBudgetStore:
             return False
         return True
 
+    async def _answers(self) -> bool:
+        """Whether Redis answers a ping (the recovery's own looks: not counted as errors)."""
+        try:
+            with answering("ping", lambda operation: None):
+                await self._client.ping()
+        except StateUnavailable:
+            return False
+        return True
+
     async def close(self) -> None:
+        self._closed = True
+        if self._recovering is not None:
+            self._recovering.cancel()
+            await asyncio.wait([self._recovering])
         await self._client.aclose()
 
     async def _fresh(self, team: Team, now: float) -> None:
-        """After Redis failed to answer this process, set the team's counters from the ledger
-        once: what was admitted or settled meanwhile is counted."""
+        """After Redis failed to answer this process, raise the team's counters to what the
+        ledger charged, once per outage: what was admitted or settled meanwhile is counted.
+        Never lowered: a request settled in Redis whose record is not in the ledger yet (any
+        replica's, flushed a moment later) is counted there already."""
         if self._checked.get(team.name, 0) == self._outages:
             return
         self._checked[team.name] = self._outages  # concurrent requests do not do it again
         try:
             charged = await self._ledger(team.budgets, now)
-            await self._write(team, team.budgets, charged, now, "set")
+            await self._write(team, team.budgets, charged, now, "raise")
         except BaseException:
             self._checked.pop(team.name, None)
             raise
+
+    async def _recover(self) -> None:
+        """Redis did not answer this process: once it does again, release the holds whose
+        settles it missed and correct every team's counters from the ledger, without waiting
+        for a request of that team; once more a little later, for records that were still on
+        their way to the ledger (every replica flushes within moments)."""
+        try:
+            while not await self._answers():  # noqa: ASYNC110 (Redis sends no event back)
+                await asyncio.sleep(RECOVER_EVERY)
+            for _ in range(2):
+                outages = self._outages
+                now = self._clock()
+                with answering("budget_recover", self._failed):
+                    if self._unreleased:
+                        await self._release_unreleased(now)
+                    for team in list(self._teams.values()):
+                        self._checked.pop(team.name, None)
+                        await self._fresh(team, now)
+                if self._outages != outages:
+                    return  # Redis went away again: that failure starts a recovery of its own
+                await asyncio.sleep(RECOVER_AGAIN)
+        except StateUnavailable:
+            pass  # counted; the next failure starts another recovery
+        finally:
+            self._recovering = None
 
     async def _rebuild(self, team: Team, missing: Sequence[BudgetRule], now: float) -> None:
         """Seed counters Redis does not hold from the ledger, under the team's lock; a replica
@@ -306,7 +361,7 @@ class RedisBudgetStore:
         rules: Sequence[BudgetRule],
         charged: Mapping[float, Mapping[str, Charge]],
         now: float,
-        mode: Literal["missing", "set"],
+        mode: Literal["missing", "set", "raise"],
         epoch: str = "",
     ) -> None:
         """Seed `rules`' counters with what the ledger charged (`mode`: see `lua.SEED`)."""

@@ -56,8 +56,9 @@ return {2, epoch}
 
 # KEYS[1]: the team's epoch; KEYS[2..]: window counters to seed.
 # ARGV[1]: the epoch to write if the team has none; ARGV[2]: 'missing' (write only counters
-# that are missing) or 'set' (also set `used` of present ones, keeping what they hold
-# reserved); then, per window, `used` and the milliseconds it lives ('0': for ever).
+# that are missing), 'set' (also set `used` of present ones, keeping what they hold
+# reserved) or 'raise' (as 'set', but never lower a present `used`); then, per window,
+# `used` and the milliseconds it lives ('0': for ever).
 # Reply: the team's epoch.
 SEED = """
 local epoch = redis.call('GET', KEYS[1])
@@ -72,6 +73,8 @@ for i = 1, #KEYS - 1 do
     redis.call('HSET', k, 'used', used, 'reserved', '0', 'epoch', epoch)
     if ttl ~= '0' then redis.call('PEXPIRE', k, ttl) end
   elseif ARGV[2] == 'set' then
+    redis.call('HSET', k, 'used', used)
+  elseif ARGV[2] == 'raise' and tonumber(redis.call('HGET', k, 'used')) < tonumber(used) then
     redis.call('HSET', k, 'used', used)
   end
 end
