@@ -39,6 +39,12 @@ class Query:
     params: tuple[object, ...]
 
 
+def quote(name: str) -> str:
+    """A column name as SQL names it: quoted, since `user` is a reserved word in PostgreSQL
+    (bare, it means the session's role). Names come from `LedgerRecord`, never from input."""
+    return f'"{name}"'
+
+
 def _placeholder(dialect: Dialect, n: int) -> str:
     return "?" if dialect == "sqlite" else f"${n}"
 
@@ -49,7 +55,7 @@ def create_table(dialect: Dialect) -> str:
         "sqlite": "id INTEGER PRIMARY KEY AUTOINCREMENT",
         "postgres": "id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
     }[dialect]
-    cols = ",\n    ".join(f"{c.name} {c.declaration(dialect)}" for c in COLUMNS)
+    cols = ",\n    ".join(f"{quote(c.name)} {c.declaration(dialect)}" for c in COLUMNS)
     return f"CREATE TABLE IF NOT EXISTS {TABLE} (\n    {ident},\n    {cols}\n)"
 
 
@@ -57,7 +63,7 @@ def add_columns(dialect: Dialect, have: Iterable[str]) -> list[str]:
     """ALTER TABLE statements adding the columns a table made by an older version lacks."""
     present = set(have)
     return [
-        f"ALTER TABLE {TABLE} ADD COLUMN {c.name} {c.declaration(dialect)}"
+        f"ALTER TABLE {TABLE} ADD COLUMN {quote(c.name)} {c.declaration(dialect)}"
         for c in COLUMNS
         if c.name not in present
     ]

@@ -40,6 +40,10 @@ class LedgerRecord:
     response_id: str = ""  # the id of a response this request created (POST /v1/responses)
     attempts: int = 0  # upstream calls made (`upstream` is the one that answered, or the last)
     transport: str = "http"  # http | websocket (a response.create on a WebSocket connection)
+    user: str = ""  # who the request is for (x-gateway-user, else the body's user), redacted
+    # its tags as canonical JSON (`Attribution.tags_text`: sorted keys, no spaces), "" for none
+    tags: str = ""
+    replay_of: str = ""  # the request id this request replays, "" when it is no replay
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,8 @@ logger = logging.getLogger("gateway.ledger")
 _T = TypeVar("_T")
 
 _INSERT = (
-    f"INSERT INTO {queries.TABLE} ({', '.join(NAMES)}) VALUES ({', '.join('?' for _ in NAMES)})"
+    f"INSERT INTO {queries.TABLE} ({', '.join(map(queries.quote, NAMES))})"
+    f" VALUES ({', '.join('?' for _ in NAMES)})"
 )
 
 
