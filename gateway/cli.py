@@ -194,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--by",
         default="team,model",
         metavar="KEYS",
-        help="group by any of team, model, day, comma-separated (default: team,model)",
+        help="group by any of team, model, day, user and tag:KEY (the value of tag KEY),"
+        " comma-separated (default: team,model)",
     )
     u.add_argument(
         "--format",

@@ -21,8 +21,8 @@ from servers import postgres_database
 
 from gateway.ledger import queries
 from gateway.ledger.columns import NAMES
-from gateway.ledger.queries import quote
 from gateway.ledger.postgres import PostgresLedger
+from gateway.ledger.queries import quote
 from gateway.ledger.records import LedgerRecord
 from gateway.ledger.spill import PATTERN, Batch, SpillFile, new_batch
 

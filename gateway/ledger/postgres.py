@@ -187,9 +187,10 @@ class PostgresLedger:
     async def report(
         self, since: float | None, until: float | None, by: Sequence[str]
     ) -> list[ReportRow]:
-        """Usage rows grouped by `by` (team, model, day in UTC), over ts in [since, until)."""
+        """Usage rows grouped by `by` (team, model, day in UTC, user, tag:KEY), over ts in
+        [since, until)."""
         query = queries.report("postgres", since, until, by)  # validates `by` before any I/O
-        return queries.report_rows(await self._read(query))
+        return queries.report_rows(await self._read(query), by)
 
     async def _read(self, query: queries.Query) -> list[Any]:
         await self.flush()

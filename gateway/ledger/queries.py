@@ -11,8 +11,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.attribution import valid_key
 from gateway.ledger.columns import COLUMNS, Dialect
-from gateway.ledger.records import GROUP_KEYS, Charge, ReportRow
+from gateway.ledger.records import GROUP_KEYS, TAG_PREFIX, Charge, ReportRow
 from gateway.ledger.report import normalize_by
 
 TABLE = "ledger"
@@ -22,10 +23,8 @@ _DAY: dict[Dialect, str] = {
     "postgres": "to_char(to_timestamp(ts) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
 }
 # Rows sort by code point in both, as Python sorts strings (PostgreSQL's default collation
-# may follow a locale).
+# may follow a locale). Every group expression is text.
 _ORDER: dict[Dialect, str] = {"sqlite": "{}", "postgres": '{} COLLATE "C"'}
-_TEXT_KEYS = ("team", "model")  # `day` is digits and dashes, and an alias PostgreSQL cannot
-# collate in ORDER BY
 _TRUE: dict[Dialect, str] = {"sqlite": "1", "postgres": "TRUE"}
 # what counts as a request in `Charge.requests`: an upstream call for a named model
 _REQUEST = "attempts > 0 AND model <> ''"
@@ -106,13 +105,32 @@ def owner(dialect: Dialect, response_id: str) -> Query:
     )
 
 
+def tag_value(dialect: Dialect, key: str) -> str:
+    """The SQL expression for the value of tag `key` of a record, NULL when it has none.
+    `key` must be valid (`attribution.valid_key`: a-z 0-9 _ . -, so it cannot close the
+    quotes around it); it is checked again here, since it is written into the SQL."""
+    if not valid_key(key):
+        raise ValueError("invalid tag key")
+    if dialect == "sqlite":
+        return f"""json_extract(NULLIF(tags, ''), '$."{key}"')"""
+    return f"(NULLIF(tags, '')::jsonb ->> '{key}')"
+
+
+def _group_expr(dialect: Dialect, key: str) -> str:
+    if key.startswith(TAG_PREFIX):
+        return f"COALESCE({tag_value(dialect, key[len(TAG_PREFIX) :])}, '')"
+    return {"team": "team", "model": "model", "day": _DAY[dialect], "user": quote("user")}[key]
+
+
 def report(dialect: Dialect, since: float | None, until: float | None, by: Sequence[str]) -> Query:
     """Usage over ts in [since, until), grouped by `by` (validated: ValueError for an unknown
-    key), in `by` order. Without grouping an empty range yields one row of zeros, which
-    `report_rows` drops."""
+    key), in `by` order. Rows hold team, model, day and user (or '' where not grouped by),
+    then one value per `tag:KEY` of `by`, then the sums (see `report_rows`). Without
+    grouping an empty range yields one row of zeros, which `report_rows` drops."""
     keys = normalize_by(by)
-    expr = {"team": "team", "model": "model", "day": _DAY[dialect]}
-    select = [f"{expr[key]} AS {key}" if key in keys else "''" for key in GROUP_KEYS]
+    tags = [key for key in keys if key.startswith(TAG_PREFIX)]
+    select = [_group_expr(dialect, key) if key in keys else "''" for key in GROUP_KEYS]
+    select += [_group_expr(dialect, key) for key in tags]
     where: list[str] = []
     params: list[float] = []
     for bound, op in ((since, ">="), (until, "<")):
@@ -130,27 +148,33 @@ def report(dialect: Dialect, since: float | None, until: float | None, by: Seque
     if where:
         sql += " WHERE " + " AND ".join(where)
     if keys:
-        order = ", ".join(_ORDER[dialect].format(key) if key in _TEXT_KEYS else key for key in keys)
-        sql += f" GROUP BY {', '.join(keys)} ORDER BY {order}"
+        exprs = [_group_expr(dialect, key) for key in keys]
+        sql += f" GROUP BY {', '.join(exprs)}"
+        sql += f" ORDER BY {', '.join(_ORDER[dialect].format(e) for e in exprs)}"
     return Query(sql, tuple(params))
 
 
-def report_rows(rows: Iterable[Sequence[Any]]) -> list[ReportRow]:
-    """`report` rows as ReportRows, without the all-zero row of an empty ungrouped range."""
+def report_rows(rows: Iterable[Sequence[Any]], by: Sequence[str]) -> list[ReportRow]:
+    """`report` rows (of the same `by`) as ReportRows, without the all-zero row of an empty
+    ungrouped range."""
+    tags = [key[len(TAG_PREFIX) :] for key in normalize_by(by) if key.startswith(TAG_PREFIX)]
+    n = len(GROUP_KEYS) + len(tags)  # where the sums start
     return [
         ReportRow(
             team=str(r[0]),
             model=str(r[1]),
             day=str(r[2]),
-            requests=int(r[3]),
-            input_tokens=int(r[4]),
-            cached_tokens=int(r[5]),
-            output_tokens=int(r[6]),
-            reasoning_tokens=int(r[7]),
-            cost_usd=float(r[8]),
-            saved_tokens=int(r[9]),
-            estimated_requests=int(r[10]),
+            user=str(r[3]),
+            tags=tuple(zip(tags, map(str, r[4:n]), strict=True)),
+            requests=int(r[n]),
+            input_tokens=int(r[n + 1]),
+            cached_tokens=int(r[n + 2]),
+            output_tokens=int(r[n + 3]),
+            reasoning_tokens=int(r[n + 4]),
+            cost_usd=float(r[n + 5]),
+            saved_tokens=int(r[n + 6]),
+            estimated_requests=int(r[n + 7]),
         )
         for r in rows
-        if r[3]
+        if r[n]
     ]

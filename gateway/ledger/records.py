@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-GROUP_KEYS = ("team", "model", "day")
+GROUP_KEYS = ("team", "model", "day", "user")  # and `tag:KEY` for any tag key
+TAG_PREFIX = "tag:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +62,9 @@ class Charge:
 
 @dataclass(frozen=True, slots=True)
 class ReportRow:
-    """One row of the usage report; group fields absent from `by` are empty strings."""
+    """One row of the usage report; group fields absent from `by` are empty strings, and so
+    is the user or a tag of records that have none. `tags` holds (key, value) for each
+    `tag:KEY` of `by`, in `by` order."""
 
     team: str
     model: str
@@ -74,6 +77,15 @@ class ReportRow:
     cost_usd: float
     saved_tokens: int
     estimated_requests: int
+    user: str = ""
+    tags: tuple[tuple[str, str], ...] = ()
+
+    def group(self, key: str) -> str:
+        """The row's value for a group key of `by` (`team`, ..., `user` or `tag:KEY`)."""
+        if key.startswith(TAG_PREFIX):
+            return dict(self.tags).get(key[len(TAG_PREFIX) :], "")
+        value: str = getattr(self, key)
+        return value
 
 
 class LedgerWriter(Protocol):
@@ -132,9 +144,10 @@ class ReportReader(Protocol):
         self, since: float | None, until: float | None, by: Sequence[str]
     ) -> list[ReportRow]:
         """Usage rows over ts in [since, until) (None: unbounded), one per group of `by`
-        (team, model, day in UTC; ValueError for any other key), sorted by the group keys in
-        the order `by` names them; fields not grouped by are empty strings. No records, no
-        rows (not one row of zeros)."""
+        (team, model, day in UTC, user, or `tag:KEY` for the value of tag KEY; ValueError for
+        any other key), sorted by the group keys in the order `by` names them, by code point;
+        fields not grouped by are empty strings, and records without a user or without the
+        tag group under "". No records, no rows (not one row of zeros)."""
         ...
 
 

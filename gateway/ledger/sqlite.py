@@ -130,9 +130,10 @@ class SqliteLedger:
     async def report(
         self, since: float | None, until: float | None, by: Sequence[str]
     ) -> list[ReportRow]:
-        """Usage rows grouped by `by` (team, model, day in UTC), over ts in [since, until)."""
+        """Usage rows grouped by `by` (team, model, day in UTC, user, tag:KEY), over ts in
+        [since, until)."""
         query = queries.report("sqlite", since, until, by)  # validates `by` before any I/O
-        return queries.report_rows(await self._read(query))
+        return queries.report_rows(await self._read(query), by)
 
     async def _read(self, query: queries.Query) -> list[tuple[Any, ...]]:
         await self.flush()
