@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.attribution import valid_key
-from gateway.ledger.columns import COLUMNS, Dialect
+from gateway.ledger.columns import COLUMNS, NAMES, Dialect, from_mapping
 from gateway.ledger.records import GROUP_KEYS, TAG_PREFIX, Charge, ReportRow
 from gateway.ledger.report import normalize_by
+from gateway.ledger.search import Cursor, Found, Page, RequestFilter
 
 TABLE = "ledger"
 
@@ -68,12 +69,23 @@ def add_columns(dialect: Dialect, have: Iterable[str]) -> list[str]:
     ]
 
 
-# The report filters on ts, ownership looks up response_id, the request listing filters on
-# team and pages by ts.
+# Which query each index serves:
+# - ledger_ts: the report and charged_since (a ts range); `requests` without a team, user or
+#   model filter, read newest first (ts, then id: in SQLite every index ends in the rowid,
+#   which is `id`; PostgreSQL sorts the few records of one ts by id incrementally);
+# - ledger_team_ts, ledger_user_ts, ledger_model_ts: `requests` filtered by team, user or
+#   model, read newest first within it;
+# - ledger_response: `owner` (response id -> team, upstream);
+# - ledger_request: `request` (one request by its id).
+# `requests`' status and tag filters are checked on the records those indexes lead to: a
+# page stops reading once it holds `limit` records.
 INDEXES = (
     f"CREATE INDEX IF NOT EXISTS ledger_ts ON {TABLE} (ts)",
     f"CREATE INDEX IF NOT EXISTS ledger_team_ts ON {TABLE} (team, ts)",
     f"CREATE INDEX IF NOT EXISTS ledger_response ON {TABLE} (response_id) WHERE response_id <> ''",
+    f'CREATE INDEX IF NOT EXISTS ledger_user_ts ON {TABLE} ("user", ts)',
+    f"CREATE INDEX IF NOT EXISTS ledger_model_ts ON {TABLE} (model, ts)",
+    f"CREATE INDEX IF NOT EXISTS ledger_request ON {TABLE} (request_id)",
 )
 
 
@@ -178,3 +190,59 @@ def report_rows(rows: Iterable[Sequence[Any]], by: Sequence[str]) -> list[Report
         for r in rows
         if r[n]
     ]
+
+
+_SELECT_RECORD = f"SELECT id, {', '.join(quote(n) for n in NAMES)} FROM {TABLE}"
+
+
+def requests(dialect: Dialect, where: RequestFilter, limit: int, before: Cursor | None) -> Query:
+    """Records matching `where`, newest first (ts, then id), strictly before `before`: at
+    most `limit` + 1, the last only telling that there is a next page. Every value is a
+    parameter; a tag key is validated and written into the SQL (see `tag_value`)."""
+    conds: list[str] = []
+    params: list[object] = []
+
+    def param(value: object) -> str:
+        params.append(value)
+        return _placeholder(dialect, len(params))
+
+    for column, value in (("team", where.team), ("model", where.model), ("user", where.user)):
+        if value is not None:
+            conds.append(f"{quote(column)} = {param(value)}")
+    if where.status is not None:
+        low, high = where.status
+        conds.append(f"status >= {param(low)} AND status < {param(high)}")
+    for key, value in where.tags:
+        conds.append(f"{tag_value(dialect, key)} = {param(value)}")
+    if where.since is not None:
+        conds.append(f"ts >= {param(where.since)}")
+    if where.until is not None:
+        conds.append(f"ts < {param(where.until)}")
+    if before is not None:
+        conds.append(f"(ts, id) < ({param(before.ts)}, {param(before.id)})")
+    sql = _SELECT_RECORD
+    if conds:
+        sql += " WHERE " + " AND ".join(conds)
+    sql += f" ORDER BY ts DESC, id DESC LIMIT {param(limit + 1)}"
+    return Query(sql, tuple(params))
+
+
+def request(dialect: Dialect, request_id: str) -> Query:
+    """The newest record of `request_id` (a client may send the same id twice)."""
+    return Query(
+        f"{_SELECT_RECORD} WHERE request_id = {_placeholder(dialect, 1)}"
+        " ORDER BY ts DESC, id DESC LIMIT 1",
+        (request_id,),
+    )
+
+
+def found(rows: Iterable[Sequence[Any]]) -> list[Found]:
+    """`requests` or `request` rows as records with their ids."""
+    return [Found(int(r[0]), from_mapping(dict(zip(NAMES, r[1:], strict=True)))) for r in rows]
+
+
+def page(rows: Sequence[Sequence[Any]], limit: int) -> Page:
+    """`requests` rows as a page of at most `limit` records and the next page's cursor."""
+    records = found(rows[:limit])
+    more = len(rows) > limit and records
+    return Page(records, records[-1].cursor.encode() if more else None)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:  # search's types hold records: imported for annotations only
+    from gateway.ledger.search import Cursor, Found, Page, RequestFilter
 
 GROUP_KEYS = ("team", "model", "day", "user")  # and `tag:KEY` for any tag key
 TAG_PREFIX = "tag:"
@@ -151,5 +154,37 @@ class ReportReader(Protocol):
         ...
 
 
-class Ledger(LedgerWriter, ReportReader, Protocol):
-    """A backend that both writes the ledger and reads it (SQLite does)."""
+class RequestReader(Protocol):
+    """Finds requests in the ledger (`GET /admin/requests`, `gateway requests`); valid and
+    seeing what `ReportReader` says."""
+
+    async def requests(self, where: RequestFilter, limit: int, before: Cursor | None) -> Page:
+        """At most `limit` records matching `where`, newest first (by ts, then write order),
+        strictly before `before` (None: from the newest). A walk from the first page through
+        each `next_cursor` sees every matching record that existed when it began exactly
+        once, whatever is appended meanwhile (newer records sort before the walk's start)."""
+        ...
+
+    async def request(self, request_id: str) -> Found | None:
+        """The newest record of `request_id`; None for an unknown id."""
+        ...
+
+
+class CaptureReader(Protocol):
+    """Captured request and answer bodies (CONTRACT section 11), by request id."""
+
+    async def capture(self, request_id: str) -> Mapping[str, Any] | None:
+        """The capture of `request_id`, None when its bodies were not kept."""
+        ...
+
+    async def captured(self, request_ids: Sequence[str]) -> frozenset[str]:
+        """Which of `request_ids` have a capture."""
+        ...
+
+
+class LedgerReader(ReportReader, RequestReader, Protocol):
+    """Every read over the ledger."""
+
+
+class Ledger(LedgerWriter, LedgerReader, Protocol):
+    """A backend that both writes the ledger and reads it (SQLite and PostgreSQL do)."""

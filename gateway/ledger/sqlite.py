@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from gateway.ledger import queries
 from gateway.ledger.columns import NAMES, sqlite_row
 from gateway.ledger.records import Charge, LedgerRecord, ReportRow
+from gateway.ledger.search import Cursor, Found, Page, RequestFilter
 
 logger = logging.getLogger("gateway.ledger")
 
@@ -134,6 +135,16 @@ class SqliteLedger:
         [since, until)."""
         query = queries.report("sqlite", since, until, by)  # validates `by` before any I/O
         return queries.report_rows(await self._read(query), by)
+
+    async def requests(self, where: RequestFilter, limit: int, before: Cursor | None) -> Page:
+        """Records matching `where`, newest first, before `before` (see RequestReader)."""
+        rows = await self._read(queries.requests("sqlite", where, limit, before))
+        return queries.page(rows, limit)
+
+    async def request(self, request_id: str) -> Found | None:
+        """The newest record of `request_id`."""
+        rows = await self._read(queries.request("sqlite", request_id))
+        return queries.found(rows)[0] if rows else None
 
     async def _read(self, query: queries.Query) -> list[tuple[Any, ...]]:
         await self.flush()

@@ -62,8 +62,11 @@ class OpenLedger(Protocol):
         ...
 
 
-@pytest.fixture(params=IMPLEMENTATIONS)
-async def open_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OpenLedger]:
+# named apart from their fixtures, so that other suites over the same ledgers import them
+@pytest.fixture(name="open_ledger", params=IMPLEMENTATIONS)
+async def open_ledger_fixture(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[OpenLedger]:
     storage: Callable[[Path], AbstractAsyncContextManager[NewLedger]] = request.param
     async with storage(tmp_path) as new, AsyncExitStack() as opened:
 
@@ -76,8 +79,8 @@ async def open_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIt
         yield open_
 
 
-@pytest.fixture
-async def ledger(open_ledger: OpenLedger) -> Ledger:
+@pytest.fixture(name="ledger")
+async def ledger_fixture(open_ledger: OpenLedger) -> Ledger:
     return await open_ledger()
 
 
