@@ -3,12 +3,31 @@ upstream, and a malformed header refused."""
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import aiohttp
 import orjson
 import pytest
 import structlog
-from conftest import ALPHA_KEY, BETA_KEY, GatewayFactory, Running, Upstream, auth, ledger_rows
+from conftest import (
+    ALPHA_KEY,
+    BETA_KEY,
+    GatewayFactory,
+    Running,
+    Upstream,
+    auth,
+    ledger_rows,
+    make_settings,
+    start_gateway,
+)
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from test_websocket import connect, create, until
+
+from gateway.runtime import Gateway
+from gateway.settings import Telemetry, Traces
+from gateway.telemetry.tracing import Tracing
+from gateway.upstream.headers import request_headers
 
 BODY = {"model": "nusantara-base", "input": "hi", "max_output_tokens": 8}
 
@@ -124,3 +143,38 @@ async def test_the_log_line_shows_user_and_tags(gateway: Running) -> None:
         await post(gateway, {})
     lines = [entry for entry in logs if entry["event"] == "request"]
     assert [(x["user"], x["tags"]) for x in lines] == [("erin", {"env": "prod"}), (None, None)]
+
+
+async def test_user_and_tags_are_server_span_attributes_never_metric_labels(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    settings = make_settings(upstream.url, tmp_path / "s")
+    exporter = InMemorySpanExporter()
+    tracing = Tracing.from_settings(Telemetry(traces=Traces()), exporter=exporter)
+    running = await start_gateway(settings, Gateway(settings, tracing=tracing))
+    try:
+        await post(running, {"x-gateway-user": "frank", "x-gateway-tags": "env=prod,app=web"})
+        async with asyncio.timeout(10):
+            while not [s for s in exporter.get_finished_spans() if s.kind.name == "SERVER"]:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(f"{running.admin_url}/metrics") as r,
+        ):
+            metrics = await r.text()
+    finally:
+        await running.stop()
+    [server] = [s for s in exporter.get_finished_spans() if s.kind.name == "SERVER"]
+    assert server.attributes is not None
+    assert server.attributes["gateway.user"] == "frank"
+    assert server.attributes["gateway.tags.env"] == "prod"
+    assert server.attributes["gateway.tags.app"] == "web"
+    assert "frank" not in metrics and "prod" not in metrics
+
+
+def test_no_x_gateway_header_is_forwarded_upstream() -> None:
+    sent = request_headers(
+        [("X-Gateway-User", "u"), ("x-gateway-tags", "a=b"), ("x-gateway-other", "1"), ("a", "b")],
+        {},
+    )
+    assert [k.lower() for k in sent] == ["a", "accept-encoding"]
