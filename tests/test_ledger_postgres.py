@@ -78,8 +78,10 @@ async def test_schema_has_a_column_per_field_the_indexes_and_batch_ids(
     types = dict(columns)  # type: ignore[arg-type]
     assert types["ts"] == "double precision" and types["stream"] == "boolean"
     assert types["input_tokens"] == "bigint" and types["team"] == "text"
-    assert any("(ts)" in str(i) for i in indexes)
-    assert any("(team, ts)" in str(i) for i in indexes)
+    assert any("(ts, id)" in str(i) for i in indexes)
+    for column in ("team", '"user"', "model"):
+        assert any(f"({column}, ts, id)" in str(i) for i in indexes), column
+    assert not any(str(i).endswith("(ts)") or "(team, ts)" in str(i) for i in indexes)
     assert any("(response_id)" in str(i) and "WHERE" in str(i) for i in indexes)
     assert await stored(url, "SELECT count(*) FROM ledger_batches") == [0]
 

@@ -69,23 +69,25 @@ def add_columns(dialect: Dialect, have: Iterable[str]) -> list[str]:
     ]
 
 
-# Which query each index serves:
-# - ledger_ts: the report and charged_since (a ts range); `requests` without a team, user or
-#   model filter, read newest first (ts, then id: in SQLite every index ends in the rowid,
-#   which is `id`; PostgreSQL sorts the few records of one ts by id incrementally);
-# - ledger_team_ts, ledger_user_ts, ledger_model_ts: `requests` filtered by team, user or
-#   model, read newest first within it;
+# Which query each index serves (each listing index ends in (ts, id): read backwards it gives
+# `requests` its order, newest first, so a page reads `limit` records and no sort is needed):
+# - ledger_ts_id: the report and charged_since (a ts range); `requests` without a team, user
+#   or model filter;
+# - ledger_team_ts_id, ledger_user_ts_id, ledger_model_ts_id: `requests` filtered by team,
+#   user or model;
 # - ledger_response: `owner` (response id -> team, upstream);
 # - ledger_request: `request` (one request by its id).
-# `requests`' status and tag filters are checked on the records those indexes lead to: a
-# page stops reading once it holds `limit` records.
+# `requests`' status and tag filters are checked on the records those indexes lead to. The
+# (ts) and (team, ts) indexes of earlier versions are superseded and dropped.
 INDEXES = (
-    f"CREATE INDEX IF NOT EXISTS ledger_ts ON {TABLE} (ts)",
-    f"CREATE INDEX IF NOT EXISTS ledger_team_ts ON {TABLE} (team, ts)",
-    f"CREATE INDEX IF NOT EXISTS ledger_response ON {TABLE} (response_id) WHERE response_id <> ''",
-    f'CREATE INDEX IF NOT EXISTS ledger_user_ts ON {TABLE} ("user", ts)',
-    f"CREATE INDEX IF NOT EXISTS ledger_model_ts ON {TABLE} (model, ts)",
+    f"CREATE INDEX IF NOT EXISTS ledger_ts_id ON {TABLE} (ts, id)",
+    f"CREATE INDEX IF NOT EXISTS ledger_team_ts_id ON {TABLE} (team, ts, id)",
+    f'CREATE INDEX IF NOT EXISTS ledger_user_ts_id ON {TABLE} ("user", ts, id)',
+    f"CREATE INDEX IF NOT EXISTS ledger_model_ts_id ON {TABLE} (model, ts, id)",
     f"CREATE INDEX IF NOT EXISTS ledger_request ON {TABLE} (request_id)",
+    f"CREATE INDEX IF NOT EXISTS ledger_response ON {TABLE} (response_id) WHERE response_id <> ''",
+    "DROP INDEX IF EXISTS ledger_ts",
+    "DROP INDEX IF EXISTS ledger_team_ts",
 )
 
 
