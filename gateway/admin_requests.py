@@ -15,8 +15,9 @@ from gateway.runtime import GATEWAY
 PARAMS = frozenset({"team", "status", "model", "user", "tag", "since", "until", "limit", "cursor"})
 
 
-def _one(query: web.Request, name: str) -> str | None:
-    values = query.query.getall(name, [])
+def _one(request: web.Request, name: str) -> str | None:
+    """A parameter given at most once (a repeated one is ambiguous: 400)."""
+    values = request.query.getall(name, [])
     if len(values) > 1:
         raise ValueError(f"{name}: give it once")
     return values[0] if values else None

@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import MultiMapping
 
 from gateway import attribution, errors, jsonbody
 from gateway.budget import estimate
@@ -83,11 +84,8 @@ def attribute(
 ) -> attribution.Attribution:
     """The user and tags the request is attributed to (see `gateway.attribution`): 400
     `invalid_tags` or `invalid_user` for a header that breaks the rules."""
-    getall = getattr(headers, "getall", None)
-    users = (
-        getall(attribution.USER_HEADER, []) if getall else _one(headers, attribution.USER_HEADER)
-    )
-    tags = getall(attribution.TAGS_HEADER, []) if getall else _one(headers, attribution.TAGS_HEADER)
+    users = _values(headers, attribution.USER_HEADER)
+    tags = _values(headers, attribution.TAGS_HEADER)
     try:
         return attribution.attribute(users, tags, parsed.top, redact)
     except attribution.InvalidTags as e:
@@ -96,7 +94,10 @@ def attribute(
         raise errors.invalid_user(str(e)) from None
 
 
-def _one(headers: Mapping[str, str], name: str) -> list[str]:
+def _values(headers: Mapping[str, str], name: str) -> list[str]:
+    """Every value of a header: a request's headers may repeat one, a plain mapping cannot."""
+    if isinstance(headers, MultiMapping):
+        return list(headers.getall(name, []))
     value = headers.get(name)
     return [value] if value is not None else []
 

@@ -66,7 +66,8 @@ async def test_a_tag_filter_matches_values_exactly_whatever_their_text(
     odd = ["'; DROP TABLE ledger; --", 'quo"te', "back\\slash", "Zoë 🙂", "%", "_", "a b"]
     for n, value in enumerate(odd):
         ledger.append(record(n, tags=json.dumps({"k": value}, separators=(",", ":"))))
-    ledger.append(record(99, tags='{"k2":"%"}'))
+    ledger.append(record(99, tags='{"k2":"%","a.b-c_d":"x"}'))
+    assert await ids(ledger, RequestFilter(tags=(("a.b-c_d", "x"),))) == ["req-99"]
     for n, value in enumerate(odd):
         assert await ids(ledger, RequestFilter(tags=(("k", value),))) == [f"req-{n}"]
     assert await ids(ledger, RequestFilter(tags=(("k", "%_"),))) == []
