@@ -18,7 +18,8 @@ from gateway.budget.store import BudgetStore
 from gateway.cache.flight import FlightRegistry, Flights
 from gateway.cache.store import CacheStore, MemoryCacheStore
 from gateway.ledger.postgres import PostgresLedger
-from gateway.ledger.records import Ledger, LedgerWriter, ReportReader
+from gateway.ledger.records import CaptureReader, Ledger, LedgerReader, LedgerWriter
+from gateway.ledger.search import NoCaptures
 from gateway.ledger.sqlite import SqliteLedger
 from gateway.owners import LocalOwners, OwnerStore
 from gateway.redis_state import connect
@@ -87,8 +88,10 @@ class Backends:
     cache: CacheStore
     flights: FlightRegistry
     ledger: LedgerWriter
-    reports: ReportReader
+    reports: LedgerReader
     owners: OwnerStore = field(default_factory=LocalOwners)
+    # captured bodies: none until capture is configured (the seam capture storage fills)
+    captures: CaptureReader = field(default_factory=NoCaptures)
     shared: Shared | None = None  # the Redis behind the cache, flights and owners, if any
 
     async def start(self) -> None:

@@ -16,7 +16,7 @@ from gateway.budget.windows import window_bounds
 from gateway.cache.flight import FlightRegistry
 from gateway.cache.lookup import CacheCounters
 from gateway.cache.store import CacheStore
-from gateway.ledger.records import Charge, LedgerWriter, ReportReader
+from gateway.ledger.records import CaptureReader, Charge, LedgerReader, LedgerWriter
 from gateway.owners import OwnerStore
 from gateway.policy import Policy, next_clients
 from gateway.redact import Redactor
@@ -71,7 +71,8 @@ class Gateway:
         self.cache: CacheStore = self.backends.cache
         self.flights: FlightRegistry = self.backends.flights
         self.ledger: LedgerWriter = self.backends.ledger
-        self.reports: ReportReader = self.backends.reports
+        self.reports: LedgerReader = self.backends.reports
+        self.captures: CaptureReader = self.backends.captures
         self.cache_counts = CacheCounters()
         # response id -> (team, upstream), in front of the ledger, which has them all: routes
         # requests by id to the upstream that made the response and keeps teams apart
