@@ -24,22 +24,27 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], config_
         description="List finished requests from the ledger, newest first.",
     )
     r.add_argument("--config", metavar="PATH", help=config_help)
-    r.add_argument("--team", help="only this team's requests")
-    r.add_argument("--status", help="an HTTP status (429) or a class (5xx)")
-    r.add_argument("--model", help="only requests for this model")
-    r.add_argument("--user", help="only requests attributed to this user")
+    r.add_argument("--team", help="only this team's requests (default: every team)")
+    r.add_argument("--status", help="an HTTP status (429) or a class (5xx) (default: any status)")
+    r.add_argument("--model", help="only requests for this model (default: any model)")
+    r.add_argument("--user", help="only requests attributed to this user (default: any user)")
     r.add_argument(
         "--tag",
         action="append",
         default=[],
         metavar="K=V",
-        help="only requests with this tag; repeatable (all must hold)",
+        help="only requests with this tag; repeatable (all must hold) (default: no tag filter)",
     )
     when = "YYYY-MM-DD, an ISO-8601 time or unix seconds"
-    r.add_argument("--since", metavar="TIME", help=f"from this time, {when}")
-    r.add_argument("--until", metavar="TIME", help="before this time")
     r.add_argument(
-        "--limit", default="50", metavar="N", help=f"at most N requests, 1 to {MAX_LIMIT} (50)"
+        "--since", metavar="TIME", help=f"from this time, {when} (default: the first record)"
+    )
+    r.add_argument("--until", metavar="TIME", help="before this time (default: now)")
+    r.add_argument(
+        "--limit",
+        default="50",
+        metavar="N",
+        help=f"at most N requests, 1 to {MAX_LIMIT} (default: 50)",
     )
     r.add_argument("--format", choices=FORMATS, default="table", help="output (default: table)")
     r.set_defaults(func=cmd_requests)

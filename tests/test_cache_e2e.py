@@ -57,7 +57,10 @@ async def test_100_identical_concurrent_requests_one_upstream_call(
     assert {r[0] for r in results} == {200}
     assert len({r[2] for r in results}) == 1  # 100 identical results
     kinds = sorted(r[1]["x-gateway-cache"] for r in results)
-    assert kinds.count("miss") == 1 and kinds.count("coalesced") == 99
+    # one leads; the others follow it, or (arriving after its answer was stored, on a busy
+    # machine) read that answer from the cache: either way, no second upstream call
+    assert kinds.count("miss") == 1 and kinds.count("coalesced") + kinds.count("hit") == 99
+    assert kinds.count("coalesced") > 0
     # and now it is stored
     status, headers, again = await fetch(cached.url, body)
     assert status == 200
