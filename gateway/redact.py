@@ -84,11 +84,14 @@ class Redactor:
         self._extra = tuple(re.compile(p) for p in extra)
 
     @classmethod
-    def from_settings(cls, settings: Settings, extra: tuple[str, ...] = ()) -> Redactor:
+    def from_settings(cls, settings: Settings) -> Redactor:
+        """The gateway's one redactor: its upstream and admin keys, its client keys' digests,
+        and the operator's `capture.redact` patterns. Errors, spans, trace content and
+        captures all go through it, so they redact alike."""
         return cls(
             settings.secrets(),
             (d for team in settings.teams for d in team.key_digests),
-            extra,
+            settings.capture.redact,
         )
 
     def __call__(self, text: str) -> str:

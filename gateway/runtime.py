@@ -56,7 +56,7 @@ class Gateway:
             settings.telemetry.max_model_labels, known_models=named_models(settings)
         )
         self.tracing = tracing or Tracing.from_settings(settings.telemetry)
-        redactor = self.tracing.redactor = Redactor.from_settings(settings)
+        redactor = Redactor.from_settings(settings)
         clients = {u.name: UpstreamClient(u) for u in settings.upstreams}
         self.policy = Policy(settings, clients, redactor)
         # per replica: each keeps its own view of upstream and key health
@@ -166,7 +166,7 @@ class Gateway:
             for client in clients.values():
                 if not client.started:
                     await client.start()
-            redactor = self.tracing.redactor = Redactor.from_settings(settings)
+            redactor = Redactor.from_settings(settings)
             self.policy = Policy(settings, clients, redactor)
             self.health.configure(
                 settings.health.eject_after,

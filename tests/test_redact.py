@@ -145,8 +145,12 @@ def test_a_held_secret_that_starts_with_another_is_replaced_whole() -> None:
         assert Redactor(values)("a secret-one-two b secret-one") == f"a {MARK} b {MARK}"
 
 
-def test_from_settings_takes_extra_patterns(tmp_path: Path) -> None:
-    r = Redactor.from_settings(make_settings("http://127.0.0.1:1", tmp_path), (r"PIN \d{4}",))
+def test_from_settings_takes_the_capture_redact_patterns(tmp_path: Path) -> None:
+    settings = make_settings("http://127.0.0.1:1", tmp_path)
+    settings = settings.model_copy(
+        update={"capture": settings.capture.model_copy(update={"redact": (r"PIN \d{4}",)})}
+    )
+    r = Redactor.from_settings(settings)
     assert r(f"PIN 1234 {ALPHA_KEY}") == f"{MARK} {MARK}"
 
 
