@@ -150,6 +150,7 @@ def _capture(gw: Gateway, env: Envelope, now: float, team: str) -> None:
             error=out.error,
             streamed=out.streamed,
             started=env.started,
+            ended=time.perf_counter(),
             attempts=out.attempts,
             redactor=policy.redactor,
         )

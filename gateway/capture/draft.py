@@ -52,6 +52,7 @@ class Draft:
     error: str | None
     streamed: bool
     started: float  # perf_counter at the request's start
+    ended: float  # perf_counter at its finish: the end of the attempt that was relayed
     attempts: Sequence[Attempt]
     redactor: Redactor
 
@@ -94,7 +95,7 @@ def render(d: Draft) -> Row:
             "body_bytes": d.body_size,
         },
         "answer": answer,
-        "attempts": [_attempt(a, d.started) for a in d.attempts],
+        "attempts": [_attempt(a, d.started, d.ended) for a in d.attempts],
     }
     return d.request_id, d.ts, d.team, d.reason, orjson.dumps(doc).decode()
 
@@ -144,7 +145,8 @@ def _output_text(raw: bytes) -> str:
     return "".join(parts)
 
 
-def _attempt(a: Attempt, started: float) -> dict[str, Any]:
+def _attempt(a: Attempt, started: float, ended: float) -> dict[str, Any]:
+    # as the duration metric measures it: the attempt whose answer was relayed ends with it
     return {
         "upstream": a.upstream,
         "key_id": a.key_id,
@@ -152,5 +154,5 @@ def _attempt(a: Attempt, started: float) -> dict[str, Any]:
         "outcome": a.outcome,
         "error": a.error,
         "started_ms": round((a.started - started) * 1000, 3),
-        "duration_ms": round((a.ended - a.started) * 1000, 3) if a.ended else None,
+        "duration_ms": round(((a.ended or ended) - a.started) * 1000, 3),
     }
