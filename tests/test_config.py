@@ -592,7 +592,8 @@ def test_check_config_names_a_bad_capture_pattern_and_trace_url(tmp_path: Path) 
         GOOD.replace("${NEOSANTARA_API_KEY}", "${NEOSANTARA_API_KEY:-sk-x}").replace(
             "${SEARCH_KEY}", "${SEARCH_KEY:-t}"
         )
-        + "capture: {enabled: true, sample_ratio: 1.5, redact: ['acct-[0-9]+', '(unclosed', 'x*']}\n"
+        + "capture: {enabled: true, sample_ratio: 1.5,"
+        + " redact: ['acct-[0-9]+', '(unclosed', 'x*']}\n"
         + "telemetry: {trace_url: 'http://jaeger:16686/trace/'}\n"
     )
     res = run_cli("check-config", str(bad))

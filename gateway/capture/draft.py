@@ -101,7 +101,14 @@ def render(d: Draft) -> Row:
 
 
 def _headers(items: Iterable[tuple[str, str]], redact: Redactor) -> list[list[str]]:
-    return [[k, redact(v)] for k, v in items if k.lower() not in CREDENTIAL_HEADERS]
+    """Headers without credentials, their values redacted in one pass (one line each: a
+    header value holds no line break). Should an operator's pattern span lines, each value
+    is redacted on its own instead."""
+    kept = [(k, v) for k, v in items if k.lower() not in CREDENTIAL_HEADERS]
+    values = redact("\n".join(v for _, v in kept)).split("\n")
+    if len(values) != len(kept):
+        values = [redact(v) for _, v in kept]
+    return [[k, v] for (k, _), v in zip(kept, values, strict=True)]
 
 
 def _body(
