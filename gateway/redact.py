@@ -19,6 +19,7 @@ import itertools
 import re
 from collections.abc import Iterable
 from hashlib import sha256
+from itertools import compress
 
 from gateway.settings import Settings
 
@@ -64,6 +65,11 @@ _ANCHORS = (
     "xox",
     "earer",
 )
+# Tokens of at most _PLAIN_CHARS found to hold no client key are remembered, at most
+# _PLAIN_TOKENS of them: most long words of a prompt or a header recur request after request.
+_PLAIN_CHARS = 64
+_PLAIN_TOKENS = 4096
+_LONG_ENOUGH = (MIN_TOKEN - 1).__lt__
 # the characters that end a token (as `_TOKEN` reads them), as str.split sees whitespace
 _CUT_TOKENS = str.maketrans(dict.fromkeys("\"'`<>()[]{},;|\\", " "))
 
@@ -85,7 +91,7 @@ _ESCAPE = re.compile(r"u[0-9A-Fa-f]{4}|[nrtbf/]")
 class Redactor:
     """Replaces every key it can recognise in a text with `[REDACTED]`."""
 
-    __slots__ = ("_anchors", "_digests", "_extra", "_known")
+    __slots__ = ("_anchors", "_digests", "_extra", "_known", "_plain")
 
     def __init__(
         self,
@@ -99,6 +105,9 @@ class Redactor:
         shapes = f"(?=[{_FIRST}]){_GUARD}(?:{'|'.join(SHAPES)})"
         self._known = re.compile("|".join([*(re.escape(v) for v in literals), shapes]))
         self._anchors = (*literals, *_ANCHORS)
+        # tokens seen to hold no client key: words, ids and header values that recur in
+        # every request ("application/json", a model's name); forgotten when it is full
+        self._plain: dict[str, None] = {}
         self._digests = frozenset(digests)
         # compiled apart from the rest: their group numbers and flags must not clash
         self._extra = tuple(re.compile(p) for p in extra)
@@ -117,7 +126,7 @@ class Redactor:
     def __call__(self, text: str) -> str:
         if self._digests and self._may_hold_client_key(text):
             text = self._client_keys(text)
-        if any(a in text for a in self._anchors):
+        if any(map(text.__contains__, self._anchors)):
             text = self._known.sub(MARK, text)
         for pattern in self._extra:
             text = pattern.sub(MARK, text)
@@ -128,9 +137,18 @@ class Redactor:
         the same tokens, cut by C code instead of a regex; one that could follow a backslash
         (`\\nKEY`) is tried as if it did, which only adds candidates. Most texts hold none:
         then no regex runs."""
-        for token in text.translate(_CUT_TOKENS).split():
-            if len(token) >= MIN_TOKEN and self._spans(token, _ESCAPE.match(token) is not None):
+        tokens = text.translate(_CUT_TOKENS).split()
+        plain = self._plain
+        # the long tokens, picked without a Python-level loop over every word
+        for token in compress(tokens, map(_LONG_ENOUGH, map(len, tokens))):
+            if token in plain:
+                continue
+            if self._spans(token, _ESCAPE.match(token) is not None):
                 return True
+            if len(token) <= _PLAIN_CHARS:
+                if len(plain) >= _PLAIN_TOKENS:
+                    plain.clear()  # atomic under the GIL: a caller on another thread is safe
+                plain[token] = None
         return False
 
     def _client_keys(self, text: str) -> str:
