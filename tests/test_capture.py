@@ -362,3 +362,27 @@ async def test_captures_land_in_the_postgres_ledger_database(echo: str, tmp_path
 def test_sqlite_is_the_default_store(tmp_path: Path) -> None:
     gw = Gateway(settings_with("http://127.0.0.1:1", tmp_path))
     assert isinstance(gw.captures.store, SqliteCaptures)
+
+
+async def test_a_websocket_response_is_captured_like_a_stream(start: Any) -> None:
+    g = await start(sample_ratio=1.0)
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(f"{g.running.url}/v1/responses", headers=auth())
+        event = {"type": "response.create", **ask(f"over a socket {ALPHA_KEY}")}
+        await ws.send_str(orjson.dumps(event).decode())
+        async with asyncio.timeout(10):
+            while (orjson.loads((await ws.receive()).data))["type"] != "response.completed":
+                pass
+        await ws.close()
+    await asyncio.sleep(0.1)
+    await g.gw.captures.flush()
+    store = g.gw.captures.store
+    assert isinstance(store, SqliteCaptures)
+    (rid,) = await store._run(
+        lambda: [r[0] for r in store._connection().execute("SELECT request_id FROM captures")]
+    )
+    cap = await g.capture(rid)
+    assert cap is not None and cap["request"]["method"] == "POST"
+    assert orjson.loads(cap["request"]["body"])["input"] == f"over a socket {MARK}"
+    assert cap["answer"]["output_text"] == f"over a socket {MARK}"
+    await assert_nothing_secret_stored(g)
