@@ -4,11 +4,13 @@ captures are deleted, and drafts are rendered off the request path."""
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 
-from gateway.capture.draft import Draft, render
+from gateway.capture.draft import Draft, Row, render
 from gateway.capture.rule import CaptureRule
 from gateway.capture.sqlite import SqliteCaptures
 from gateway.capture.tap import SLACK, CaptureTap
@@ -126,3 +128,38 @@ async def test_captures_older_than_retention_are_deleted(tmp_path: Path) -> None
         assert found["request"]["headers"] == []  # authorization is never stored
     finally:
         await writer.close()
+
+
+class DownStore:
+    """A database that is away: every call fails, once each, and is counted."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    async def start(self) -> None:
+        raise OSError("down")
+
+    async def close(self) -> None:
+        return None
+
+    async def write(self, rows: Sequence[Row]) -> None:
+        self.writes += 1
+        raise OSError("down")
+
+    async def purge(self, before: float) -> int:
+        raise OSError("down")
+
+    async def capture(self, request_id: str) -> dict[str, Any] | None:
+        return None
+
+
+async def test_closing_with_the_store_down_tries_once_and_drops_the_rest() -> None:
+    metrics, store = Metrics(10), DownStore()
+    writer = CaptureWriter(store, metrics, 60.0, lambda: 100.0, interval=3600)
+    await writer.start()  # the store does not start: logged, the writer runs all the same
+    for i in range(250):
+        writer.submit(draft(a_tap(), Redactor(), f"req-{i}"))
+    await writer.close()
+    assert store.writes <= 2  # the batch the task was writing, and one at close
+    assert metrics.captures_dropped._value.get() == 250
+    assert writer.queued == 0

@@ -75,9 +75,11 @@ class CaptureWriter:
         return True
 
     async def flush(self) -> None:
-        """Write every queued capture now (tests, and the last act of `close`)."""
+        """Write every queued capture now; stops at the first batch the store refuses (the
+        rest waits for the next flush), so a store that is down costs one attempt."""
         while self._queue:
-            await self._write_batch()
+            if not await self._write_batch():
+                return
 
     async def purge(self) -> int:
         """Delete captures older than `retention`; how many went."""
@@ -96,6 +98,9 @@ class CaptureWriter:
                 await self._task
             await self.flush()
         finally:
+            if self._queue:  # the store refused them: nothing will write them now
+                self._metrics.captures_dropped.inc(len(self._queue))
+                self._queue.clear()
             self._render.shutdown(wait=True)
             await self.store.close()
 
@@ -116,7 +121,7 @@ class CaptureWriter:
                 except Exception:
                     logger.exception("deleting old captures failed")
 
-    async def _write_batch(self) -> None:
+    async def _write_batch(self) -> bool:
         queue = self._queue
         batch = [queue.popleft() for _ in range(min(MAX_BATCH, len(queue)))]
         try:
@@ -127,6 +132,8 @@ class CaptureWriter:
         except Exception:
             self._metrics.captures_dropped.inc(len(batch))
             logger.exception("writing %d captures failed; they are dropped", len(batch))
+            return False
+        return True
 
 
 def _render_all(batch: list[Draft]) -> list[Row]:
