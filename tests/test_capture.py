@@ -315,6 +315,9 @@ class DownStore:
     async def capture(self, request_id: str) -> dict[str, Any] | None:
         return None
 
+    async def captured(self, request_ids: Sequence[str]) -> frozenset[str]:
+        return frozenset()
+
 
 async def test_a_store_that_is_down_costs_captures_never_requests(
     echo: str, tmp_path: Path

@@ -152,6 +152,9 @@ class DownStore:
     async def capture(self, request_id: str) -> dict[str, Any] | None:
         return None
 
+    async def captured(self, request_ids: Sequence[str]) -> frozenset[str]:
+        return frozenset()
+
 
 async def test_closing_with_the_store_down_tries_once_and_drops_the_rest() -> None:
     metrics, store = Metrics(10), DownStore()

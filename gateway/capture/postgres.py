@@ -61,6 +61,16 @@ class PostgresCaptures:
         )
         return orjson.loads(doc) if doc is not None else None
 
+    async def captured(self, request_ids: Sequence[str]) -> frozenset[str]:
+        if not request_ids:
+            return frozenset()
+        pool = await self._ready()
+        rows = await pool.fetch(
+            f"SELECT DISTINCT request_id FROM {TABLE} WHERE request_id = ANY($1::text[])",
+            list(request_ids),
+        )
+        return frozenset(str(r[0]) for r in rows)
+
     async def _ready(self) -> asyncpg.Pool:
         async with self._opening:
             return self._pool or await self._open()

@@ -24,6 +24,7 @@ _INDEXES = (
     f"CREATE INDEX IF NOT EXISTS {TABLE}_request_id ON {TABLE} (request_id)",
     f"CREATE INDEX IF NOT EXISTS {TABLE}_ts ON {TABLE} (ts)",
 )
+_IDS_PER_QUERY = 500
 _INSERT = f"INSERT INTO {TABLE} (request_id, ts, team, reason, doc) VALUES (?, ?, ?, ?, ?)"
 
 
@@ -54,6 +55,9 @@ class SqliteCaptures:
     async def capture(self, request_id: str) -> dict[str, Any] | None:
         doc = await self._run(self._read, request_id)
         return orjson.loads(doc) if doc is not None else None
+
+    async def captured(self, request_ids: Sequence[str]) -> frozenset[str]:
+        return await self._run(self._which, list(request_ids)) if request_ids else frozenset()
 
     async def _run(self, func: Callable[..., _T], *args: object) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
@@ -97,6 +101,16 @@ class SqliteCaptures:
             .fetchone()
         )
         return str(row[0]) if row is not None else None
+
+    def _which(self, request_ids: list[str]) -> frozenset[str]:
+        found: set[str] = set()
+        conn = self._connection()
+        for i in range(0, len(request_ids), _IDS_PER_QUERY):  # SQLite caps bound parameters
+            part = request_ids[i : i + _IDS_PER_QUERY]
+            marks = ", ".join("?" for _ in part)
+            sql = f"SELECT DISTINCT request_id FROM {TABLE} WHERE request_id IN ({marks})"
+            found.update(str(r[0]) for r in conn.execute(sql, part))
+        return frozenset(found)
 
     def _close(self) -> None:
         if self._conn is not None:

@@ -30,3 +30,7 @@ class CaptureStore(Protocol):
         """The stored capture of `request_id` (the newest, should a client have sent the
         same id twice), or None."""
         ...
+
+    async def captured(self, request_ids: Sequence[str]) -> frozenset[str]:
+        """Which of `request_ids` have a capture (for a page of the request list)."""
+        ...

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -89,6 +89,11 @@ class CaptureWriter:
         """The stored capture of `request_id`, or None (a queued one is written first)."""
         await self.flush()
         return await self.store.capture(request_id)
+
+    async def captured(self, request_ids: Sequence[str]) -> frozenset[str]:
+        """Which of `request_ids` have a stored capture (queued ones are written first)."""
+        await self.flush()
+        return await self.store.captured(request_ids)
 
     async def close(self) -> None:
         self._closed = True

@@ -70,6 +70,18 @@ async def test_the_newest_capture_of_a_repeated_request_id_is_read(opener: Opene
         await store.close()
 
 
+async def test_captured_says_which_request_ids_have_a_capture(opener: Opener) -> None:
+    store = opener()
+    await store.start()
+    try:
+        await store.write([row(f"req-{i}", 100.0 + i) for i in range(0, 1200, 2)])
+        asked = [f"req-{i}" for i in range(1200)]  # more than one query's worth of ids
+        assert await store.captured(asked) == {f"req-{i}" for i in range(0, 1200, 2)}
+        assert await store.captured([]) == frozenset()
+    finally:
+        await store.close()
+
+
 async def test_purge_deletes_only_captures_older_than_the_bound(opener: Opener) -> None:
     store = opener()
     await store.start()
