@@ -21,7 +21,7 @@ from gateway.capture.postgres import PostgresCaptures
 from gateway.capture.sqlite import SqliteCaptures
 from gateway.capture.store import CaptureStore
 from gateway.ledger.postgres import PostgresLedger
-from gateway.ledger.records import Ledger, LedgerWriter, ReportReader
+from gateway.ledger.records import Ledger, LedgerReader, LedgerWriter
 from gateway.ledger.sqlite import SqliteLedger
 from gateway.owners import LocalOwners, OwnerStore
 from gateway.redis_state import connect
@@ -99,7 +99,7 @@ class Backends:
     cache: CacheStore
     flights: FlightRegistry
     ledger: LedgerWriter
-    reports: ReportReader
+    reports: LedgerReader
     owners: OwnerStore = field(default_factory=LocalOwners)
     captures: CaptureStore | None = None  # None: in the ledger's database (`build_captures`)
     shared: Shared | None = None  # the Redis behind the cache, flights and owners, if any

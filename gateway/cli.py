@@ -1,4 +1,4 @@
-"""The `gateway` command: serve, demo, check-config, keys, usage, mock-upstream."""
+"""The `gateway` command: serve, demo, check-config, keys, usage, requests, mock-upstream."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import asyncpg
 
-from gateway import backends, config
+from gateway import backends, cli_requests, config
 from gateway.cli_run import ListenError, run_gateway, use_uvloop
 from gateway.demo import cmd_demo
 from gateway.telemetry.logging import configure_logging
@@ -194,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--by",
         default="team,model",
         metavar="KEYS",
-        help="group by any of team, model, day, comma-separated (default: team,model)",
+        help="group by any of team, model, day, user and tag:KEY (the value of tag KEY),"
+        " comma-separated (default: team,model)",
     )
     u.add_argument(
         "--format",
@@ -203,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="report format (default: table)",
     )
     u.set_defaults(func=cmd_usage)
+    cli_requests.add_parser(sub, config_help)
     m = sub.add_parser(
         "mock-upstream",
         help="a fake Responses-API provider",

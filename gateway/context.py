@@ -1,7 +1,8 @@
 """What one request is and what became of it.
 
 - `Envelope`: made by the envelope middleware for every request: its id, trace and start;
-  the pipeline adds who asked and, once admitted, the `RequestContext`.
+  the pipeline adds who asked, who it is for (`attribution`, read in the parse step, so that
+  a request refused after it is attributed too) and, once admitted, the `RequestContext`.
 - `RequestContext`: frozen at admission. Principal, the policy snapshot it runs under, route,
   model, body and the attempt plan. No step after admission reads live settings.
 - `Outcome`: what happened, written as it happens: by the cache step (`cache`, `saved`),
@@ -20,6 +21,7 @@ from typing import Any
 from aiohttp import web
 from opentelemetry.trace import Span
 
+from gateway.attribution import NONE, Attribution
 from gateway.auth import Principal
 from gateway.budget.store import Reservation
 from gateway.capture.tap import CaptureTap
@@ -149,6 +151,7 @@ class Envelope:
     policy: Policy | None = None  # the snapshot the request runs under, held to its end
     principal: Principal | None = None
     model: str = ""  # the requested model, once read
+    attribution: Attribution = NONE  # user and tags, once the request is parsed (redacted)
     ctx: RequestContext | None = None
     outcome: Outcome = field(default_factory=Outcome)
 

@@ -99,6 +99,28 @@ def invalid_value(param: str, message: str) -> GatewayError:
     return GatewayError(400, "invalid_request_error", "invalid_value", message, param=param)
 
 
+def invalid_tags(detail: str) -> GatewayError:
+    """A malformed `x-gateway-tags` header; `detail` says what is wrong without echoing it."""
+    return GatewayError(
+        400,
+        "invalid_request_error",
+        "invalid_tags",
+        f"The x-gateway-tags header is not valid: {detail}. Send at most 10 key=value pairs, "
+        "comma-separated; keys are 1 to 32 of a-z 0-9 _ . -, values 1 to 64 printable "
+        "characters.",
+    )
+
+
+def invalid_user(detail: str) -> GatewayError:
+    """A `x-gateway-user` header that is no user id the gateway records."""
+    return GatewayError(
+        400,
+        "invalid_request_error",
+        "invalid_user",
+        f"The x-gateway-user header is not valid: {detail}.",
+    )
+
+
 def json_too_deep(limit: int) -> GatewayError:
     return GatewayError(
         400,

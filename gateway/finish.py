@@ -63,6 +63,7 @@ async def finish(gw: Gateway, env: Envelope) -> None:
     team = env.principal.team.name if env.principal is not None else UNKNOWN_TEAM
     stream = out.streamed or (ctx is not None and ctx.stream)
     ttft_ms = out.ttft * 1000 if out.ttft is not None else None
+    who = env.attribution  # redacted when it was read
     if env.principal is not None:
         gw.ledger.append(
             LedgerRecord(
@@ -91,6 +92,8 @@ async def finish(gw: Gateway, env: Envelope) -> None:
                 else "",
                 attempts=len(out.attempts),
                 transport=env.transport,
+                user=who.user,
+                tags=who.tags_text,
             )
         )
         if out.capture is not None:
@@ -109,6 +112,8 @@ async def finish(gw: Gateway, env: Envelope) -> None:
         status=out.status,
         stream=stream,
         transport=env.transport,
+        user=who.user or None,
+        tags=dict(who.tags) if who.tags else None,
         cache=out.cache,
         input_tokens=usage.input_tokens if usage else None,
         output_tokens=usage.output_tokens if usage else None,
@@ -198,6 +203,16 @@ def _observe(
         m.cache_saved_tokens.labels(team, model).inc(out.saved.total_tokens)
 
 
+def attribution_attributes(env: Envelope) -> dict[str, str]:
+    """`gateway.user` and one `gateway.tags.<key>` per tag: span attributes, never metric
+    labels (a user id or a tag is unbounded)."""
+    who = env.attribution
+    attrs = {f"gateway.tags.{k}": v for k, v in who.tags}
+    if who.user:
+        attrs["gateway.user"] = who.user
+    return attrs
+
+
 def _end_spans(env: Envelope, team: str, usage: Usage | None) -> None:
     out = env.outcome
     client, server = out.client_span, env.span
@@ -233,6 +248,7 @@ def _end_spans(env: Envelope, team: str, usage: Usage | None) -> None:
                     "gateway.team": team,
                     "gateway.cache": out.cache or "none",
                     "gateway.request_id": env.request_id,
+                    **attribution_attributes(env),
                 }
             )
             if out.status >= 500:

@@ -4,14 +4,15 @@ reads (whatever the case of their names), and what a metered request may cost.""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import MultiMapping
 
-from gateway import errors, jsonbody
+from gateway import attribution, errors, jsonbody
 from gateway.budget import estimate
 from gateway.routes import Route
 from gateway.server import read_body
@@ -76,6 +77,29 @@ def parse(
     if needs_model and (not isinstance(model, str) or not model):
         raise errors.missing_model()
     return Parsed(body, parsed, top, model if isinstance(model, str) else "")
+
+
+def attribute(
+    headers: Mapping[str, str], parsed: Parsed, redact: Callable[[str], str]
+) -> attribution.Attribution:
+    """The user and tags the request is attributed to (see `gateway.attribution`): 400
+    `invalid_tags` or `invalid_user` for a header that breaks the rules."""
+    users = _values(headers, attribution.USER_HEADER)
+    tags = _values(headers, attribution.TAGS_HEADER)
+    try:
+        return attribution.attribute(users, tags, parsed.top, redact)
+    except attribution.InvalidTags as e:
+        raise errors.invalid_tags(str(e)) from None
+    except attribution.InvalidUser as e:
+        raise errors.invalid_user(str(e)) from None
+
+
+def _values(headers: Mapping[str, str], name: str) -> list[str]:
+    """Every value of a header: a request's headers may repeat one, a plain mapping cannot."""
+    if isinstance(headers, MultiMapping):
+        return list(headers.getall(name, []))
+    value = headers.get(name)
+    return [value] if value is not None else []
 
 
 def output_estimate(parsed: Parsed, limits: Limits) -> int:

@@ -42,6 +42,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     limits = policy.settings.limits
     route = env.route
     parsed = await parse.read(request, route, limits, policy.redactor)
+    env.attribution = parse.attribute(request.headers, parsed, policy.redactor)
     if route.model_list and request.method == "GET":
         return await list_models(gw, request, env, policy)
     model = env.model = "" if route.owned else parsed.model

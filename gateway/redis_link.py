@@ -31,6 +31,9 @@ CONNECT_TIMEOUT = 0.25  # seconds: a Redis on the same network answers in well u
 COMMAND_TIMEOUT = 0.5
 RETRY_AFTER = 1.0  # seconds Redis is skipped after a failure
 POOL_SIZE = 32  # connections for commands that do not block
+# seconds a command may wait for one of them: a queue there is this replica being busy, not
+# Redis being away (each command holds its connection for at most COMMAND_TIMEOUT)
+POOL_WAIT = 2.0
 BLOCK_MS = 250  # longest a blocking read waits: bounds how late a lost leader is noticed
 
 
@@ -61,7 +64,7 @@ class RedisLink:
         pool = BlockingConnectionPool.from_url(
             url,
             max_connections=POOL_SIZE,
-            timeout=COMMAND_TIMEOUT,
+            timeout=POOL_WAIT,
             socket_connect_timeout=CONNECT_TIMEOUT,
             socket_timeout=COMMAND_TIMEOUT,
         )

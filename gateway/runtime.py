@@ -17,7 +17,7 @@ from gateway.cache.flight import FlightRegistry
 from gateway.cache.lookup import CacheCounters
 from gateway.cache.store import CacheStore
 from gateway.capture.writer import CaptureWriter
-from gateway.ledger.records import Charge, LedgerWriter, ReportReader
+from gateway.ledger.records import Charge, LedgerReader, LedgerWriter
 from gateway.owners import OwnerStore
 from gateway.policy import Policy, next_clients
 from gateway.redact import Redactor
@@ -72,7 +72,7 @@ class Gateway:
         self.cache: CacheStore = self.backends.cache
         self.flights: FlightRegistry = self.backends.flights
         self.ledger: LedgerWriter = self.backends.ledger
-        self.reports: ReportReader = self.backends.reports
+        self.reports: LedgerReader = self.backends.reports
         self.cache_counts = CacheCounters()
         # sampled and failed requests' bodies, written off the request path
         self.captures = CaptureWriter(

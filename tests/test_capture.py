@@ -13,6 +13,7 @@ import orjson
 import pytest
 from capture_upstream import handler
 from conftest import (
+    ADMIN_KEY,
     ALPHA_KEY,
     BETA_KEY,
     UPSTREAM_KEY,
@@ -389,3 +390,19 @@ async def test_a_websocket_response_is_captured_like_a_stream(start: Any) -> Non
     assert orjson.loads(cap["request"]["body"])["input"] == f"over a socket {MARK}"
     assert cap["answer"]["output_text"] == f"over a socket {MARK}"
     await assert_nothing_secret_stored(g)
+
+
+async def test_the_admin_api_shows_a_request_with_its_capture(start: Any) -> None:
+    g = await start(sample_ratio=1.0)
+    _, _, rid = await g.post(ask(f"admin sees {ALPHA_KEY}"))
+    await asyncio.sleep(0.05)
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{g.running.admin_url}/admin/requests/{rid}", headers=admin) as r:
+            assert r.status == 200
+            one = await r.json()
+        async with s.get(f"{g.running.admin_url}/admin/requests?limit=5", headers=admin) as r:
+            listed = (await r.json())["requests"]
+    assert one["request_id"] == rid
+    assert orjson.loads(one["capture"]["request"]["body"])["input"] == f"admin sees {MARK}"
+    assert [(x["request_id"], x["captured"]) for x in listed] == [(rid, True)]

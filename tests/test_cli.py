@@ -1,7 +1,8 @@
-"""The `gateway` command as a user runs it: serve with reload, demo, usage."""
+"""The `gateway` command as a user runs it: serve with reload, demo, usage, requests."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -16,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from conftest import free_port
+from contract.ledger_samples import mixed_records
+
+from gateway.ledger.sqlite import SqliteLedger
 
 
 @dataclass
@@ -220,7 +224,11 @@ def test_usage_report_formats(tmp_path: Path, mock_upstream_process: str) -> Non
         for i, model in enumerate(("nusantara-base", "nusantara-base", "garda-beta-mini")):
             post(
                 f"{url}/v1/responses",
-                headers={"Authorization": "Bearer k"},
+                headers={
+                    "Authorization": "Bearer k",
+                    "x-gateway-user": f"user-{i % 2}",
+                    "x-gateway-tags": f"env={'prod' if i else 'dev'}",
+                },
                 json={"model": model, "input": f"hello {i}", "max_output_tokens": 10},
             )
     finally:
@@ -244,3 +252,77 @@ def test_usage_report_formats(tmp_path: Path, mock_upstream_process: str) -> Non
     csv_text = usage("--by", "day", "--format", "csv", "--since", "2020-01-01")
     assert csv_text.splitlines()[0].startswith("day,requests")
     assert usage("--since", "2999-01-01", "--format", "json").count('"requests"') <= 1
+    by_user = json.loads(usage("--by", "user,tag:env", "--format", "json"))["rows"]
+    assert [(r["user"], r["tag:env"], r["requests"]) for r in by_user] == [
+        ("user-0", "dev", 1),
+        ("user-0", "prod", 1),
+        ("user-1", "prod", 1),
+    ]
+
+
+def run_requests(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "requests", "--config", str(cfg), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_requests_lists_the_ledger_newest_first(tmp_path: Path) -> None:
+    async def write() -> None:
+        ledger = SqliteLedger(tmp_path / "state" / "ledger.sqlite3")
+        await ledger.start()
+        for r in mixed_records():
+            ledger.append(r)
+        await ledger.close()
+
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(
+        CONFIG.format(
+            port=1,
+            admin_port=2,
+            upstream="http://127.0.0.1:9",
+            digest=hashlib.sha256(b"k").hexdigest(),
+            state=tmp_path / "state",
+        )
+    )
+    missing = run_requests(cfg)
+    assert missing.returncode == 1 and "no ledger" in missing.stderr
+    asyncio.run(write())
+
+    table = run_requests(cfg).stdout.splitlines()
+    assert table[0].split() == [
+        "time",
+        "request_id",
+        "team",
+        "user",
+        "model",
+        "status",
+        "tokens",
+        "cost_usd",
+        "ms",
+        "captured",
+        "tags",
+    ]
+    assert [line.split()[1] for line in table[1:]] == [f"req-{n}" for n in (5, 4, 3, 2, 1, 0)]
+    assert all(line.split()[9] == "no" for line in table[1:])
+    assert table[-1].split()[-1] == "env=prod,feature=search"
+
+    def listed(*args: str) -> list[str]:
+        done = run_requests(cfg, "--format", "json", *args)
+        assert done.returncode == 0, done.stderr
+        return [r["request_id"] for r in json.loads(done.stdout)["requests"]]
+
+    assert listed("--user", "alice") == ["req-4", "req-0"]
+    assert listed("--tag", "env=prod") == ["req-2", "req-0"]
+    assert listed("--tag", "env=prod", "--tag", "feature=search") == ["req-0"]
+    assert listed("--status", "5xx") == ["req-4"]
+    assert listed("--team", "ads", "--limit", "2") == ["req-5", "req-3"]
+    assert listed("--model", "nusantara-pro", "--since", "2025-03-02") == ["req-5", "req-4"]
+    assert listed("--until", "2025-03-02") == ["req-1", "req-0"]
+    record = json.loads(run_requests(cfg, "--format", "json", "--limit", "1").stdout)
+    assert record["requests"][0]["captured"] is False and record["next_cursor"]
+    for bad in (["--tag", "env:prod"], ["--status", "600"], ["--limit", "501"]):
+        done = run_requests(cfg, *bad)
+        assert done.returncode == 2 and done.stderr.startswith("gateway requests: ")

@@ -26,7 +26,7 @@ def test_one_column_per_field_with_its_type_nullability_and_default() -> None:
 def test_only_columns_a_table_lacks_are_added() -> None:
     have = [n for n in columns.NAMES if n != "attempts"]
     assert queries.add_columns("postgres", have) == [
-        "ALTER TABLE ledger ADD COLUMN attempts BIGINT NOT NULL DEFAULT 0"
+        'ALTER TABLE ledger ADD COLUMN "attempts" BIGINT NOT NULL DEFAULT 0'
     ]
     assert queries.add_columns("sqlite", columns.NAMES) == []
 

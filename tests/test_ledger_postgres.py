@@ -22,6 +22,7 @@ from servers import postgres_database
 from gateway.ledger import queries
 from gateway.ledger.columns import NAMES
 from gateway.ledger.postgres import PostgresLedger
+from gateway.ledger.queries import quote
 from gateway.ledger.records import LedgerRecord
 from gateway.ledger.spill import PATTERN, Batch, SpillFile, new_batch
 
@@ -77,8 +78,10 @@ async def test_schema_has_a_column_per_field_the_indexes_and_batch_ids(
     types = dict(columns)  # type: ignore[arg-type]
     assert types["ts"] == "double precision" and types["stream"] == "boolean"
     assert types["input_tokens"] == "bigint" and types["team"] == "text"
-    assert any("(ts)" in str(i) for i in indexes)
-    assert any("(team, ts)" in str(i) for i in indexes)
+    assert any("(ts, id)" in str(i) for i in indexes)
+    for column in ("team", '"user"', "model"):
+        assert any(f"({column}, ts, id)" in str(i) for i in indexes), column
+    assert not any(str(i).endswith("(ts)") or "(team, ts)" in str(i) for i in indexes)
     assert any("(response_id)" in str(i) and "WHERE" in str(i) for i in indexes)
     assert await stored(url, "SELECT count(*) FROM ledger_batches") == [0]
 
@@ -86,7 +89,9 @@ async def test_schema_has_a_column_per_field_the_indexes_and_batch_ids(
 async def test_every_field_is_stored_and_awkward_text_is_made_storable(
     url: str, tmp_path: Path
 ) -> None:
-    plain = record(0, ttft_ms=None, stream=True, estimated=True, attempts=2)
+    plain = record(
+        0, ttft_ms=None, stream=True, estimated=True, attempts=2, user="u-1", tags='{"env":"prod"}'
+    )
     awkward = record(
         1, team="o'brien\"; DROP TABLE ledger; --", model="nul\x00model", key_id="k\ud800"
     )
@@ -97,7 +102,8 @@ async def test_every_field_is_stored_and_awkward_text_is_made_storable(
     await ledger.flush()
     await ledger.close()
 
-    rows = await stored(url, f"SELECT {', '.join(NAMES)} FROM ledger ORDER BY id")
+    # quoted: bare, `user` is PostgreSQL's session role
+    rows = await stored(url, f"SELECT {', '.join(map(quote, NAMES))} FROM ledger ORDER BY id")
     got = [LedgerRecord(*row) for row in rows]  # type: ignore[misc]
     assert got[0] == plain
     assert got[1] == dataclasses.replace(awkward, model="nul\ufffdmodel", key_id="k\ufffd")

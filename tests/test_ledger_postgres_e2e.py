@@ -72,7 +72,7 @@ async def test_a_gateway_writes_exact_usage_to_postgres_and_gateway_usage_reads_
                         )
                 async with http.post(
                     f"{running.url}/v1/responses",
-                    headers=auth(),
+                    headers={**auth(), "x-gateway-user": "pg-user", "x-gateway-tags": "env=pg"},
                     json={"model": "garda-beta-mini", "input": "stream me", "stream": True},
                 ) as r:
                     assert r.status == 200
@@ -93,14 +93,19 @@ async def test_a_gateway_writes_exact_usage_to_postgres_and_gateway_usage_reads_
         conn = await asyncpg.connect(url)
         try:
             rows = await conn.fetch(
-                "SELECT request_id, stream, input_tokens, output_tokens, team, status, attempts"
-                " FROM ledger ORDER BY id"
+                "SELECT request_id, stream, input_tokens, output_tokens, team, status, attempts,"
+                ' "user", tags FROM ledger ORDER BY id'
             )
         finally:
             await conn.close()
         assert [tuple(r)[:4] for r in rows] == expected
         assert {(r["team"], r["status"], r["attempts"]) for r in rows} == {("alpha", 200, 1)}
         assert all(e[2] > 0 and e[3] > 0 for e in expected)
+        assert [(r["user"], r["tags"]) for r in rows] == [
+            ("", ""),
+            ("", ""),
+            ("pg-user", '{"env":"pg"}'),
+        ]
 
         cfg = tmp_path / "usage.yaml"
         cfg.write_text(
@@ -122,6 +127,31 @@ async def test_a_gateway_writes_exact_usage_to_postgres_and_gateway_usage_reads_
             text=True,
             check=False,
         )
+        listed = await asyncio.to_thread(
+            subprocess.run,
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "requests",
+                "--config",
+                str(cfg),
+                "--tag",
+                "env=pg",
+                "--format",
+                "json",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    assert listed.returncode == 0, listed.stderr
+    [found] = json.loads(listed.stdout)["requests"]
+    assert (found["request_id"], found["user"], found["tags"]) == (
+        expected[2][0],
+        "pg-user",
+        {"env": "pg"},
+    )
     assert report.returncode == 0, report.stderr
     assert "alpha  garda-beta-mini" in report.stdout and "alpha  nusantara-base" in report.stdout
     totals = json.loads(report_json.stdout)["totals"]

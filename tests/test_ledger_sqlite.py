@@ -51,8 +51,10 @@ async def test_schema_has_one_column_per_record_field_indexes_and_wal(tmp_path: 
     finally:
         conn.close()
     assert columns == ["id", *(f.name for f in dataclasses.fields(LedgerRecord))]
-    assert ["ts"] in indexes.values()
-    assert ["team", "ts"] in indexes.values()
+    assert ["ts", "id"] in indexes.values()
+    for column in ("team", "user", "model"):
+        assert [column, "ts", "id"] in indexes.values()
+    assert ["request_id"] in indexes.values()
     assert journal_mode == "wal"
 
 

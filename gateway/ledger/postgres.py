@@ -18,6 +18,7 @@ import asyncpg
 from gateway.ledger import pg_schema, queries
 from gateway.ledger.columns import NAMES, postgres_row
 from gateway.ledger.records import Charge, LedgerRecord, ReportRow
+from gateway.ledger.search import Cursor, Found, Page, RequestFilter
 from gateway.ledger.spill import Batch, SpillFile, new_batch, orphans, read_batches
 
 logger = logging.getLogger("gateway.ledger")
@@ -187,9 +188,20 @@ class PostgresLedger:
     async def report(
         self, since: float | None, until: float | None, by: Sequence[str]
     ) -> list[ReportRow]:
-        """Usage rows grouped by `by` (team, model, day in UTC), over ts in [since, until)."""
+        """Usage rows grouped by `by` (team, model, day in UTC, user, tag:KEY), over ts in
+        [since, until)."""
         query = queries.report("postgres", since, until, by)  # validates `by` before any I/O
-        return queries.report_rows(await self._read(query))
+        return queries.report_rows(await self._read(query), by)
+
+    async def requests(self, where: RequestFilter, limit: int, before: Cursor | None) -> Page:
+        """Records matching `where`, newest first, before `before` (see RequestReader)."""
+        rows = await self._read(queries.requests("postgres", where, limit, before))
+        return queries.page(rows, limit)
+
+    async def request(self, request_id: str) -> Found | None:
+        """The newest record of `request_id`."""
+        rows = await self._read(queries.request("postgres", request_id))
+        return queries.found(rows)[0] if rows else None
 
     async def _read(self, query: queries.Query) -> list[Any]:
         await self.flush()

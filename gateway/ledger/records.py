@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-GROUP_KEYS = ("team", "model", "day")
+if TYPE_CHECKING:  # search's types hold records: imported for annotations only
+    from gateway.ledger.search import Cursor, Found, Page, RequestFilter
+
+GROUP_KEYS = ("team", "model", "day", "user")  # and `tag:KEY` for any tag key
+TAG_PREFIX = "tag:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +44,10 @@ class LedgerRecord:
     response_id: str = ""  # the id of a response this request created (POST /v1/responses)
     attempts: int = 0  # upstream calls made (`upstream` is the one that answered, or the last)
     transport: str = "http"  # http | websocket (a response.create on a WebSocket connection)
+    user: str = ""  # who the request is for (x-gateway-user, else the body's user), redacted
+    # its tags as canonical JSON (`Attribution.tags_text`: sorted keys, no spaces), "" for none
+    tags: str = ""
+    replay_of: str = ""  # the request id this request replays, "" when it is no replay
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +65,9 @@ class Charge:
 
 @dataclass(frozen=True, slots=True)
 class ReportRow:
-    """One row of the usage report; group fields absent from `by` are empty strings."""
+    """One row of the usage report; group fields absent from `by` are empty strings, and so
+    is the user or a tag of records that have none. `tags` holds (key, value) for each
+    `tag:KEY` of `by`, in `by` order."""
 
     team: str
     model: str
@@ -70,6 +80,15 @@ class ReportRow:
     cost_usd: float
     saved_tokens: int
     estimated_requests: int
+    user: str = ""
+    tags: tuple[tuple[str, str], ...] = ()
+
+    def group(self, key: str) -> str:
+        """The row's value for a group key of `by` (`team`, ..., `user` or `tag:KEY`)."""
+        if key.startswith(TAG_PREFIX):
+            return dict(self.tags).get(key[len(TAG_PREFIX) :], "")
+        value: str = getattr(self, key)
+        return value
 
 
 class LedgerWriter(Protocol):
@@ -128,11 +147,44 @@ class ReportReader(Protocol):
         self, since: float | None, until: float | None, by: Sequence[str]
     ) -> list[ReportRow]:
         """Usage rows over ts in [since, until) (None: unbounded), one per group of `by`
-        (team, model, day in UTC; ValueError for any other key), sorted by the group keys in
-        the order `by` names them; fields not grouped by are empty strings. No records, no
-        rows (not one row of zeros)."""
+        (team, model, day in UTC, user, or `tag:KEY` for the value of tag KEY; ValueError for
+        any other key), sorted by the group keys in the order `by` names them, by code point;
+        fields not grouped by are empty strings, and records without a user or without the
+        tag group under "". No records, no rows (not one row of zeros)."""
         ...
 
 
-class Ledger(LedgerWriter, ReportReader, Protocol):
-    """A backend that both writes the ledger and reads it (SQLite does)."""
+class RequestReader(Protocol):
+    """Finds requests in the ledger (`GET /admin/requests`, `gateway requests`); valid and
+    seeing what `ReportReader` says."""
+
+    async def requests(self, where: RequestFilter, limit: int, before: Cursor | None) -> Page:
+        """At most `limit` records matching `where`, newest first (by ts, then write order),
+        strictly before `before` (None: from the newest). A walk from the first page through
+        each `next_cursor` sees every matching record that existed when it began exactly
+        once, whatever is appended meanwhile (newer records sort before the walk's start)."""
+        ...
+
+    async def request(self, request_id: str) -> Found | None:
+        """The newest record of `request_id`; None for an unknown id."""
+        ...
+
+
+class CaptureReader(Protocol):
+    """Captured request and answer bodies (CONTRACT section 11), by request id."""
+
+    async def capture(self, request_id: str) -> Mapping[str, Any] | None:
+        """The capture of `request_id`, None when its bodies were not kept."""
+        ...
+
+    async def captured(self, request_ids: Sequence[str]) -> frozenset[str]:
+        """Which of `request_ids` have a capture."""
+        ...
+
+
+class LedgerReader(ReportReader, RequestReader, Protocol):
+    """Every read over the ledger."""
+
+
+class Ledger(LedgerWriter, LedgerReader, Protocol):
+    """A backend that both writes the ledger and reads it (SQLite and PostgreSQL do)."""

@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 from gateway import amounts
-from gateway.ledger.records import GROUP_KEYS, ReportRow
+from gateway.attribution import MAX_TAGS, valid_key
+from gateway.ledger.records import GROUP_KEYS, TAG_PREFIX, ReportRow
 
 FORMATS = ("table", "csv", "json")
 NUMERIC_FIELDS = (
@@ -59,21 +60,30 @@ def parse_when(text: str) -> float:
 
 
 def normalize_by(by: Sequence[str]) -> tuple[str, ...]:
-    """Validate group keys against GROUP_KEYS; keep their order and drop repeats."""
+    """Validate group keys (GROUP_KEYS, or `tag:KEY` with KEY in the tag key grammar, at
+    most MAX_TAGS of those); keep their order and drop repeats."""
     if isinstance(by, str):
         # A bare string is a Sequence[str] too; iterating it would validate its letters.
         raise TypeError("by must be a sequence of group keys, not a string; use parse_by()")
     keys: list[str] = []
     for key in by:
-        if key not in GROUP_KEYS:
-            raise ValueError(f"unknown group key {key!r}: expected any of {', '.join(GROUP_KEYS)}")
+        tag = key.startswith(TAG_PREFIX) and valid_key(key[len(TAG_PREFIX) :])
+        if key not in GROUP_KEYS and not tag:
+            shown = key if len(key) <= 60 else key[:60] + "..."
+            raise ValueError(
+                f"unknown group key {shown!r}: expected any of {', '.join(GROUP_KEYS)} or"
+                " tag:KEY (KEY: 1 to 32 of a-z 0-9 _ . -)"
+            )
         if key not in keys:
             keys.append(key)
+    if sum(key.startswith(TAG_PREFIX) for key in keys) > MAX_TAGS:
+        raise ValueError(f"at most {MAX_TAGS} tag:KEY groups")
     return tuple(keys)
 
 
 def parse_by(text: str) -> tuple[str, ...]:
-    """Parse `--by team,model,day` (any subset, any order); empty text means no grouping."""
+    """Parse `--by team,model,day,user,tag:KEY` (any subset, any order, any number of tags);
+    empty text means no grouping."""
     return normalize_by([part.strip() for part in text.split(",") if part.strip()])
 
 
@@ -96,7 +106,7 @@ def totals(rows: Sequence[ReportRow]) -> ReportRow:
 
 def row_to_dict(row: ReportRow, by: Sequence[str]) -> dict[str, object]:
     """The grouped keys of `row` (in `by` order), then its numeric fields (USD rounded)."""
-    out: dict[str, object] = {key: getattr(row, key) for key in normalize_by(by)}
+    out: dict[str, object] = {key: row.group(key) for key in normalize_by(by)}
     for name in NUMERIC_FIELDS:
         value = getattr(row, name)
         out[name] = amounts.usd(value) if isinstance(value, float) else value
@@ -157,9 +167,7 @@ def _render_json(rows: Sequence[ReportRow], by: tuple[str, ...]) -> str:
 
 
 def _cells(row: ReportRow, by: tuple[str, ...], number: Callable[[object], str]) -> list[str]:
-    return [str(getattr(row, key)) for key in by] + [
-        number(getattr(row, name)) for name in NUMERIC_FIELDS
-    ]
+    return [row.group(key) for key in by] + [number(getattr(row, name)) for name in NUMERIC_FIELDS]
 
 
 def _number(value: object) -> str:

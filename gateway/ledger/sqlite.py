@@ -14,13 +14,15 @@ from typing import Any, TypeVar
 from gateway.ledger import queries
 from gateway.ledger.columns import NAMES, sqlite_row
 from gateway.ledger.records import Charge, LedgerRecord, ReportRow
+from gateway.ledger.search import Cursor, Found, Page, RequestFilter
 
 logger = logging.getLogger("gateway.ledger")
 
 _T = TypeVar("_T")
 
 _INSERT = (
-    f"INSERT INTO {queries.TABLE} ({', '.join(NAMES)}) VALUES ({', '.join('?' for _ in NAMES)})"
+    f"INSERT INTO {queries.TABLE} ({', '.join(map(queries.quote, NAMES))})"
+    f" VALUES ({', '.join('?' for _ in NAMES)})"
 )
 
 
@@ -129,9 +131,20 @@ class SqliteLedger:
     async def report(
         self, since: float | None, until: float | None, by: Sequence[str]
     ) -> list[ReportRow]:
-        """Usage rows grouped by `by` (team, model, day in UTC), over ts in [since, until)."""
+        """Usage rows grouped by `by` (team, model, day in UTC, user, tag:KEY), over ts in
+        [since, until)."""
         query = queries.report("sqlite", since, until, by)  # validates `by` before any I/O
-        return queries.report_rows(await self._read(query))
+        return queries.report_rows(await self._read(query), by)
+
+    async def requests(self, where: RequestFilter, limit: int, before: Cursor | None) -> Page:
+        """Records matching `where`, newest first, before `before` (see RequestReader)."""
+        rows = await self._read(queries.requests("sqlite", where, limit, before))
+        return queries.page(rows, limit)
+
+    async def request(self, request_id: str) -> Found | None:
+        """The newest record of `request_id`."""
+        rows = await self._read(queries.request("sqlite", request_id))
+        return queries.found(rows)[0] if rows else None
 
     async def _read(self, query: queries.Query) -> list[tuple[Any, ...]]:
         await self.flush()

@@ -203,21 +203,31 @@ def judge(
 ) -> Failure | None:
     """What an answer says of its key and upstream; a Failure when it may be worth another
     attempt (the caller decides), None when it is the answer."""
-    status, name = up.status, c.client.name
+    status = up.status
+    if note_answer(health, c, status, up.headers) or (
+        retries is not None and status in retries.on  # a 4xx the config says to retry
+    ):
+        return Failure(str(status), None, up)
+    return None
+
+
+def note_answer(health: Health, c: Candidate, status: int, headers: Mapping[str, str]) -> bool:
+    """Tell `health` what an answer's status says of its key and upstream: a 401/403 refuses
+    the key, a 429 rests it, a 5xx is a failure, anything else a success; True for the first
+    three (an answer that is no success)."""
+    name = c.client.name
     if status in AUTH_REFUSED:
         health.answered(name)  # the upstream is up: only the key is refused
         health.refused(name, c.kid)
     elif status == 429:
         health.answered(name)
-        health.rest(name, c.kid, retry_after(up.headers, time.time()))
+        health.rest(name, c.kid, retry_after(headers, time.time()))
     elif status >= 500:
         health.failed(name, c.kid)
-    elif retries is not None and status in retries.on:  # a 4xx the config says to retry
-        health.succeeded(name, c.kid)
     else:
         health.succeeded(name, c.kid)
-        return None
-    return Failure(str(status), None, up)
+        return False
+    return True
 
 
 def _next(

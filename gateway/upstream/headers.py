@@ -53,13 +53,15 @@ _DROP_RESPONSE = HOP_BY_HOP | {
 def request_headers(
     incoming: Iterable[tuple[str, str]], extra: Mapping[str, str]
 ) -> CIMultiDict[str]:
-    """Client headers minus what must not travel upstream, plus the gateway's own."""
+    """Client headers minus what must not travel upstream (also every `x-gateway-*`: those
+    speak to the gateway, as `x-gateway-user` and `x-gateway-tags` do), plus the gateway's
+    own."""
     pairs = list(incoming)
     named = _connection_named(pairs)
     out: CIMultiDict[str] = CIMultiDict()
     for k, v in pairs:
         lk = k.lower()
-        if lk not in _DROP_REQUEST and lk not in named:
+        if lk not in _DROP_REQUEST and lk not in named and not lk.startswith("x-gateway-"):
             out.add(k, v)
     out["accept-encoding"] = "identity"
     out.update(extra)

@@ -45,7 +45,7 @@ from gateway.relay.sink import CLIENT_GONE
 from gateway.runtime import Gateway
 from gateway.sse_masking import SSEMasker
 from gateway.telemetry.genai import client_span
-from gateway.upstream.attempts import retry_after
+from gateway.upstream.attempts import note_answer
 from gateway.upstream.headers import request_headers
 from gateway.usage import finish_reason, usage_from_body
 from gateway.websocket import events, turn
@@ -452,17 +452,7 @@ def _judge_handshake(gw: Gateway, c: Candidate, e: errors.GatewayError) -> None:
     """What a refused handshake says of its key and upstream, as an HTTP answer would: a
     401/403 refuses the key, a 429 rests it, a 5xx or no answer is a failure; any other 4xx
     (the client's headers, say) only shows the upstream is up."""
-    name, health = c.client.name, gw.health
-    status = e.status
     if e.code != "upstream_refused_websocket":
-        health.failed(name, c.kid)  # unreachable, or no answer in time
-    elif status in (401, 403):
-        health.answered(name)
-        health.refused(name, c.kid)
-    elif status == 429:
-        health.answered(name)
-        health.rest(name, c.kid, retry_after(e.headers, time.time()))
-    elif status >= 500:
-        health.failed(name, c.kid)
+        gw.health.failed(c.client.name, c.kid)  # unreachable, or no answer in time
     else:
-        health.succeeded(name, c.kid)
+        note_answer(gw.health, c, e.status, e.headers)

@@ -66,6 +66,8 @@ async def admit(
     limits = policy.settings.limits
     body, _ = events.create_body(event)
     parsed = parse.parse(body, "POST", "application/json", RESPONSES, limits, policy.redactor)
+    # the handshake's attribution headers hold for every response of the connection
+    env.attribution = parse.attribute(headers, parsed, policy.redactor)
     model = env.model = parsed.model
     candidates = await plan.plan(policy, RESPONSES, principal, model, gw.owners, gw.reports, TARGET)
     ctx = env.ctx = RequestContext(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -43,11 +44,21 @@ def record(n: int, **overrides: object) -> LedgerRecord:
 
 
 def mixed_records() -> list[LedgerRecord]:
-    """Two teams, two models, three UTC days, hits, estimates and failures."""
+    """Two teams, two models, three UTC days, hits, estimates and failures; users and tags on
+    some records, none on others."""
     return [
-        record(0, ts=DAY1 + 10),
-        record(1, ts=DAY1 + 86399.5, model="nusantara-pro", cost_usd=0.5),
-        record(2, ts=DAY2, team="ads", estimated=True, ttft_ms=None, stream=True),
+        record(0, ts=DAY1 + 10, user="alice", tags='{"env":"prod","feature":"search"}'),
+        record(1, ts=DAY1 + 86399.5, model="nusantara-pro", cost_usd=0.5, tags='{"env":"dev"}'),
+        record(
+            2,
+            ts=DAY2,
+            team="ads",
+            estimated=True,
+            ttft_ms=None,
+            stream=True,
+            user="bob",
+            tags='{"env":"prod"}',
+        ),
         record(
             3,
             ts=DAY2 + 3600,
@@ -61,24 +72,29 @@ def mixed_records() -> list[LedgerRecord]:
             cost_usd=0.0,
             saved_tokens=155,
         ),
-        record(4, ts=DAY2 + 7200, model="nusantara-pro", status=502, estimated=True),
+        record(4, ts=DAY2 + 7200, model="nusantara-pro", status=502, estimated=True, user="alice"),
         record(5, ts=DAY3 + 1, team="ads", model="nusantara-pro", cost_usd=0.25),
     ]
 
 
 def expected_report(records: Iterable[LedgerRecord], by: Sequence[str]) -> list[ReportRow]:
     """An independent in-Python aggregation to compare the SQL against."""
-    groups: dict[tuple[str, str, str], list[LedgerRecord]] = {}
+    groups: dict[tuple[str, ...], list[LedgerRecord]] = {}
+    tag_keys = [k.removeprefix("tag:") for k in by if k.startswith("tag:")]
     for r in records:
         day = datetime.fromtimestamp(r.ts, UTC).strftime("%Y-%m-%d")
-        values = {"team": r.team, "model": r.model, "day": day}
-        key = tuple(values[k] if k in by else "" for k in ("team", "model", "day"))
-        groups.setdefault(key, []).append(r)  # type: ignore[arg-type]
+        values = {"team": r.team, "model": r.model, "day": day, "user": r.user}
+        tags = json.loads(r.tags) if r.tags else {}
+        key = tuple(values[k] if k in by else "" for k in ("team", "model", "day", "user"))
+        key += tuple(tags.get(k, "") for k in tag_keys)
+        groups.setdefault(key, []).append(r)
     rows = [
         ReportRow(
-            team=team,
-            model=model,
-            day=day,
+            team=key[0],
+            model=key[1],
+            day=key[2],
+            user=key[3],
+            tags=tuple(zip(tag_keys, key[4:], strict=True)),
             requests=len(rs),
             input_tokens=sum(r.input_tokens for r in rs),
             cached_tokens=sum(r.cached_tokens for r in rs),
@@ -88,9 +104,9 @@ def expected_report(records: Iterable[LedgerRecord], by: Sequence[str]) -> list[
             saved_tokens=sum(r.saved_tokens for r in rs),
             estimated_requests=sum(1 for r in rs if r.estimated),
         )
-        for (team, model, day), rs in groups.items()
+        for key, rs in groups.items()
     ]
-    return sorted(rows, key=lambda row: tuple(getattr(row, k) for k in by))
+    return sorted(rows, key=lambda row: tuple(row.group(k) for k in by))
 
 
 def assert_rows_equal(actual: list[ReportRow], expected: list[ReportRow]) -> None:

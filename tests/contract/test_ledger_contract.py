@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
+import json
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -61,8 +62,11 @@ class OpenLedger(Protocol):
         ...
 
 
-@pytest.fixture(params=IMPLEMENTATIONS)
-async def open_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OpenLedger]:
+# named apart from their fixtures, so that other suites over the same ledgers import them
+@pytest.fixture(name="open_ledger", params=IMPLEMENTATIONS)
+async def open_ledger_fixture(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[OpenLedger]:
     storage: Callable[[Path], AbstractAsyncContextManager[NewLedger]] = request.param
     async with storage(tmp_path) as new, AsyncExitStack() as opened:
 
@@ -75,8 +79,8 @@ async def open_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIt
         yield open_
 
 
-@pytest.fixture
-async def ledger(open_ledger: OpenLedger) -> Ledger:
+@pytest.fixture(name="ledger")
+async def ledger_fixture(open_ledger: OpenLedger) -> Ledger:
     return await open_ledger()
 
 
@@ -91,6 +95,12 @@ async def ledger(open_ledger: OpenLedger) -> Ledger:
         ("model", "team"),
         ("day", "team"),
         ("team", "model", "day"),
+        ("user",),
+        ("tag:env",),
+        ("tag:feature", "tag:env"),
+        ("team", "user"),
+        ("user", "tag:env", "model", "day"),
+        ("tag:absent",),
     ],
 )
 async def test_report_groups_by_each_key_and_combination(
@@ -106,6 +116,31 @@ async def test_report_groups_by_each_key_and_combination(
     for row in rows:
         for key in ("team", "model", "day"):
             assert (getattr(row, key) != "") == (key in by)
+        assert [k for k, _ in row.tags] == [k[4:] for k in by if k.startswith("tag:")]
+
+
+async def test_report_by_user_and_tag_literal(ledger: Ledger) -> None:
+    for r in mixed_records():
+        ledger.append(r)
+    by_user = await ledger.report(None, None, ["user"])
+    by_env = await ledger.report(None, None, ["tag:env", "team"])
+
+    assert [(r.user, r.requests) for r in by_user] == [("", 3), ("alice", 2), ("bob", 1)]
+    assert [(r.group("tag:env"), r.team, r.requests) for r in by_env] == [
+        ("", "ads", 2),
+        ("", "search", 1),
+        ("dev", "search", 1),
+        ("prod", "ads", 1),
+        ("prod", "search", 1),
+    ]
+
+
+async def test_tag_values_group_exactly_whatever_their_text(ledger: Ledger) -> None:
+    odd = ["'; DROP TABLE ledger; --", 'quo"te', "back\\slash", "Zoë 🙂", "%_", "a,b"]
+    for n, value in enumerate(odd):
+        ledger.append(record(n, tags=json.dumps({"k": value}, separators=(",", ":"))))
+    rows = await ledger.report(None, None, ["tag:k"])
+    assert [(r.group("tag:k"), r.requests) for r in rows] == sorted((v, 1) for v in odd)
 
 
 async def test_report_by_team_and_day_literal(ledger: Ledger) -> None:
@@ -147,10 +182,13 @@ async def test_an_empty_ledger_reports_no_rows(ledger: Ledger) -> None:
 
 
 async def test_report_rejects_unknown_group_keys(ledger: Ledger) -> None:
-    with pytest.raises(ValueError, match="unknown group key 'user'"):
-        await ledger.report(None, None, ("team", "user"))
-    with pytest.raises(ValueError):
-        await ledger.report(None, None, ("ts; DROP TABLE ledger",))
+    with pytest.raises(ValueError, match="unknown group key 'key_id'"):
+        await ledger.report(None, None, ("team", "key_id"))
+    for bad in ("ts; DROP TABLE ledger", "tag:", "tag:Env", "tag:a') --", 'tag:a"', "tag:x y"):
+        with pytest.raises(ValueError):
+            await ledger.report(None, None, (bad,))
+    with pytest.raises(ValueError, match="at most 10"):
+        await ledger.report(None, None, [f"tag:k{i}" for i in range(11)])
 
 
 async def test_charged_since_sums_per_team_including_queued_records(ledger: Ledger) -> None:

@@ -1,0 +1,62 @@
+"""`GET /admin/requests` and `GET /admin/requests/{request_id}`: finding requests in the
+ledger (CONTRACT section 11). The admin guard (`admin._guard`) checks the key and turns a
+ValueError from parsing into 400 `invalid_parameter`."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway import errors
+from gateway.context import request_id as sane_request_id
+from gateway.ledger.report import parse_when
+from gateway.ledger.search import Cursor, make_filter, parse_limit, record_dict
+from gateway.runtime import GATEWAY
+
+PARAMS = frozenset({"team", "status", "model", "user", "tag", "since", "until", "limit", "cursor"})
+
+
+def _one(request: web.Request, name: str) -> str | None:
+    """A parameter given at most once (a repeated one is ambiguous: 400)."""
+    values = request.query.getall(name, [])
+    if len(values) > 1:
+        raise ValueError(f"{name}: give it once")
+    return values[0] if values else None
+
+
+async def list_requests(request: web.Request) -> web.Response:
+    """Ledger records matching the query, newest first, and the next page's cursor."""
+    unknown = sorted(set(request.query) - PARAMS)
+    if unknown:
+        raise ValueError(f"unknown parameter: expected any of {', '.join(sorted(PARAMS))}")
+    since, until, cursor = _one(request, "since"), _one(request, "until"), _one(request, "cursor")
+    where = make_filter(
+        team=_one(request, "team"),
+        model=_one(request, "model"),
+        user=_one(request, "user"),
+        status=_one(request, "status"),
+        tags=request.query.getall("tag", []),
+        since=parse_when(since) if since else None,
+        until=parse_when(until) if until else None,
+    )
+    limit = parse_limit(_one(request, "limit"))
+    gw = request.app[GATEWAY]
+    page = await gw.reports.requests(where, limit, Cursor.decode(cursor) if cursor else None)
+    captured = await gw.captures.captured([f.record.request_id for f in page.found])
+    rows = [
+        {**record_dict(f.record), "captured": f.record.request_id in captured} for f in page.found
+    ]
+    return web.json_response({"requests": rows, "next_cursor": page.next_cursor})
+
+
+async def one_request(request: web.Request) -> web.Response:
+    """One request's record and its capture (null when its bodies were not kept)."""
+    wanted = request.match_info["request_id"]
+    gw = request.app[GATEWAY]
+    # an id the gateway would not have kept is no record's: not looked up
+    found = await gw.reports.request(wanted) if sane_request_id(wanted) == wanted else None
+    if found is None:
+        raise errors.GatewayError(
+            404, "invalid_request_error", "not_found", "No request with this id in the ledger."
+        )
+    capture = await gw.captures.capture(wanted)
+    return web.json_response({**record_dict(found.record), "capture": capture})
