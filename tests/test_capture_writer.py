@@ -166,3 +166,28 @@ async def test_closing_with_the_store_down_tries_once_and_drops_the_rest() -> No
     assert store.writes <= 2  # the batch the task was writing, and one at close
     assert metrics.captures_dropped._value.get() == 250
     assert writer.queued == 0
+
+
+def test_header_bytes_that_are_not_utf8_still_render() -> None:
+    # aiohttp hands a header byte 0xff over as U+DCFF; JSON cannot carry a lone surrogate
+    tap = CaptureTap(True, 1000, "POST", "/v1/responses", {"x-odd": "caf\udcff"})
+    tap.head(200, {})
+    doc = orjson.loads(render(draft(tap, Redactor()))[4])
+    assert doc["request"]["headers"] == [["x-odd", "caf\ufffd"]]
+
+
+async def test_a_draft_that_cannot_render_costs_itself_not_its_batch(tmp_path: Path) -> None:
+    metrics = Metrics(10)
+    writer = CaptureWriter(SqliteCaptures(tmp_path / "l.sqlite3"), metrics, 60.0, lambda: 100.0)
+    await writer.start()
+    try:
+        broken = a_tap()
+        broken.parts = [None]  # type: ignore[list-item]  # b"".join fails
+        writer.submit(draft(a_tap(), Redactor(), "good"))
+        writer.submit(draft(broken, Redactor(), "broken"))
+        await writer.flush()
+        assert await writer.capture("good") is not None
+        assert await writer.capture("broken") is None
+        assert metrics.captures_dropped._value.get() == 1
+    finally:
+        await writer.close()

@@ -88,7 +88,7 @@ def render(d: Draft) -> Row:
         "reason": d.reason,
         "request": {
             "method": tap.method,
-            "path": redact(tap.target),
+            "path": redact(_text(tap.target)),
             "headers": _headers(tap.request_headers.items(), redact),
             "body": request_body,
             "body_cut": request_cut,
@@ -104,11 +104,21 @@ def _headers(items: Iterable[tuple[str, str]], redact: Redactor) -> list[list[st
     """Headers without credentials, their values redacted in one pass (one line each: a
     header value holds no line break). Should an operator's pattern span lines, each value
     is redacted on its own instead."""
-    kept = [(k, v) for k, v in items if k.lower() not in CREDENTIAL_HEADERS]
+    kept = [(_text(k), _text(v)) for k, v in items if k.lower() not in CREDENTIAL_HEADERS]
     values = redact("\n".join(v for _, v in kept)).split("\n")
     if len(values) != len(kept):
         values = [redact(v) for _, v in kept]
     return [[k, v] for (k, _), v in zip(kept, values, strict=True)]
+
+
+def _text(value: str) -> str:
+    """A header's text as UTF-8 can hold it: aiohttp hands non-UTF-8 header bytes over as lone
+    surrogates (surrogateescape), which no JSON document may carry."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return value
 
 
 def _body(

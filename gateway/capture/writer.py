@@ -133,6 +133,8 @@ class CaptureWriter:
             rows = await asyncio.get_running_loop().run_in_executor(
                 self._render, _render_all, batch
             )
+            if len(rows) < len(batch):
+                self._metrics.captures_dropped.inc(len(batch) - len(rows))
             await self.store.write(rows)
         except Exception:
             self._metrics.captures_dropped.inc(len(batch))
@@ -142,4 +144,12 @@ class CaptureWriter:
 
 
 def _render_all(batch: list[Draft]) -> list[Row]:
-    return [render(d) for d in batch]
+    """The batch's rows; a draft that cannot be rendered is left out (and counted dropped by
+    the caller), never its batch."""
+    rows = []
+    for d in batch:
+        try:
+            rows.append(render(d))
+        except Exception:
+            logger.exception("a capture could not be rendered; it is dropped")
+    return rows
