@@ -17,9 +17,11 @@ from gateway.budget.redis import RedisBudgetStore
 from gateway.budget.store import BudgetStore
 from gateway.cache.flight import FlightRegistry, Flights
 from gateway.cache.store import CacheStore, MemoryCacheStore
+from gateway.capture.postgres import PostgresCaptures
+from gateway.capture.sqlite import SqliteCaptures
+from gateway.capture.store import CaptureStore
 from gateway.ledger.postgres import PostgresLedger
-from gateway.ledger.records import CaptureReader, Ledger, LedgerReader, LedgerWriter
-from gateway.ledger.search import NoCaptures
+from gateway.ledger.records import Ledger, LedgerReader, LedgerWriter
 from gateway.ledger.sqlite import SqliteLedger
 from gateway.owners import LocalOwners, OwnerStore
 from gateway.redis_state import connect
@@ -31,6 +33,7 @@ __all__ = [
     "BackendUnavailable",
     "Backends",
     "build_backends",
+    "build_captures",
     "build_ledger",
     "is_postgres_url",
     "problems",
@@ -76,6 +79,14 @@ def build_ledger(settings: Settings) -> Ledger:
     return SqliteLedger(state / LEDGER_FILE, interval)
 
 
+def build_captures(settings: Settings) -> CaptureStore:
+    """Captures live in the ledger's database: its SQLite file, or its PostgreSQL database
+    (so every replica sees every capture). Does no I/O."""
+    if is_postgres_url(settings.ledger.url):
+        return PostgresCaptures(settings.ledger.url)
+    return SqliteCaptures(Path(settings.state.path) / LEDGER_FILE)
+
+
 @dataclass(frozen=True, slots=True)
 class Backends:
     """The gateway's state: one of each backend, built for one set of settings.
@@ -90,8 +101,7 @@ class Backends:
     ledger: LedgerWriter
     reports: LedgerReader
     owners: OwnerStore = field(default_factory=LocalOwners)
-    # captured bodies: none until capture is configured (the seam capture storage fills)
-    captures: CaptureReader = field(default_factory=NoCaptures)
+    captures: CaptureStore | None = None  # None: in the ledger's database (`build_captures`)
     shared: Shared | None = None  # the Redis behind the cache, flights and owners, if any
 
     async def start(self) -> None:
@@ -134,6 +144,7 @@ def build_backends(
         raise BackendUnavailable(found)
     c = settings.cache
     ledger = build_ledger(settings)
+    captures = build_captures(settings)
     if settings.state.store == "local":
         return Backends(
             budget=LocalBudgetStore(),
@@ -141,6 +152,7 @@ def build_backends(
             flights=Flights(),
             ledger=ledger,
             reports=ledger,
+            captures=captures,
         )
     shared = Shared.build(settings, clock, on_state_error)
     budget = RedisBudgetStore(
@@ -158,4 +170,5 @@ def build_backends(
         reports=ledger,
         owners=shared.owners,
         shared=shared,
+        captures=captures,
     )

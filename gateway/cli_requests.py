@@ -13,7 +13,7 @@ import asyncpg
 from gateway import backends, config
 from gateway.ledger.listing import FORMATS, render
 from gateway.ledger.report import parse_when
-from gateway.ledger.search import MAX_LIMIT, NoCaptures, RequestFilter, make_filter, parse_limit
+from gateway.ledger.search import MAX_LIMIT, RequestFilter, make_filter, parse_limit
 from gateway.settings import Settings
 
 
@@ -92,6 +92,10 @@ async def _list(settings: Settings, where: RequestFilter, limit: int, fmt: str) 
         page = await ledger.requests(where, limit, None)
     finally:
         await ledger.close()
-    # captures are not read from here yet: none is marked until capture storage lands
-    captured = await NoCaptures().captured([f.record.request_id for f in page.found])
+    captures = backends.build_captures(settings)  # in the ledger's database
+    await captures.start()
+    try:
+        captured = await captures.captured([f.record.request_id for f in page.found])
+    finally:
+        await captures.close()
     return render(page, captured, fmt)

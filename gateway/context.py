@@ -24,6 +24,7 @@ from opentelemetry.trace import Span
 from gateway.attribution import NONE, Attribution
 from gateway.auth import Principal
 from gateway.budget.store import Reservation
+from gateway.capture.tap import CaptureTap
 from gateway.policy import Policy
 from gateway.routes import Route
 from gateway.schema import Secret
@@ -115,6 +116,7 @@ class Outcome:
     upstream_wait: float = 0.0  # seconds spent waiting on the upstream or the client
     response: web.StreamResponse | None = None  # headers sent: no other answer possible
     client_span: Span | None = None
+    capture: CaptureTap | None = None  # the request may be captured: its tap
 
     @property
     def upstream(self) -> str:

@@ -115,7 +115,10 @@ async def _answer(
         out.error = out.error or error.code  # a stream is under way: it ends where it is
         return out.response
     out.status, out.error = error.status, out.error or error.code
-    return await send_whole(request, error.response(env.headers()))
+    resp = error.response(env.headers())
+    if out.capture is not None:
+        out.capture.answered(resp.status, resp.headers, resp.body)  # type: ignore[arg-type]
+    return await send_whole(request, resp)
 
 
 async def _upgrade(request: web.Request, target: tuple[str, str] | None) -> web.StreamResponse:

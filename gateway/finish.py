@@ -9,6 +9,8 @@ from typing import Any
 from opentelemetry.trace import Status, StatusCode
 
 from gateway.budget.charge import charge
+from gateway.capture.draft import Draft
+from gateway.capture.tap import SLACK
 from gateway.context import Envelope
 from gateway.ledger.records import LedgerRecord
 from gateway.redis_state import StateUnavailable
@@ -94,6 +96,8 @@ async def finish(gw: Gateway, env: Envelope) -> None:
                 tags=who.tags_text,
             )
         )
+        if out.capture is not None:
+            _capture(gw, env, now, team)
     overhead = max(0.0, duration - out.upstream_wait)
     _observe(gw, env, team, upstream, duration, overhead, usage, cost)
     _end_spans(env, team, usage)
@@ -118,6 +122,43 @@ async def finish(gw: Gateway, env: Envelope) -> None:
         overhead_ms=round(overhead * 1000, 3),
         attempts=len(out.attempts),
         error=out.error,
+    )
+
+
+def _capture(gw: Gateway, env: Envelope, now: float, team: str) -> None:
+    """Hand the request to the capture writer if it was sampled, or failed and failures are
+    kept: references only, the writer redacts and renders. Failed: an error status, an error
+    the gateway noted (a stream cut, a timeout), or an answer that did not end whole."""
+    out, ctx, policy = env.outcome, env.ctx, env.policy or gw.policy
+    tap = out.capture
+    assert tap is not None
+    failed = out.status >= 400 or out.error is not None or (tap.status > 0 and not tap.complete)
+    if failed and policy.capture.errors:
+        reason = "error"
+    elif tap.sampled:
+        reason = "sampled"
+    else:
+        return
+    body = ctx.body if ctx is not None else None
+    gw.captures.submit(
+        Draft(
+            request_id=env.request_id,
+            ts=now,
+            team=team,
+            trace_id=env.trace_id,
+            reason=reason,
+            tap=tap,
+            # a copy only past the cap: a body within it is held as it is
+            body=body[: tap.cap + SLACK] if body is not None and len(body) > tap.cap else body,
+            body_size=len(body) if body is not None else 0,
+            status=out.status,
+            error=out.error,
+            streamed=out.streamed,
+            started=env.started,
+            ended=time.perf_counter(),
+            attempts=out.attempts,
+            redactor=policy.redactor,
+        )
     )
 
 

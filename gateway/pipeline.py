@@ -33,11 +33,16 @@ async def handle(request: web.Request) -> web.StreamResponse:
     # read once: the request runs under this snapshot to its end, its pools held till then
     policy = env.policy = gw.policy.hold()
     principal = env.principal = policy.auth.authenticate(request.headers)
+    path, query = request[TARGET]
+    target = f"{path}?{query}" if query else path
+    # from here a request may be captured: a refusal of its body or model is worth keeping
+    env.outcome.capture = policy.capture.admit(
+        principal.team.name, request.method, target, request.headers
+    )
     limits = policy.settings.limits
     route = env.route
     parsed = await parse.read(request, route, limits, policy.redactor)
     env.attribution = parse.attribute(request.headers, parsed, policy.redactor)
-    path, query = request[TARGET]
     if route.model_list and request.method == "GET":
         return await list_models(gw, request, env, policy)
     model = env.model = "" if route.owned else parsed.model
@@ -46,7 +51,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     ctx = RequestContext(
         method=request.method,
         route=route,
-        target=f"{path}?{query}" if query else path,
+        target=target,
         principal=principal,
         policy=policy,
         model=model,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from cachetools import LRUCache
 
 from gateway.auth import Authenticator
+from gateway.capture.rule import CaptureRule
 from gateway.masking import Secrets
 from gateway.prices import PriceBook
 from gateway.redact import Redactor
@@ -24,6 +25,7 @@ class Policy:
     __slots__ = (
         "_shown",
         "auth",
+        "capture",
         "prices",
         "redactor",
         "router",
@@ -49,6 +51,7 @@ class Policy:
         self.prices = PriceBook(settings.prices)
         self.secrets = Secrets(tuple(s.encode() for s in settings.secrets()))
         self.redactor = redactor
+        self.capture = CaptureRule(settings.capture)
         self._shown: LRUCache[str, str] = LRUCache(maxsize=1024)
 
     def hold(self) -> Policy:

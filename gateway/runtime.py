@@ -10,13 +10,14 @@ from typing import Any, Protocol
 import structlog
 from aiohttp import web
 
-from gateway.backends import Backends, build_backends
+from gateway.backends import Backends, build_backends, build_captures
 from gateway.budget.store import BudgetStore
 from gateway.budget.windows import window_bounds
 from gateway.cache.flight import FlightRegistry
 from gateway.cache.lookup import CacheCounters
 from gateway.cache.store import CacheStore
-from gateway.ledger.records import CaptureReader, Charge, LedgerReader, LedgerWriter
+from gateway.capture.writer import CaptureWriter
+from gateway.ledger.records import Charge, LedgerReader, LedgerWriter
 from gateway.owners import OwnerStore
 from gateway.policy import Policy, next_clients
 from gateway.redact import Redactor
@@ -56,7 +57,7 @@ class Gateway:
             settings.telemetry.max_model_labels, known_models=named_models(settings)
         )
         self.tracing = tracing or Tracing.from_settings(settings.telemetry)
-        redactor = self.tracing.redactor = Redactor.from_settings(settings)
+        redactor = Redactor.from_settings(settings)
         clients = {u.name: UpstreamClient(u) for u in settings.upstreams}
         self.policy = Policy(settings, clients, redactor)
         # per replica: each keeps its own view of upstream and key health
@@ -72,8 +73,15 @@ class Gateway:
         self.flights: FlightRegistry = self.backends.flights
         self.ledger: LedgerWriter = self.backends.ledger
         self.reports: LedgerReader = self.backends.reports
-        self.captures: CaptureReader = self.backends.captures
         self.cache_counts = CacheCounters()
+        # sampled and failed requests' bodies, written off the request path
+        self.captures = CaptureWriter(
+            self.backends.captures or build_captures(settings),
+            self.metrics,
+            settings.capture.retention,
+            clock,
+            interval=settings.ledger.flush_interval,
+        )
         # response id -> (team, upstream), in front of the ledger, which has them all: routes
         # requests by id to the upstream that made the response and keeps teams apart
         self.owners: OwnerStore = self.backends.owners
@@ -124,6 +132,7 @@ class Gateway:
         for client in self.policy.upstreams.values():
             await client.start()
         await self.backends.start()
+        await self.captures.start()
         await self.restore_budgets()
         self.ready = True
 
@@ -167,7 +176,7 @@ class Gateway:
             for client in clients.values():
                 if not client.started:
                     await client.start()
-            redactor = self.tracing.redactor = Redactor.from_settings(settings)
+            redactor = Redactor.from_settings(settings)
             self.policy = Policy(settings, clients, redactor)
             self.health.configure(
                 settings.health.eject_after,
@@ -176,6 +185,7 @@ class Gateway:
                 changed=(c.name for c in retired),  # its settings changed: a new upstream
             )
             self.retry_budget.ratio = settings.retries.budget if settings.retries else 0.0
+            self.captures.retention = settings.capture.retention
             self.metrics.watch_upstreams(self._healthy, clients)
             self.metrics.model.know(named_models(settings))
             await self.refresh_budget_gauges()
@@ -225,7 +235,10 @@ class Gateway:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=limit)
         try:
-            await self.backends.close()
+            try:
+                await self.captures.close()
+            finally:
+                await self.backends.close()
         finally:
             for client in self.policy.upstreams.values():
                 await client.close()

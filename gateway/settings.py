@@ -17,6 +17,7 @@ value never carries the value for display.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -292,6 +293,50 @@ class Traces(_Schema):
     capture_content: Flag = False
 
 
+def _patterns(value: tuple[str, ...]) -> tuple[str, ...]:
+    """Each `capture.redact` entry must compile: a bad one is named by its place and the
+    regex engine's reason (a pattern is the operator's, never a secret)."""
+    for i, pattern in enumerate(value):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise PydanticCustomError(
+                RULE, f"entry {i} is not a valid regular expression: {e}"
+            ) from None
+        if re.fullmatch(pattern, ""):  # would mark every gap between characters
+            raise PydanticCustomError(RULE, f"entry {i} matches the empty string")
+    return value
+
+
+def _trace_url(value: str) -> str:
+    if value and "{trace_id}" not in value:
+        raise PydanticCustomError(INVALID, "must be empty or a URL template with {trace_id}")
+    return value
+
+
+class Capture(_Schema):
+    """Which requests keep their bodies for debugging, and for how long (section 11)."""
+
+    enabled: Flag = False
+    sample_ratio: Annotated[
+        float,
+        Strict(),
+        AllowInfNan(False),
+        Interval(ge=0, le=1),
+        _must_be("a number between 0 and 1"),
+    ] = 0.0
+    errors: Flag = True  # also every request that ended in an error
+    teams: Globs = ("*",)
+    max_body_bytes: Count = 1024 * 1024  # per direction
+    retention: Seconds = 7 * 24 * 3600.0
+    redact: Annotated[
+        tuple[Annotated[str, Strict(), MinLen(1)], ...],
+        BeforeValidator(_none_as_empty_list),
+        _must_be("a list of regular expressions"),
+        AfterValidator(_patterns),
+    ] = ()
+
+
 class Logs(_Schema):
     level: Annotated[
         Literal["debug", "info", "warning", "error"], _must_be("debug | info | warning | error")
@@ -369,6 +414,14 @@ class Telemetry(_Schema):
     traces: Traces = Traces()
     logs: Logs = Logs()
     max_model_labels: Count = 100
+    # the inspector links each request to its trace: e.g. http://jaeger:16686/trace/{trace_id}
+    trace_url: Annotated[
+        str,
+        Strict(),
+        BeforeValidator(_none_as_empty),
+        _must_be("a string"),
+        AfterValidator(_trace_url),
+    ] = ""
 
 
 # the team of requests without a valid key, in the ledger, the metrics and the log line
@@ -425,6 +478,7 @@ class Settings(_Schema):
     state: State = State()
     ledger: LedgerSettings = LedgerSettings()
     telemetry: Telemetry = Telemetry()
+    capture: Capture = Capture()
 
     def secrets(self) -> tuple[str, ...]:
         """Every upstream key (and the admin key): what must be masked wherever it could echo."""

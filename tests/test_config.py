@@ -584,3 +584,20 @@ def test_a_ledger_url_must_be_postgres_with_a_host_and_is_never_shown(url: str, 
 )
 def test_a_postgres_ledger_url_is_accepted(url: str) -> None:
     assert loads(MINIMAL + f"ledger: {{url: '{url}'}}\n", {}).ledger.url == url
+
+
+def test_check_config_names_a_bad_capture_pattern_and_trace_url(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        GOOD.replace("${NEOSANTARA_API_KEY}", "${NEOSANTARA_API_KEY:-sk-x}").replace(
+            "${SEARCH_KEY}", "${SEARCH_KEY:-t}"
+        )
+        + "capture: {enabled: true, sample_ratio: 1.5,"
+        + " redact: ['acct-[0-9]+', '(unclosed', 'x*']}\n"
+        + "telemetry: {trace_url: 'http://jaeger:16686/trace/'}\n"
+    )
+    res = run_cli("check-config", str(bad))
+    assert res.returncode == 1
+    assert f"{bad}: capture.sample_ratio: must be a number between 0 and 1" in res.stderr
+    assert f"{bad}: capture.redact: entry 1 is not a valid regular expression" in res.stderr
+    assert "telemetry.trace_url: must be empty or a URL template with {trace_id}" in res.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 import secrets
 import time
 import uuid
@@ -145,8 +146,12 @@ def test_a_held_secret_that_starts_with_another_is_replaced_whole() -> None:
         assert Redactor(values)("a secret-one-two b secret-one") == f"a {MARK} b {MARK}"
 
 
-def test_from_settings_takes_extra_patterns(tmp_path: Path) -> None:
-    r = Redactor.from_settings(make_settings("http://127.0.0.1:1", tmp_path), (r"PIN \d{4}",))
+def test_from_settings_takes_the_capture_redact_patterns(tmp_path: Path) -> None:
+    settings = make_settings("http://127.0.0.1:1", tmp_path)
+    settings = settings.model_copy(
+        update={"capture": settings.capture.model_copy(update={"redact": (r"PIN \d{4}",)})}
+    )
+    r = Redactor.from_settings(settings)
     assert r(f"PIN 1234 {ALPHA_KEY}") == f"{MARK} {MARK}"
 
 
@@ -311,3 +316,22 @@ async def test_keys_in_a_prompt_never_reach_an_exported_span(
         assert running.gw.redactor(f"x {NEW_KEY} y") == "x [REDACTED] y"
     finally:
         await running.stop()
+
+
+def test_the_quick_pass_never_misses_a_client_key_the_full_pass_finds() -> None:
+    # whatever glues the key to its neighbours, the quick pass says "maybe" whenever the full
+    # pass would replace something: it may only skip texts that hold no client key
+    key = "key-alpha-0123456789"
+    r = Redactor(digests=digests(key))
+    glue = ["", " ", "=", ":", "/", "?k=", "&", ".", "\\n", "\\u00a0", "\\t", '"', "'", "(", "\\"]
+    rng = random.Random(5)
+    for left in glue:
+        for right in glue:
+            noise = "".join(rng.choice("ab1.=/ ") for _ in range(rng.randint(0, 12)))
+            text = f"{noise}{left}{key}{right}{noise}"
+            if r._client_keys(text) != text:
+                assert r._may_hold_client_key(text), text
+            # the quick passes change nothing: the result is the full passes' own
+            assert r(text) == r._known.sub(MARK, r._client_keys(text)), text
+    plain = "a prompt of ordinary words, with no key in it at all: harbor, dawn, 127.0.0.1:8080"
+    assert not r._may_hold_client_key(plain)

@@ -21,6 +21,7 @@ from conftest import free_port, wait_listening
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from gateway.redact import Redactor
 from gateway.settings import Telemetry, Traces
 from gateway.telemetry.tracing import Tracing
 
@@ -166,7 +167,7 @@ def test_content_attributes_are_bounded() -> None:
         Telemetry(traces=Traces(sample_ratio=1.0, capture_content=True)), exporter
     )
     try:
-        attrs = tracing.content_attributes({"input": "y" * 1_000_000})
+        attrs = tracing.content_attributes({"input": "y" * 1_000_000}, Redactor())
         span = tracing.tracer.start_span("big", attributes=attrs)
         span.end()
         recorded = getattr(span, "attributes", {})

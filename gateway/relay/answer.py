@@ -53,7 +53,7 @@ async def from_upstream(
     owners = gw.owners if ctx.creates_response else None
     answer = Answer(up, headers, out, idle, gw.metrics, policy.secrets)
     ctype = up.content_type
-    taps: list[Tap] = []
+    taps: list[Tap] = [out.capture] if out.capture is not None else []
     if ctype == "text/event-stream":
         out.streamed = True
         usage = StreamUsage(out, started, owners, owner)
@@ -104,7 +104,7 @@ async def from_upstream(
         return
     if flight is not None:
         flight.finish(None, None)
-    await relay(UpstreamRaw(answer, lambda: sink.present), sink)
+    await relay(UpstreamRaw(answer, lambda: sink.present), sink, taps)
 
 
 def _recorder(
@@ -152,13 +152,17 @@ async def _lead_stream(
         flight.finish(recorder.entry if recorder is not None else None, out.usage)
 
 
+def _captured(out: Outcome) -> tuple[Tap, ...]:
+    return (out.capture,) if out.capture is not None else ()
+
+
 async def from_entry(
     request: web.Request, out: Outcome, entry: CacheEntry, headers: Mapping[str, str], idle: float
 ) -> web.StreamResponse:
     """A cache hit, or the shared result of a JSON flight."""
     out.saved = entry.usage
     sink = ClientSink(request, out, idle)
-    await relay(EntrySource(entry.status, headers, entry.body), sink)
+    await relay(EntrySource(entry.status, headers, entry.body), sink, _captured(out))
     return sink.resp or web.Response()
 
 
@@ -174,6 +178,6 @@ async def from_flight(
     headers = {k: v for k, v in flight.headers if k.lower() not in _LEADERS_OWN}
     headers.update(extra)
     sink = ClientSink(request, out, idle)
-    await relay(FlightSource(flight, flight.status, headers), sink)
+    await relay(FlightSource(flight, flight.status, headers), sink, _captured(out))
     out.saved = flight.usage
     return sink.resp or web.Response()

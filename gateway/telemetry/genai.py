@@ -44,5 +44,5 @@ def client_span(
             if isinstance(v, int | float) and not isinstance(v, bool):
                 attrs[dst] = v
         if tracing.capture_content:
-            attrs.update(tracing.content_attributes(body))
+            attrs.update(tracing.content_attributes(body, ctx.policy.redactor))
     return tracing.client_span(env.span, name, attrs)

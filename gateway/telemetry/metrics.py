@@ -278,6 +278,19 @@ class Metrics:
                 registry=r,
             )
         )
+        self.captures = Family(
+            Counter(
+                "gateway_captures",
+                "Requests captured, by why: sampled (the sample draw) or error (it failed).",
+                ["reason"],
+                registry=r,
+            )
+        )
+        self.captures_dropped = Counter(
+            "gateway_captures_dropped",
+            "Captures dropped: the writer's queue was full or the store refused them.",
+            registry=r,
+        )
         # each upstream's child reads the health view when scraped (`watch_upstreams`)
         self.upstream_healthy = Gauge(
             "gateway_upstream_healthy",
@@ -288,6 +301,8 @@ class Metrics:
         self._upstreams: set[str] = set()
         for result in ("hit", "miss", "bypass", "coalesced"):
             self.cache_lookups.labels(result)
+        for reason in ("sampled", "error"):
+            self.captures.labels(reason)
 
     def watch_upstreams(self, healthy: Callable[[str], bool], names: Iterable[str]) -> None:
         """`gateway_upstream_healthy` for these upstreams, read at each scrape."""

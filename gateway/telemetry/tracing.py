@@ -60,8 +60,6 @@ class Tracing:
         # nothing is exported: spans only carry ids, made without the SDK's sampling machinery
         self._ids_only = exporter is None and isinstance(provider.sampler, type(ALWAYS_OFF))
         self._ids = provider.id_generator
-        # shapes only until the Gateway hands over the one built from its settings
-        self.redactor = Redactor()
         self._exporter = exporter
 
     @classmethod
@@ -148,17 +146,18 @@ class Tracing:
             found = self._ids.generate_span_id()
         return found
 
-    def content_attributes(self, body: Mapping[str, Any]) -> dict[str, str]:
-        """Opt-in message content, as GenAI JSON attributes, with keys redacted."""
+    def content_attributes(self, body: Mapping[str, Any], redact: Redactor) -> dict[str, str]:
+        """Opt-in message content, as GenAI JSON attributes, with keys redacted by `redact`:
+        the request's policy's redactor, the one captures use too."""
         out: dict[str, str] = {}
         instructions = body.get("instructions")
         if isinstance(instructions, str):
-            out["gen_ai.system_instructions"] = self.redactor(
+            out["gen_ai.system_instructions"] = redact(
                 orjson.dumps([{"type": "text", "content": instructions}]).decode()
             )
         messages = input_messages(body)
         if messages:
-            out["gen_ai.input.messages"] = self.redactor(orjson.dumps(messages).decode())
+            out["gen_ai.input.messages"] = redact(orjson.dumps(messages).decode())
         return out
 
     def flush(self, deadline: float = 5.0) -> None:

@@ -60,6 +60,9 @@ async def admit(
     with no room, a bad field)."""
     policy = env.policy = gw.policy.hold()
     principal = env.principal = policy.auth.authenticate(headers)
+    # captured as a streamed POST is: the handshake's headers, the event's body, and (bridge
+    # mode) the upstream's stream as relayed
+    env.outcome.capture = policy.capture.admit(principal.team.name, "POST", TARGET, headers)
     limits = policy.settings.limits
     body, _ = events.create_body(event)
     parsed = parse.parse(body, "POST", "application/json", RESPONSES, limits, policy.redactor)
