@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
@@ -16,10 +16,10 @@ from typing import Any, TypeVar
 import asyncpg
 
 from gateway.ledger import pg_schema, queries
-from gateway.ledger.columns import NAMES, postgres_row
-from gateway.ledger.records import Charge, LedgerRecord, ReportRow
-from gateway.ledger.search import Cursor, Found, Page, RequestFilter
+from gateway.ledger.columns import NAMES, Dialect, postgres_row
+from gateway.ledger.records import LedgerRecord
 from gateway.ledger.spill import Batch, SpillFile, new_batch, orphans, read_batches
+from gateway.ledger.sql_reads import SqlReads
 
 logger = logging.getLogger("gateway.ledger")
 
@@ -31,7 +31,7 @@ _MARK_BATCH = (
 )
 
 
-class PostgresLedger:
+class PostgresLedger(SqlReads):
     """Ledger in a PostgreSQL table shared by every replica, with a spill file for outages.
 
     `append` only queues the record in memory. A background task writes the queue every
@@ -55,6 +55,8 @@ class PostgresLedger:
     while it does not); spilled records survive it. Reads flush first: they see every record
     appended here and what other processes wrote, and raise while the database is down.
     """
+
+    dialect: Dialect = "postgres"
 
     def __init__(
         self,
@@ -173,35 +175,6 @@ class PostgresLedger:
             raise
         finally:
             await self._release()
-
-    async def charged_since(self, since: float) -> dict[str, Charge]:
-        """Per team: charged tokens, cost and requests of records with ts >= since."""
-        return queries.charges(await self._read(queries.charged_since("postgres", since)))
-
-    async def owner(self, response_id: str) -> tuple[str, str] | None:
-        """(team, upstream) of the first request that recorded `response_id`."""
-        if not response_id:
-            return None
-        rows = await self._read(queries.owner("postgres", response_id))
-        return (str(rows[0][0]), str(rows[0][1])) if rows else None
-
-    async def report(
-        self, since: float | None, until: float | None, by: Sequence[str]
-    ) -> list[ReportRow]:
-        """Usage rows grouped by `by` (team, model, day in UTC, user, tag:KEY), over ts in
-        [since, until)."""
-        query = queries.report("postgres", since, until, by)  # validates `by` before any I/O
-        return queries.report_rows(await self._read(query), by)
-
-    async def requests(self, where: RequestFilter, limit: int, before: Cursor | None) -> Page:
-        """Records matching `where`, newest first, before `before` (see RequestReader)."""
-        rows = await self._read(queries.requests("postgres", where, limit, before))
-        return queries.page(rows, limit)
-
-    async def request(self, request_id: str) -> Found | None:
-        """The newest record of `request_id`."""
-        rows = await self._read(queries.request("postgres", request_id))
-        return queries.found(rows)[0] if rows else None
 
     async def _read(self, query: queries.Query) -> list[Any]:
         await self.flush()

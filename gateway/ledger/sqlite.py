@@ -6,15 +6,15 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.ledger import queries
-from gateway.ledger.columns import NAMES, sqlite_row
-from gateway.ledger.records import Charge, LedgerRecord, ReportRow
-from gateway.ledger.search import Cursor, Found, Page, RequestFilter
+from gateway.ledger.columns import NAMES, Dialect, sqlite_row
+from gateway.ledger.records import LedgerRecord
+from gateway.ledger.sql_reads import SqlReads
 
 logger = logging.getLogger("gateway.ledger")
 
@@ -26,7 +26,7 @@ _INSERT = (
 )
 
 
-class SqliteLedger:
+class SqliteLedger(SqlReads):
     """Ledger in one SQLite file (WAL, synchronous=NORMAL), for a single host.
 
     `append` only puts the record in an in-memory buffer. A background task (see `start`)
@@ -44,6 +44,8 @@ class SqliteLedger:
     is broken); they are retried at the next flush, and the failure is logged on the
     `gateway.ledger` logger. `append` must be called from the event loop's thread.
     """
+
+    dialect: Dialect = "sqlite"
 
     def __init__(self, path: Path, flush_interval: float = 0.5, max_batch: int = 500) -> None:
         if flush_interval <= 0:
@@ -115,36 +117,6 @@ class SqliteLedger:
             finally:
                 self._executor_down = True
                 self._executor.shutdown(wait=True)
-
-    async def charged_since(self, since: float) -> dict[str, Charge]:
-        """Per team: charged tokens, cost and requests of records with ts >= since (buffer
-        included)."""
-        return queries.charges(await self._read(queries.charged_since("sqlite", since)))
-
-    async def owner(self, response_id: str) -> tuple[str, str] | None:
-        """(team, upstream) of the first request that recorded `response_id` (buffer included)."""
-        if not response_id:
-            return None
-        rows = await self._read(queries.owner("sqlite", response_id))
-        return (str(rows[0][0]), str(rows[0][1])) if rows else None
-
-    async def report(
-        self, since: float | None, until: float | None, by: Sequence[str]
-    ) -> list[ReportRow]:
-        """Usage rows grouped by `by` (team, model, day in UTC, user, tag:KEY), over ts in
-        [since, until)."""
-        query = queries.report("sqlite", since, until, by)  # validates `by` before any I/O
-        return queries.report_rows(await self._read(query), by)
-
-    async def requests(self, where: RequestFilter, limit: int, before: Cursor | None) -> Page:
-        """Records matching `where`, newest first, before `before` (see RequestReader)."""
-        rows = await self._read(queries.requests("sqlite", where, limit, before))
-        return queries.page(rows, limit)
-
-    async def request(self, request_id: str) -> Found | None:
-        """The newest record of `request_id`."""
-        rows = await self._read(queries.request("sqlite", request_id))
-        return queries.found(rows)[0] if rows else None
 
     async def _read(self, query: queries.Query) -> list[tuple[Any, ...]]:
         await self.flush()
