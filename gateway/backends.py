@@ -69,6 +69,16 @@ def is_postgres_url(url: str) -> bool:
     return url.split("://", 1)[0] in LEDGER_SCHEMES and "://" in url
 
 
+def absent_ledger(settings: Settings) -> Path | None:
+    """The SQLite ledger file `settings` name when it does not exist yet (a report command
+    has nothing to read, and must not create it); None when it exists or the ledger is
+    PostgreSQL."""
+    if is_postgres_url(settings.ledger.url):
+        return None
+    db = Path(settings.state.path) / LEDGER_FILE
+    return None if db.exists() else db
+
+
 def build_ledger(settings: Settings) -> Ledger:
     """The ledger `settings` name: PostgreSQL for a postgresql:// URL (spilling under
     state.path while it is unreachable), else SQLite under state.path. Does no I/O."""

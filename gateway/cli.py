@@ -8,7 +8,6 @@ import hashlib
 import secrets
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import asyncpg
 
@@ -94,11 +93,9 @@ def cmd_usage(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"gateway usage: {e}", file=sys.stderr)
         return 2
-    if not backends.is_postgres_url(settings.ledger.url):
-        db = Path(settings.state.path) / backends.LEDGER_FILE
-        if not db.exists():
-            print(f"gateway usage: no ledger at {db} yet", file=sys.stderr)
-            return 1
+    if (db := backends.absent_ledger(settings)) is not None:
+        print(f"gateway usage: no ledger at {db} yet", file=sys.stderr)
+        return 1
 
     async def report() -> str:
         ledger = backends.build_ledger(settings)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from pathlib import Path
 
 import asyncpg
 
@@ -71,11 +70,9 @@ def cmd_requests(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"gateway requests: {e}", file=sys.stderr)
         return 2
-    if not backends.is_postgres_url(settings.ledger.url):
-        db = Path(settings.state.path) / backends.LEDGER_FILE
-        if not db.exists():
-            print(f"gateway requests: no ledger at {db} yet", file=sys.stderr)
-            return 1
+    if (db := backends.absent_ledger(settings)) is not None:
+        print(f"gateway requests: no ledger at {db} yet", file=sys.stderr)
+        return 1
     try:
         print(asyncio.run(_list(settings, where, limit, args.format)), end="")
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
