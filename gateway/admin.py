@@ -15,6 +15,7 @@ from gateway.admin_requests import list_requests, one_request
 from gateway.amounts import amount
 from gateway.envelope import expect
 from gateway.errors import GatewayError
+from gateway.inspector import add_inspector_routes
 from gateway.ledger.report import parse_by, parse_when, row_to_dict
 from gateway.redis_state import StateUnavailable
 from gateway.runtime import GATEWAY
@@ -206,3 +207,4 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_get("/admin/cache", _guard(cache_stats), expect_handler=expect)
     app.router.add_delete("/admin/cache", _guard(cache_purge), expect_handler=expect)
     app.router.add_post("/admin/reload", _guard(reload), expect_handler=expect)
+    add_inspector_routes(app)

@@ -4,6 +4,8 @@ ValueError from parsing into 400 `invalid_parameter`."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from gateway import errors
@@ -48,6 +50,14 @@ async def list_requests(request: web.Request) -> web.Response:
     return web.json_response({"requests": rows, "next_cursor": page.next_cursor})
 
 
+def _trace_url(template: str, capture: dict[str, Any] | None) -> str | None:
+    """The link to a request's trace (`telemetry.trace_url`): its trace id is in its capture."""
+    trace_id = capture.get("trace_id") if capture else None
+    if not template or not isinstance(trace_id, str) or not trace_id:
+        return None
+    return template.replace("{trace_id}", trace_id)
+
+
 async def one_request(request: web.Request) -> web.Response:
     """One request's record and its capture (null when its bodies were not kept)."""
     wanted = request.match_info["request_id"]
@@ -59,4 +69,7 @@ async def one_request(request: web.Request) -> web.Response:
             404, "invalid_request_error", "not_found", "No request with this id in the ledger."
         )
     capture = await gw.captures.capture(wanted)
-    return web.json_response({**record_dict(found.record), "capture": capture})
+    trace_url = _trace_url(gw.policy.settings.telemetry.trace_url, capture)
+    return web.json_response(
+        {**record_dict(found.record), "capture": capture, "trace_url": trace_url}
+    )
