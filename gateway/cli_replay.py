@@ -109,9 +109,9 @@ def side_by_side(result: dict[str, Any]) -> str:
     for name in ("input_tokens", "output_tokens", "reasoning_tokens"):
         rows.append((name.replace("_", " "), _tokens(old, name), _tokens(new, name)))
     rows.append(("cost", f"${old['cost_usd']:.6f}", f"${new['cost_usd']:.6f}"))
-    width = max(len(r[1]) for r in rows) + 2
-    lines = [f"{'':15}{'captured':{width}}replayed"]
-    lines += [f"{name:15}{a:{width}}{b}" for name, a, b in rows]
+    label, width = max(len(r[0]) for r in rows) + 2, max(len(r[1]) for r in rows) + 2
+    lines = [f"{'':{label}}{'captured':{width}}replayed"]
+    lines += [f"{name:{label}}{a:{width}}{b}" for name, a, b in rows]
     if result.get("redacted_input"):
         lines.append("note: the captured body held [REDACTED] text; it was sent as stored")
     lines.append("")
