@@ -301,3 +301,31 @@ def test_the_diff_shows_what_changed() -> None:
     changed = [ln for ln in output_diff(long_old, long_new).splitlines() if ln[:1] in "+-"]
     # a long one-line output is compared in wrapped pieces: only the piece that changed shows
     assert len([ln for ln in changed if not ln.startswith(("---", "+++"))]) == 2
+
+
+async def test_no_replay_during_a_drain(running: Running, upstream: Upstream) -> None:
+    original, _, _ = await send(running, BODY)
+    running.gw.draining = True
+    try:
+        status, got = await replay(running, original)
+    finally:
+        running.gw.draining = False
+    assert status == 503 and got["error"]["code"] == "shutting_down"
+    assert upstream.state.calls[RESPONSES] == 1
+
+
+async def test_first_byte_is_recorded_for_streams_and_refusals(running: Running) -> None:
+    streamed, _, _ = await send(running, {**BODY, "stream": True})
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"{running.url}/v1/responses", data=b"{not json", headers=auth()) as r,
+    ):
+        assert r.status == 400
+        refused = r.headers["x-request-id"]
+    for request_id in (streamed, refused):
+        row = await row_of(running, request_id)
+        assert row["first_byte_ms"] is not None
+        assert 0 < row["first_byte_ms"] <= row["duration_ms"]
+    # a stream's head goes out before its last byte, and before its first token
+    row = await row_of(running, streamed)
+    assert row["first_byte_ms"] <= row["ttft_ms"]
