@@ -11,7 +11,7 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from gateway import config, errors
-from gateway.admin_requests import list_requests, one_request
+from gateway.admin_requests import list_requests, one_request, replay_request
 from gateway.amounts import amount
 from gateway.envelope import expect
 from gateway.errors import GatewayError
@@ -204,6 +204,9 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_get("/admin/upstreams", _guard(upstreams), expect_handler=expect)
     app.router.add_get("/admin/requests", _guard(list_requests), expect_handler=expect)
     app.router.add_get("/admin/requests/{request_id}", _guard(one_request), expect_handler=expect)
+    app.router.add_post(
+        "/admin/requests/{request_id}/replay", _guard(replay_request), expect_handler=expect
+    )
     app.router.add_get("/admin/cache", _guard(cache_stats), expect_handler=expect)
     app.router.add_delete("/admin/cache", _guard(cache_purge), expect_handler=expect)
     app.router.add_post("/admin/reload", _guard(reload), expect_handler=expect)

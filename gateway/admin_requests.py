@@ -1,6 +1,7 @@
-"""`GET /admin/requests` and `GET /admin/requests/{request_id}`: finding requests in the
-ledger (CONTRACT section 11). The admin guard (`admin._guard`) checks the key and turns a
-ValueError from parsing into 400 `invalid_parameter`."""
+"""`GET /admin/requests`, `GET /admin/requests/{request_id}` and
+`POST /admin/requests/{request_id}/replay`: finding requests in the ledger and sending a
+captured one again (CONTRACT section 11). The admin guard (`admin._guard`) checks the key
+and turns a ValueError from parsing into 400 `invalid_parameter`."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import errors
+from gateway import errors, replay
 from gateway.context import request_id as sane_request_id
 from gateway.ledger.report import parse_when
-from gateway.ledger.search import Cursor, make_filter, parse_limit, record_dict
+from gateway.ledger.search import Cursor, Found, make_filter, parse_limit, record_dict
 from gateway.runtime import GATEWAY
 
 PARAMS = frozenset({"team", "status", "model", "user", "tag", "since", "until", "limit", "cursor"})
@@ -58,18 +59,33 @@ def _trace_url(template: str, capture: dict[str, Any] | None) -> str | None:
     return template.replace("{trace_id}", trace_id)
 
 
-async def one_request(request: web.Request) -> web.Response:
-    """One request's record and its capture (null when its bodies were not kept)."""
+async def _found(request: web.Request) -> Found:
     wanted = request.match_info["request_id"]
-    gw = request.app[GATEWAY]
     # an id the gateway would not have kept is no record's: not looked up
-    found = await gw.reports.request(wanted) if sane_request_id(wanted) == wanted else None
+    found = None
+    if sane_request_id(wanted) == wanted:
+        found = await request.app[GATEWAY].reports.request(wanted)
     if found is None:
         raise errors.GatewayError(
             404, "invalid_request_error", "not_found", "No request with this id in the ledger."
         )
-    capture = await gw.captures.capture(wanted)
+    return found
+
+
+async def one_request(request: web.Request) -> web.Response:
+    """One request's record and its capture (null when its bodies were not kept)."""
+    found = await _found(request)
+    gw = request.app[GATEWAY]
+    capture = await gw.captures.capture(found.record.request_id)
     trace_url = _trace_url(gw.policy.settings.telemetry.trace_url, capture)
     return web.json_response(
         {**record_dict(found.record), "capture": capture, "trace_url": trace_url}
     )
+
+
+async def replay_request(request: web.Request) -> web.Response:
+    """Send a captured request again as its team; the new answer beside the captured one."""
+    found = await _found(request)
+    gw = request.app[GATEWAY]
+    original = replay.captured(found.record, await gw.captures.capture(found.record.request_id))
+    return web.json_response(await replay.replay(gw, original))

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from gateway import backends, cli_requests, config
+from gateway import backends, cli_replay, cli_requests, config
 from gateway.cli_run import ListenError, run_gateway, use_uvloop
 from gateway.demo import cmd_demo
 from gateway.telemetry.logging import configure_logging
@@ -202,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     u.set_defaults(func=cmd_usage)
     cli_requests.add_parser(sub, config_help)
+    cli_replay.add_parser(sub)
     m = sub.add_parser(
         "mock-upstream",
         help="a fake Responses-API provider",

@@ -101,6 +101,7 @@ class Attempt:
 class Outcome:
     status: int = 0
     error: str | None = None
+    first_byte: float = 0.0  # perf_counter when the answer's head went out; 0: not yet
     streamed: bool = False  # the answer is an SSE stream
     cache: str = ""  # hit | miss | bypass | coalesced | "" (not cacheable)
     saved: Usage | None = None  # a cache hit or coalesced answer: what it would have cost
@@ -117,6 +118,12 @@ class Outcome:
     response: web.StreamResponse | None = None  # headers sent: no other answer possible
     client_span: Span | None = None
     capture: CaptureTap | None = None  # the request may be captured: its tap
+
+    def head(self, status: int) -> None:
+        """The answer's status is chosen and its head goes out now (the first one counts)."""
+        self.status = status
+        if not self.first_byte:
+            self.first_byte = time.perf_counter()
 
     @property
     def upstream(self) -> str:
@@ -148,6 +155,7 @@ class Envelope:
     method: str
     started: float = field(default_factory=time.perf_counter)
     transport: str = "http"  # http | websocket
+    replay_of: str = ""  # the request id this one replays (`gateway.replay`)
     policy: Policy | None = None  # the snapshot the request runs under, held to its end
     principal: Principal | None = None
     model: str = ""  # the requested model, once read

@@ -114,7 +114,8 @@ async def _answer(
     if out.response is not None and out.response.prepared:
         out.error = out.error or error.code  # a stream is under way: it ends where it is
         return out.response
-    out.status, out.error = error.status, out.error or error.code
+    out.error = out.error or error.code
+    out.head(error.status)
     resp = error.response(env.headers())
     if out.capture is not None:
         out.capture.answered(resp.status, resp.headers, resp.body)  # type: ignore[arg-type]

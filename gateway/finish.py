@@ -19,20 +19,21 @@ from gateway.settings import UNKNOWN_TEAM
 from gateway.usage import Usage
 
 
-async def end(gw: Gateway, env: Envelope, counted: int) -> None:
+async def end(gw: Gateway, env: Envelope, counted: int) -> LedgerRecord | None:
     """A request is no longer in flight (`counted`: whether a drain waited for it); finish it.
-    Never raises."""
+    Never raises. Its ledger record, None when it had none (no team) or finishing failed."""
     gw.inflight -= counted
     gw.metrics.inflight.dec()
     try:
-        await finish(gw, env)
+        return await finish(gw, env)
     except Exception:
         gw.log.exception("finishing a request failed", request_id=env.request_id)
+        return None
     finally:
         gw.active -= 1
 
 
-async def finish(gw: Gateway, env: Envelope) -> None:
+async def finish(gw: Gateway, env: Envelope) -> LedgerRecord | None:
     duration = time.perf_counter() - env.started
     now = gw.clock()
     out, ctx = env.outcome, env.ctx
@@ -63,39 +64,40 @@ async def finish(gw: Gateway, env: Envelope) -> None:
     team = env.principal.team.name if env.principal is not None else UNKNOWN_TEAM
     stream = out.streamed or (ctx is not None and ctx.stream)
     ttft_ms = out.ttft * 1000 if out.ttft is not None else None
+    first_byte_ms = (out.first_byte - env.started) * 1000 if out.first_byte else None
     who = env.attribution  # redacted when it was read
+    record = None
     if env.principal is not None:
-        gw.ledger.append(
-            LedgerRecord(
-                ts=now,
-                request_id=env.request_id,
-                team=team,
-                key_id=env.principal.key_id,
-                model=shown,
-                upstream=upstream,
-                route=env.route.name,
-                status=out.status,
-                stream=stream,
-                cache=out.cache,
-                input_tokens=usage.input_tokens if usage else 0,
-                cached_tokens=usage.cached_tokens if usage else 0,
-                output_tokens=usage.output_tokens if usage else 0,
-                reasoning_tokens=usage.reasoning_tokens if usage else 0,
-                charged_tokens=charged,
-                cost_usd=cost,
-                estimated=estimated,
-                duration_ms=duration * 1000,
-                ttft_ms=ttft_ms,
-                saved_tokens=out.saved.total_tokens if out.saved is not None else 0,
-                response_id=(out.response_id or "")
-                if ctx is not None and ctx.creates_response
-                else "",
-                attempts=len(out.attempts),
-                transport=env.transport,
-                user=who.user,
-                tags=who.tags_text,
-            )
+        record = LedgerRecord(
+            ts=now,
+            request_id=env.request_id,
+            team=team,
+            key_id=env.principal.key_id,
+            model=shown,
+            upstream=upstream,
+            route=env.route.name,
+            status=out.status,
+            stream=stream,
+            cache=out.cache,
+            input_tokens=usage.input_tokens if usage else 0,
+            cached_tokens=usage.cached_tokens if usage else 0,
+            output_tokens=usage.output_tokens if usage else 0,
+            reasoning_tokens=usage.reasoning_tokens if usage else 0,
+            charged_tokens=charged,
+            cost_usd=cost,
+            estimated=estimated,
+            duration_ms=duration * 1000,
+            ttft_ms=ttft_ms,
+            saved_tokens=out.saved.total_tokens if out.saved is not None else 0,
+            response_id=(out.response_id or "") if ctx is not None and ctx.creates_response else "",
+            attempts=len(out.attempts),
+            transport=env.transport,
+            user=who.user,
+            tags=who.tags_text,
+            replay_of=env.replay_of,
+            first_byte_ms=round(first_byte_ms, 3) if first_byte_ms is not None else None,
         )
+        gw.ledger.append(record)
         if out.capture is not None:
             _capture(gw, env, now, team)
     overhead = max(0.0, duration - out.upstream_wait)
@@ -122,7 +124,9 @@ async def finish(gw: Gateway, env: Envelope) -> None:
         overhead_ms=round(overhead * 1000, 3),
         attempts=len(out.attempts),
         error=out.error,
+        replay_of=env.replay_of or None,
     )
+    return record
 
 
 def _capture(gw: Gateway, env: Envelope, now: float, team: str) -> None:

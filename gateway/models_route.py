@@ -52,7 +52,7 @@ async def list_models(
         if not isinstance(r, BaseException):
             for m in r:
                 seen.setdefault(m["id"], m)
-    env.outcome.status = 200
+    env.outcome.head(200)
     listing = orjson.dumps({"object": "list", "data": list(seen.values())})
     return await send_whole(
         request,

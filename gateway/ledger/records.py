@@ -48,6 +48,8 @@ class LedgerRecord:
     # its tags as canonical JSON (`Attribution.tags_text`: sorted keys, no spaces), "" for none
     tags: str = ""
     replay_of: str = ""  # the request id this request replays, "" when it is no replay
+    # ms from the request's start to the head of its answer (the client's first byte)
+    first_byte_ms: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

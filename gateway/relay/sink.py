@@ -89,7 +89,7 @@ class ClientSink:
         self.out.error = self.out.error or "client_disconnected"
 
     async def whole(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
-        self.out.status = status
+        self.out.head(status)
         if len(body) <= WHOLE_WRITE_PIECE:
             whole = web.Response(status=status, body=body, headers=headers)
             self.resp = self.out.response = whole  # once written, no other answer is possible
@@ -116,7 +116,7 @@ class ClientSink:
         self.abort()
 
     async def open(self, status: int, headers: Mapping[str, str]) -> None:
-        self.out.status = status
+        self.out.head(status)
         resp = self.resp = self.out.response = web.StreamResponse(status=status, headers=headers)
         try:
             await resp.prepare(self.request)

@@ -155,14 +155,16 @@ class Connection:
             elsewhere = await responder.create(env, event, lane, message)
         except GatewayError as e:
             out = env.outcome
-            out.status, out.error = e.status, out.error or e.code
+            out.error = out.error or e.code
+            out.head(e.status)
             await self.error(e, lane)
             if e.status == 401:  # a reload removed the key: the connection ends with it
                 self.revoked = True
         except Exception:
             gw.log.exception("unhandled error", request_id=env.request_id)
             out = env.outcome
-            out.status, out.error = 500, "internal_error"
+            out.error = "internal_error"
+            out.head(500)
             failed = GatewayError(
                 500, "server_error", "internal_error", "The gateway failed this response."
             )

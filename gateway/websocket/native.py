@@ -364,7 +364,8 @@ class NativeLink:
             if env is None:
                 return
         out = env.outcome
-        out.status, out.response_id = 200, rid
+        out.response_id = rid
+        out.head(200)
         out.attempts[-1].status = 200
         self.live[rid] = env
         self.gw.owners.remember(rid, (env.ctx.team if env.ctx else "", self.name))

@@ -124,7 +124,7 @@ class WebSocketSink:
     async def whole(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
         """An upstream that answered with one body: its error as an `error` event, or a whole
         response (an upstream that ignored `stream`) as the `response.completed` it stands for."""
-        self.out.status = status
+        self.out.head(status)
         if status == 200 and body.lstrip()[:1] == b"{":
             await self.send(
                 '{"type":"response.completed","response":' + body.decode("utf-8", "replace") + "}"
@@ -133,7 +133,7 @@ class WebSocketSink:
         await self.send(events.upstream_error_event(status, body, self.lane))
 
     async def open(self, status: int, headers: Mapping[str, str]) -> None:
-        self.out.status = status
+        self.out.head(status)
         if status != 200 and "text/event-stream" not in headers.get("content-type", ""):
             self.failed = bytearray()
 
