@@ -17,9 +17,11 @@ def stub(bin_dir: Path, name: str, body: str) -> None:
     path.chmod(0o755)
 
 
-def run(tmp_path: Path, uid: int, apt: bool, prometheus: bool) -> tuple[str, list[str]]:
-    """The script with `id`, `apt-get` and `prometheus` replaced by stubs that log their calls;
-    nothing else on PATH but what a shell needs."""
+def run(
+    tmp_path: Path, uid: int, apt: bool, prometheus: bool, chromium: bool = True
+) -> tuple[str, list[str]]:
+    """The script with `id`, `apt-get`, `prometheus`, `chromium` and `chromedriver` replaced by
+    stubs that log their calls; nothing else on PATH but what a shell needs."""
     bin_dir, log = tmp_path / "bin", tmp_path / "calls"
     bin_dir.mkdir()
     stub(bin_dir, "id", f"echo {uid}")
@@ -27,6 +29,9 @@ def run(tmp_path: Path, uid: int, apt: bool, prometheus: bool) -> tuple[str, lis
         stub(bin_dir, "apt-get", f'echo "apt-get $*" >> {log}')
     if prometheus:
         stub(bin_dir, "prometheus", "exit 0")
+    if chromium:
+        stub(bin_dir, "chromium", "exit 0")
+        stub(bin_dir, "chromedriver", "exit 0")
     done = subprocess.run(
         ["/bin/bash", str(SCRIPT)],
         env={**os.environ, "PATH": str(bin_dir)},
@@ -61,3 +66,17 @@ def test_otherwise_it_installs_nothing_and_says_why(
 
 def test_nothing_to_do_when_prometheus_is_there(tmp_path: Path) -> None:
     assert run(tmp_path, uid=0, apt=True, prometheus=True) == ("", [])
+
+
+def test_as_root_it_installs_chromium_for_the_browser_test(tmp_path: Path) -> None:
+    out, calls = run(tmp_path, uid=0, apt=True, prometheus=False, chromium=False)
+    assert "installing Debian's packages chromium chromium-driver with apt-get (as root)" in out
+    assert "for the inspector's browser test" in out
+    assert calls == [
+        "apt-get update -qq",
+        "apt-get install -y -qq --no-install-recommends prometheus",
+        "apt-get install -y -qq --no-install-recommends chromium chromium-driver",
+    ]
+    (tmp_path / "user").mkdir()
+    out, calls = run(tmp_path / "user", uid=1000, apt=True, prometheus=True, chromium=False)
+    assert calls == [] and "the inspector's browser test will skip" in out

@@ -78,8 +78,10 @@
 
   function usd(value) {
     if (value === null || value === undefined) return dash;
-    if (value === 0) return "$0";
-    return value < 0.01 ? `$${value.toFixed(6)}` : `$${value.toFixed(4)}`;
+    if (value >= 100) return `$${value.toFixed(2)}`;
+    // to the micro-dollar, as the API rounds it, without trailing zeros: $0.000036, $0.002
+    const text = value.toFixed(6).replace(/\.?0+$/, "");
+    return `$${text}`;
   }
 
   function bytes(n) {
@@ -264,32 +266,38 @@
     state.loading = true;
     const q = listQuery();
     const key = filterKey(q);
-    if (key !== state.query) reset = true;
+    if (key !== state.query) {
+      reset = true; // other filters: a new list, whatever was asked
+      more = false;
+    }
     if (more && state.cursor) q.set("cursor", state.cursor);
     try {
       const page = await api(`/requests?${q}`);
       $("filter-error").textContent = "";
       const rows = page.requests;
+      state.query = key;
       if (more) {
         state.rows = state.rows.concat(rows);
         state.cursor = page.next_cursor;
+        renderList();
       } else if (reset || state.rows.length === 0) {
         state.rows = rows;
         state.cursor = page.next_cursor;
+        renderList();
       } else {
-        // records are never changed once written: a refresh only adds the newest on top
+        // records are never changed once written: a refresh only adds the newest on top,
+        // and the rows already shown stay as they are (focus, hover, scroll)
         const known = new Set(state.rows.map((r) => r.request_id));
         const fresh = rows.filter((r) => !known.has(r.request_id));
         if (fresh.length === rows.length && rows.length > 0) {
           state.rows = rows; // more arrived than a page holds: start over from the newest
           state.cursor = page.next_cursor;
+          renderList();
         } else {
-          for (const r of fresh) r._fresh = true;
           state.rows = fresh.concat(state.rows);
+          prependRows(fresh);
         }
       }
-      state.query = key;
-      renderList();
       $("refreshed").textContent = `updated ${clock(Date.now() / 1000)}`;
     } catch (e) {
       if (e.status === 400) $("filter-error").textContent = e.message;
@@ -303,39 +311,52 @@
     }
   }
 
+  function rowNode(r, fresh = false) {
+    return h(
+      "tr",
+      {
+        "data-id": r.request_id,
+        tabindex: "0",
+        class: [r.request_id === state.selected ? "selected" : "", fresh ? "fresh" : ""].join(" "),
+        title: r.request_id,
+      },
+      h("td", { class: "mono", title: dateTime(r.ts) }, clock(r.ts)),
+      h("td", {}, statusBadge(r.status)),
+      h("td", {}, r.team),
+      h("td", { class: "ellipsis" }, r.model || dash),
+      h("td", { class: "mono muted", title: r.route }, r.route.replace(/^\/v1\//, ""), r.stream ? h("span", { class: "tag-stream" }, " sse") : null, r.replay_of ? h("span", { class: "tag-replay", title: `replay of ${r.replay_of}` }, " replay") : null),
+      h("td", { class: "num" }, int(r.input_tokens)),
+      h("td", { class: "num" }, int(r.output_tokens)),
+      h("td", { class: "num" }, ms(r.duration_ms)),
+      h("td", { class: "num" }, ms(r.ttft_ms)),
+      h("td", { class: `cache-${r.cache || "none"}` }, r.cache || dash),
+      h("td", { class: "ellipsis" }, r.user || ""),
+      h("td", { class: "cap", title: r.captured ? "captured" : "not captured" }, r.captured ? "●" : ""),
+    );
+  }
+
+  function prependRows(fresh) {
+    const body = $("rows");
+    if (fresh.length === 0) return;
+    if (body.querySelector("tr.none")) body.replaceChildren();
+    body.prepend(...fresh.map((r) => rowNode(r, true)));
+    countLine();
+  }
+
+  function countLine() {
+    const n = state.rows.length;
+    $("count").textContent = `${n} request${n === 1 ? "" : "s"}${state.cursor ? " (more below)" : ""}`;
+    $("more").hidden = !state.cursor;
+  }
+
   function renderList() {
     const body = $("rows");
-    const rows = state.rows.map((r) => {
-      const tr = h(
-        "tr",
-        {
-          "data-id": r.request_id,
-          tabindex: "0",
-          class: [r.request_id === state.selected ? "selected" : "", r._fresh ? "fresh" : ""].join(" "),
-          title: r.request_id,
-        },
-        h("td", { class: "mono" }, clock(r.ts)),
-        h("td", {}, statusBadge(r.status)),
-        h("td", {}, r.team),
-        h("td", { class: "ellipsis" }, r.model || dash),
-        h("td", { class: "mono muted" }, r.route, r.stream ? h("span", { class: "tag-stream" }, " sse") : null),
-        h("td", { class: "num" }, int(r.input_tokens)),
-        h("td", { class: "num" }, int(r.output_tokens)),
-        h("td", { class: "num" }, ms(r.duration_ms)),
-        h("td", { class: "num" }, ms(r.ttft_ms)),
-        h("td", { class: `cache-${r.cache || "none"}` }, r.cache || dash),
-        h("td", { class: "ellipsis" }, r.user || ""),
-        h("td", { class: "cap", title: r.captured ? "captured" : "not captured" }, r.captured ? "●" : ""),
-      );
-      delete r._fresh;
-      return tr;
-    });
+    const rows = state.rows.map((r) => rowNode(r));
     if (rows.length === 0) {
       rows.push(h("tr", { class: "none" }, h("td", { colspan: "12" }, "No requests match these filters.")));
     }
     fill(body, rows);
-    $("count").textContent = `${state.rows.length} request${state.rows.length === 1 ? "" : "s"}${state.cursor ? " (more below)" : ""}`;
-    $("more").hidden = !state.cursor;
+    countLine();
   }
 
   function onListClick(event) {
@@ -543,7 +564,7 @@
     return h(
       "table",
       { class: "grid" },
-      h("tr", {}, ["#", "Upstream", "Key", "Status", "Outcome", "Start", "Duration", ""].map((t) => h("th", {}, t))),
+      h("tr", {}, ["#", "Upstream", "Key", "Status", "Outcome", "Start", "Duration", ""].map((t, i) => h("th", { class: i === 5 || i === 6 ? "num" : "" }, t))),
       cap.attempts.map((a, i) => {
         const span = h("div", { class: `gantt ${a.outcome === "ok" ? "ok" : "bad"}` });
         span.style.marginLeft = `${total > 0 ? (a.started_ms / total) * 100 : 0}%`;
@@ -658,10 +679,11 @@
     const o = r.original || {};
     const rows = [
       ["Status", o.status, r.status, (v) => (v === null || v === undefined ? dash : statusBadge(v))],
-      ["Latency", o.latency_ms, r.latency_ms, ms],
+      ["Latency", o.latency_ms, r.latency_ms, ms, false], // always differs: not marked
       ["Input tokens", usageOf(o.usage, "input_tokens"), usageOf(r.usage, "input_tokens"), int],
       ["Output tokens", usageOf(o.usage, "output_tokens"), usageOf(r.usage, "output_tokens"), int],
       ["Total tokens", usageOf(o.usage, "total_tokens"), usageOf(r.usage, "total_tokens"), int],
+      ["Cost", o.cost_usd, r.cost_usd, usd, false],
     ];
     const sameOutput = (o.output || "") === (r.output || "");
     const [left, right] = sameOutput ? [o.output || "", r.output || ""] : wordDiff(o.output || "", r.output || "");
@@ -676,7 +698,8 @@
         newId,
         r.error ? badge(r.error, "bad") : null,
         r.streamed ? badge("stream", "kind") : null,
-        typeof r.cost_usd === "number" ? h("span", { class: "muted" }, `cost ${usd(r.cost_usd)}`) : null,
+        r.redacted_input ? badge("sent with [REDACTED] input", "warn") : null,
+        r.body_cut ? badge("answer shown cut", "warn") : null,
         h("span", { class: "spacer" }),
         badge(sameOutput ? "same output" : "output differs", sameOutput ? "ok" : "warn"),
       ),
@@ -684,8 +707,8 @@
         "table",
         { class: "grid compare-table" },
         h("tr", {}, h("th", {}, ""), h("th", {}, "Original"), h("th", {}, "Replay")),
-        rows.map(([name, a, b, fmt]) =>
-          h("tr", { class: a !== b ? "differs" : "" }, h("th", {}, name), h("td", {}, fmt(a)), h("td", {}, fmt(b))),
+        rows.map(([name, a, b, fmt, mark = true]) =>
+          h("tr", { class: mark && a !== b ? "differs" : "" }, h("th", {}, name), h("td", {}, fmt(a)), h("td", {}, fmt(b))),
         ),
       ),
       h(
@@ -787,7 +810,7 @@
       h(
         "table",
         { class: "grid" },
-        h("tr", {}, ["Upstream / key", "State", "Last minute", "Errors", "Until"].map((t) => h("th", {}, t))),
+        h("tr", {}, ["Upstream / key", "State", "Last minute", "Errors", "Until"].map((t, i) => h("th", { class: i === 2 || i === 3 ? "num" : "" }, t))),
         ups.map((u) => [
           h(
             "tr",
