@@ -169,6 +169,15 @@ def drive(admin_url: str, made: Made, shots: list[Path]) -> dict[str, Any]:
         ]
         assert listed[1:4] == [made.hostile, made.plain, made.streamed]  # newest first
 
+        user = driver.find_element(By.CSS_SELECTOR, '#filters input[name="user"]')
+        user.send_keys("dina\n")  # a filter: only that user's request
+        until(lambda: len(driver.find_elements(By.CSS_SELECTOR, "#rows tr[data-id]")) == 1, "dina")
+        assert driver.find_element(By.CSS_SELECTOR, "#rows tr").get_attribute("data-id") == (
+            made.streamed
+        )
+        driver.find_element(By.ID, "clear").click()
+        until(lambda: len(driver.find_elements(By.CSS_SELECTOR, "#rows tr[data-id]")) >= 4, "all")
+
         open_row(made.streamed)  # a stream: its assembled text
         until(lambda: text("#output") == made.streamed_text, "the streamed output text")
         assert "Open trace" in text("#detail a.trace")

@@ -632,9 +632,9 @@
       section(
         "Captured request",
         h("div", { class: "line mono" }, `${req.method || ""} ${req.path || ""}`, h("span", { class: "muted" }, `  ${bytes(req.body_bytes || 0)}`)),
-        headersBlock(req.headers),
         cutNote(req.body_cut, ` (${bytes(req.body_bytes || 0)} sent)`),
         h("pre", { class: "body", id: "request-body" }, req.body === null || req.body === undefined ? "(no body)" : pretty(req.body)),
+        headersBlock(req.headers),
       ),
       section(
         "Captured answer",
@@ -646,9 +646,9 @@
           ans.complete ? badge("complete", "ok") : badge("did not end whole", "bad"),
           ans.error ? badge(ans.error, "bad") : null,
         ),
-        headersBlock(ans.headers),
         cutNote(ans.body_cut, ""),
         answerBody,
+        headersBlock(ans.headers),
       ),
     );
   }
