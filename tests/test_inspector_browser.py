@@ -216,6 +216,12 @@ def drive(admin_url: str, made: Made, shots: list[Path]) -> dict[str, Any]:
         trace_href = driver.find_element(By.CSS_SELECTOR, "#detail a.trace").get_attribute("href")
         open_row(new_id)
         until(lambda: f"replay of {made.plain}" in text("#detail .detail-head"), "replay_of")
+
+        # a link to a request opens it; the key is not asked again in this browser session
+        driver.get(f"{admin_url}/admin/ui#{made.streamed}")
+        driver.refresh()
+        until(lambda: made.streamed in text("#detail .rid"), "the linked request")
+        assert not driver.find_element(By.ID, "login").is_displayed()
         return {
             "replayed": replayed,
             "trace_href": trace_href,

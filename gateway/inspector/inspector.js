@@ -381,6 +381,8 @@
 
   async function select(id) {
     state.selected = id;
+    // the open request in the address (never the key): a link another engineer can open
+    history.replaceState(null, "", `#${encodeURIComponent(id)}`);
     for (const tr of $("rows").children) {
       tr.classList.toggle("selected", tr.getAttribute("data-id") === id);
     }
@@ -921,6 +923,13 @@
     state.timer = setInterval(tick, REFRESH_MS);
     loadList({ reset: true });
     loadOverview();
+    let linked = "";
+    try {
+      linked = decodeURIComponent(location.hash.slice(1));
+    } catch {
+      linked = ""; // not an id the page put there
+    }
+    if (linked && state.view === "requests") select(linked);
   }
 
   function init() {
