@@ -269,3 +269,33 @@ async def test_the_inspector_in_a_browser(running: Running, tmp_path: Path) -> N
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shots[0], target)
         shutil.copyfile(shots[1], target.with_name(f"{target.stem}-overview{target.suffix}"))
+
+
+def refuse(admin_url: str) -> dict[str, Any]:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = browser()
+    try:
+        driver.get(f"{admin_url}/admin/ui")
+        wait = WebDriverWait(driver, 8)
+        wait.until(lambda _: driver.find_element(By.ID, "key")).send_keys("not-the-key")
+        driver.find_element(By.ID, "key-submit").click()
+        wait.until(lambda _: driver.find_element(By.ID, "login-error").text, "a refusal")
+        return {
+            "error": driver.find_element(By.ID, "login-error").text,
+            "asked": driver.find_element(By.ID, "key").is_displayed(),
+            "listed": driver.find_element(By.ID, "view-requests").is_displayed(),
+            "stored": driver.execute_script("return sessionStorage.length"),
+            "console": driver.get_log("browser"),
+        }
+    finally:
+        driver.quit()
+
+
+async def test_a_wrong_key_is_refused_and_not_kept(running: Running) -> None:
+    seen = await asyncio.to_thread(refuse, running.admin_url)
+    assert "admin key" in seen["error"] and seen["asked"] and not seen["listed"]
+    assert seen["stored"] == 0
+    # the browser reports the refused call itself; the page's script logs nothing
+    assert all("status of 401" in e["message"] for e in seen["console"]), seen["console"]
