@@ -32,6 +32,11 @@ class Parsed:
     def stream(self) -> bool:
         return self.top.get("stream") is True
 
+    @property
+    def previous(self) -> object:
+        """`previous_response_id` as sent (None when absent or null)."""
+        return self.top.get("previous_response_id")
+
 
 async def read(
     request: web.Request, route: Route, limits: Limits, redact: Callable[[str], str]

@@ -46,7 +46,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
     if route.model_list and request.method == "GET":
         return await list_models(gw, request, env, policy)
     model = env.model = "" if route.owned else parsed.model
-    candidates = await plan.plan(policy, route, principal, model, gw.owners, gw.reports, path)
+    candidates = await plan.plan(
+        policy, route, principal, model, gw.owners, gw.reports, path, parsed.previous
+    )
     metered = route.metered and request.method == "POST" and bool(model)
     ctx = RequestContext(
         method=request.method,

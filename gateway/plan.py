@@ -29,7 +29,15 @@ def by_model(policy: Policy, principal: Principal, model: str) -> tuple[Upstream
 async def by_owner(
     policy: Policy, principal: Principal, owners: OwnerStore, ledger: ReportReader, path: str
 ) -> tuple[UpstreamClient, ...]:
-    rid = path.split("/")[3]
+    owner = await owned(policy, principal, owners, ledger, path.split("/")[3])
+    client = policy.upstreams.get(owner[1]) or policy.default_upstream
+    return (client,)
+
+
+async def owned(
+    policy: Policy, principal: Principal, owners: OwnerStore, ledger: ReportReader, rid: str
+) -> tuple[str, str]:
+    """The (team, upstream) of a stored response of the principal's team, else a 404."""
     owner = await owners.get(rid)
     if owner is None:
         owner = await ledger.owner(rid)
@@ -44,8 +52,7 @@ async def by_owner(
             "not_found",
             f"No response found with id {errors.quoted(policy.redactor(rid))}.",
         )
-    client = policy.upstreams.get(owner[1]) or policy.default_upstream
-    return (client,)
+    return owner
 
 
 async def plan(
@@ -56,11 +63,24 @@ async def plan(
     owners: OwnerStore,
     ledger: ReportReader,
     path: str,
+    previous: object = None,
 ) -> tuple[UpstreamClient, ...]:
+    """`previous`: the body's `previous_response_id`. A response continued from another is
+    read by the upstream with that one's whole conversation: only its own team may name it,
+    and it is sent where that response is kept (when the model's route goes there)."""
     if route.owned:
         return await by_owner(policy, principal, owners, ledger, path)
     if route.refused:
         raise errors.not_found()
-    if model:
-        return by_model(policy, principal, model)
-    return (policy.default_upstream,)
+    if not model:
+        return (policy.default_upstream,)
+    candidates = by_model(policy, principal, model)
+    if previous is None or not route.model:
+        return candidates
+    if not isinstance(previous, str) or not previous:
+        raise errors.invalid_value(
+            "previous_response_id", "previous_response_id must be a response id (a string)."
+        )
+    upstream = (await owned(policy, principal, owners, ledger, previous))[1]
+    kept = tuple(c for c in candidates if c.name == upstream)
+    return kept or candidates

@@ -209,7 +209,7 @@ async def _send(
     env.attribution = parse.attribute(headers, parsed, policy.redactor)
     model = env.model = parsed.model
     candidates = await plan.plan(
-        policy, route, principal, model, gw.owners, gw.reports, original.path
+        policy, route, principal, model, gw.owners, gw.reports, original.path, parsed.previous
     )
     ctx = env.ctx = RequestContext(
         method=original.method,

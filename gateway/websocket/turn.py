@@ -69,7 +69,9 @@ async def admit(
     # the handshake's attribution headers hold for every response of the connection
     env.attribution = parse.attribute(headers, parsed, policy.redactor)
     model = env.model = parsed.model
-    candidates = await plan.plan(policy, RESPONSES, principal, model, gw.owners, gw.reports, TARGET)
+    candidates = await plan.plan(
+        policy, RESPONSES, principal, model, gw.owners, gw.reports, TARGET, parsed.previous
+    )
     ctx = env.ctx = RequestContext(
         method="POST",
         route=RESPONSES,
