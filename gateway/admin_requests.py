@@ -11,6 +11,7 @@ from aiohttp import web
 
 from gateway import errors, replay
 from gateway.context import request_id as sane_request_id
+from gateway.ledger.records import LedgerRecord
 from gateway.ledger.report import parse_when
 from gateway.ledger.search import Cursor, Found, make_filter, parse_limit, record_dict
 from gateway.runtime import GATEWAY
@@ -51,9 +52,10 @@ async def list_requests(request: web.Request) -> web.Response:
     return web.json_response({"requests": rows, "next_cursor": page.next_cursor})
 
 
-def _trace_url(template: str, capture: dict[str, Any] | None) -> str | None:
-    """The link to a request's trace (`telemetry.trace_url`): its trace id is in its capture."""
-    trace_id = capture.get("trace_id") if capture else None
+def _trace_url(template: str, record: LedgerRecord, capture: dict[str, Any] | None) -> str | None:
+    """The link to a request's trace (`telemetry.trace_url`), by the trace id in its record
+    (or its capture, for a record written before records had one)."""
+    trace_id = record.trace_id or (capture.get("trace_id") if capture else None)
     if not template or not isinstance(trace_id, str) or not trace_id:
         return None
     return template.replace("{trace_id}", trace_id)
@@ -77,7 +79,7 @@ async def one_request(request: web.Request) -> web.Response:
     found = await _found(request)
     gw = request.app[GATEWAY]
     capture = await gw.captures.capture(found.record.request_id)
-    trace_url = _trace_url(gw.policy.settings.telemetry.trace_url, capture)
+    trace_url = _trace_url(gw.policy.settings.telemetry.trace_url, found.record, capture)
     return web.json_response(
         {**record_dict(found.record), "capture": capture, "trace_url": trace_url}
     )

@@ -96,6 +96,7 @@ async def finish(gw: Gateway, env: Envelope) -> LedgerRecord | None:
             tags=who.tags_text,
             replay_of=env.replay_of,
             first_byte_ms=round(first_byte_ms, 3) if first_byte_ms is not None else None,
+            trace_id=env.trace_id,
         )
         gw.ledger.append(record)
         if out.capture is not None:

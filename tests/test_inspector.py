@@ -146,3 +146,23 @@ async def test_no_trace_link_without_trace_url(gateway: Running) -> None:
     await gateway.gw.ledger.flush()
     status, _, raw = await get(f"{gateway.admin_url}/admin/requests/{request_id}", auth(ADMIN_KEY))
     assert status == 200 and orjson.loads(raw)["trace_url"] is None
+
+
+async def test_an_uncaptured_request_links_to_its_trace_too(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    base = make_settings(upstream.url, tmp_path / "state")
+    telemetry = base.telemetry.model_copy(update={"trace_url": "http://t.test/{trace_id}"})
+    running = await start_gateway(base.model_copy(update={"telemetry": telemetry}))
+    try:
+        request_id, trace_id = await send(running)
+        await running.gw.ledger.flush()
+        status, _, raw = await get(
+            f"{running.admin_url}/admin/requests/{request_id}", auth(ADMIN_KEY)
+        )
+        found = orjson.loads(raw)
+        assert status == 200 and found["capture"] is None
+        assert found["trace_id"] == trace_id and len(trace_id) == 32
+        assert found["trace_url"] == f"http://t.test/{trace_id}"
+    finally:
+        await running.stop()

@@ -50,6 +50,7 @@ class LedgerRecord:
     replay_of: str = ""  # the request id this request replays, "" when it is no replay
     # ms from the request's start to the head of its answer (the client's first byte)
     first_byte_ms: float | None = None
+    trace_id: str = ""  # 32 hex: the request's trace (`x-gateway-trace-id`)
 
 
 @dataclass(frozen=True, slots=True)
