@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The system packages the test suite can use, installed only where that is possible and said:
-# Debian's `prometheus` (the dashboard test runs a real one) and `chromium` with
-# `chromium-driver` (the inspector's browser test drives a headless one), with apt-get, which
-# needs root. Anywhere else nothing is installed and the tests that need them skip with their
+# Debian's `prometheus` (the dashboard test runs a real one), `chromium` with `chromium-driver`
+# (the inspector's browser test drives a headless one) and `nginx` (the deploy test balances two
+# replicas with it), with apt-get, which needs root. Anywhere else nothing is installed and the tests that need them skip with their
 # reason.
 set -uo pipefail
 updated=""
@@ -37,5 +37,8 @@ if ! command -v prometheus >/dev/null 2>&1; then
 fi
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
   install "the inspector's browser test" "" chromium chromium-driver
+fi
+if ! command -v nginx >/dev/null 2>&1; then
+  install "the deploy test's load balancer" "" nginx
 fi
 exit 0

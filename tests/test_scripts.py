@@ -18,10 +18,15 @@ def stub(bin_dir: Path, name: str, body: str) -> None:
 
 
 def run(
-    tmp_path: Path, uid: int, apt: bool, prometheus: bool, chromium: bool = True
+    tmp_path: Path,
+    uid: int,
+    apt: bool,
+    prometheus: bool,
+    chromium: bool = True,
+    nginx: bool = True,
 ) -> tuple[str, list[str]]:
-    """The script with `id`, `apt-get`, `prometheus`, `chromium` and `chromedriver` replaced by
-    stubs that log their calls; nothing else on PATH but what a shell needs."""
+    """The script with `id`, `apt-get`, `prometheus`, `chromium`, `chromedriver` and `nginx`
+    replaced by stubs that log their calls; nothing else on PATH but what a shell needs."""
     bin_dir, log = tmp_path / "bin", tmp_path / "calls"
     bin_dir.mkdir()
     stub(bin_dir, "id", f"echo {uid}")
@@ -32,6 +37,8 @@ def run(
     if chromium:
         stub(bin_dir, "chromium", "exit 0")
         stub(bin_dir, "chromedriver", "exit 0")
+    if nginx:
+        stub(bin_dir, "nginx", "exit 0")
     done = subprocess.run(
         ["/bin/bash", str(SCRIPT)],
         env={**os.environ, "PATH": str(bin_dir)},
@@ -80,3 +87,12 @@ def test_as_root_it_installs_chromium_for_the_browser_test(tmp_path: Path) -> No
     (tmp_path / "user").mkdir()
     out, calls = run(tmp_path / "user", uid=1000, apt=True, prometheus=True, chromium=False)
     assert calls == [] and "the inspector's browser test will skip" in out
+
+
+def test_as_root_it_installs_nginx_for_the_deploy_test(tmp_path: Path) -> None:
+    out, calls = run(tmp_path, uid=0, apt=True, prometheus=True, nginx=False)
+    assert "installing Debian's nginx package with apt-get (as root)" in out
+    assert calls == [
+        "apt-get update -qq",
+        "apt-get install -y -qq --no-install-recommends nginx",
+    ]
