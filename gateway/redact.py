@@ -70,6 +70,11 @@ _ANCHORS = (
 # and a text made only of remembered tokens is not searched at all.
 _PLAIN_CHARS = 64
 _PLAIN_TOKENS = 16384
+# So are the pieces between double quotes (a JSON document's strings and what lies between
+# them) found to hold no token of concern, up to _PIECE_CHARS each and _PIECES of them: a
+# conversation sends its earlier messages, its instructions and its tools again every turn.
+_PIECE_CHARS = 2048
+_PIECES = 2048
 # the characters that end a token (as `_TOKEN` reads them), as str.split sees whitespace
 _CUT = "\"'`<>()[]{},;|\\"
 _CUT_TOKENS = str.maketrans(dict.fromkeys(_CUT, " "))
@@ -95,7 +100,16 @@ _ESCAPE = re.compile(r"u[0-9A-Fa-f]{4}|[nrtbf/]")
 class Redactor:
     """Replaces every key it can recognise in a text with `[REDACTED]`."""
 
-    __slots__ = ("_anchors", "_digests", "_extra", "_joinable", "_known", "_plain", "_wide")
+    __slots__ = (
+        "_anchors",
+        "_digests",
+        "_extra",
+        "_joinable",
+        "_known",
+        "_pieces",
+        "_plain",
+        "_wide",
+    )
 
     def __init__(
         self,
@@ -116,6 +130,7 @@ class Redactor:
         # tokens seen to hold no client key and no anchor: words, ids and header values that
         # recur in every request ("application/json", a model's name); forgotten when full
         self._plain: dict[str, None] = {}
+        self._pieces: dict[str, None] = {}  # the same for whole pieces between quotes
         self._digests = frozenset(digests)
         # compiled apart from the rest: their group numbers and flags must not clash
         self._extra = tuple(re.compile(p) for p in extra)
@@ -169,9 +184,14 @@ class Redactor:
         candidates. Only tokens not seen before are looked at: most texts hold none, and then
         no regex runs."""
         known = any(map(text.__contains__, self._wide))
+        # a double quote ends a token: the text's tokens are its pieces' tokens
+        pieces = set(text.split('"')).difference(self._pieces)
+        if not pieces:
+            return False, known
         plain = self._plain
-        tokens = set(text.translate(_CUT_TOKENS).split()).difference(plain)
+        tokens = set(" ".join(pieces).translate(_CUT_TOKENS).split()).difference(plain)
         if not tokens:
+            _remember(self._pieces, pieces, _PIECE_CHARS, _PIECES)
             return False, known
         # an anchor lies inside one token: look for them in the new tokens only
         new = " ".join(tokens)
@@ -184,6 +204,8 @@ class Redactor:
                 if len(plain) >= _PLAIN_TOKENS:
                     plain.clear()  # atomic under the GIL: a caller on another thread is safe
                 plain[token] = None
+        if not client and not anchors:
+            _remember(self._pieces, pieces, _PIECE_CHARS, _PIECES)
         return client, known or bool(anchors)
 
     def _client_keys(self, text: str) -> str:
@@ -229,6 +251,14 @@ class Redactor:
                     done = b
                     break
         return found
+
+
+def _remember(seen: dict[str, None], texts: Iterable[str], longest: int, most: int) -> None:
+    for text in texts:
+        if len(text) <= longest:
+            if len(seen) >= most:
+                seen.clear()  # atomic under the GIL: a caller on another thread is safe
+            seen[text] = None
 
 
 def _has_any(token: str, anchors: list[str]) -> bool:
