@@ -198,7 +198,11 @@ class Redactor:
         anchors = [a for a in self._anchors if a in new]
         client, digests = False, bool(self._digests)
         for token in tokens:
-            if digests and len(token) >= MIN_TOKEN and self._spans(token, _escaped(token)):
+            if (
+                digests
+                and len(token) >= MIN_TOKEN
+                and self._spans(token, _ESCAPE.match(token) is not None)
+            ):
                 client = True
             elif len(token) <= _PLAIN_CHARS and not (anchors and _has_any(token, anchors)):
                 if len(plain) >= _PLAIN_TOKENS:
@@ -224,9 +228,11 @@ class Redactor:
     def _spans(self, token: str, escaped: bool) -> list[tuple[int, int]]:
         """The parts of a token that hash to a client key's digest, in order, not overlapping."""
         digests = self._digests
-        raw = _utf8(token)
+        raw = token.encode() if token.isascii() else _utf8(token)
         if sha256(raw).digest() in digests:
             return [(0, len(token))]
+        if not escaped and _SOFT.search(token) is None:  # one piece: most ids and words
+            return []
         seps = [s.span() for s in _SOFT.finditer(token)]
         if (not seps and not escaped) or len(seps) > _MAX_PIECES:
             return []
@@ -263,10 +269,6 @@ def _remember(seen: dict[str, None], texts: Iterable[str], longest: int, most: i
 
 def _has_any(token: str, anchors: list[str]) -> bool:
     return any(map(token.__contains__, anchors))
-
-
-def _escaped(token: str) -> bool:
-    return _ESCAPE.match(token) is not None
 
 
 def _utf8(text: str) -> bytes:
