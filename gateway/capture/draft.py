@@ -118,7 +118,11 @@ def render(d: Draft) -> Row:
 
 def _kept(items: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """Headers without credentials, as UTF-8 can hold them."""
-    return [(_text(k), _text(v)) for k, v in items if k.lower() not in CREDENTIAL_HEADERS]
+    return [
+        (k, v) if k.isascii() and v.isascii() else (_text(k), _text(v))
+        for k, v in items
+        if k.lower() not in CREDENTIAL_HEADERS
+    ]
 
 
 def _pairs(kept: list[tuple[str, str]], values: Sequence[str]) -> list[list[str]]:
@@ -128,7 +132,7 @@ def _pairs(kept: list[tuple[str, str]], values: Sequence[str]) -> list[list[str]
 def _text(value: str) -> str:
     """A header's text as UTF-8 can hold it: aiohttp hands non-UTF-8 header bytes over as lone
     surrogates (surrogateescape), which no JSON document may carry."""
-    if value.isascii():
+    if value.isascii():  # O(1): most paths and header values
         return value
     try:
         value.encode()
