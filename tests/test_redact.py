@@ -413,3 +413,11 @@ def test_what_was_seen_clean_never_hides_a_key_later() -> None:
     for _ in range(2):  # a piece that held a key is not remembered as clean
         assert r(turn) == turn.replace(CLIENT, MARK)
     assert r(f"Bearer {CLIENT[:12]}") == MARK
+
+
+def test_a_token_seen_clean_without_a_backslash_is_still_tried_after_one() -> None:
+    # "nKEY" is no key, but after a backslash it reads as `\n` and KEY: the screen may only
+    # remember a token as clean once it has been tried as if it followed one
+    r = Redactor(digests=digests(CLIENT))
+    assert r(f"x n{CLIENT} y") == f"x n{CLIENT} y"
+    assert r(orjson.dumps(f"x\n{CLIENT} y").decode()) == orjson.dumps(f"x\n{MARK} y").decode()
