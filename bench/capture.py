@@ -6,8 +6,10 @@ with the same pinning (`run.py`'s harness: the gateway on one CPU, the rest on t
     python bench/capture.py [--concurrency 1 8] [--duration 5] [--rounds 2]
 
 The CPU is the gateway process's, all threads included: the writer's redaction, rendering and
-SQLite writes count too. Target: at most 100 µs more per request at ratio 1.0 than with
-capture off, and nothing measurable at ratio 0.
+SQLite writes count too. The last column is the CPU of every thread but the event loop's,
+ratio 1.0 minus off: the writer's own cost, free of the event loop's round-to-round noise.
+Target: at most 100 µs more per request at ratio 1.0 than with capture off, and nothing
+measurable at ratio 0. Results and where the time goes: bench/README.md, "Capture".
 """
 
 from __future__ import annotations
