@@ -158,6 +158,12 @@ class Server:
         fields = raw[raw.rindex(")") + 2 :].split()  # after "pid (comm) "; fields 3.. of stat(5)
         return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK  # utime, stime
 
+    def main_thread_cpu_seconds(self) -> float:
+        """User plus system CPU time of the process's main thread (the event loop's)."""
+        raw = Path(f"/proc/{self.pid}/task/{self.pid}/stat").read_text()
+        fields = raw[raw.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
     def pin_problem(self) -> str | None:
         if self.cpus is None:
             return None
@@ -505,6 +511,7 @@ def measure(
             warm = read_event(load, "warm", errors)
             time.sleep(settle)  # let the warm-up's trailing work (ledger, spans) finish
             before = {s.name: s.cpu_seconds() for s in watched}
+            main_before = target.proxy.main_thread_cpu_seconds() if target.proxy else 0.0
             sink_before = sink_stats(sink)
             if profile_to is not None and target.proxy is not None:
                 spy = start_py_spy(
@@ -515,6 +522,7 @@ def measure(
             result = read_event(load, "result", errors)
             time.sleep(settle)  # ... and count the measured phase's trailing work
             after = {s.name: s.cpu_seconds() for s in watched}
+            main_after = target.proxy.main_thread_cpu_seconds() if target.proxy else 0.0
             sink_after = sink_stats(sink)
             pin_problems = [p for s in watched if (p := s.pin_problem())]
         finally:
@@ -541,6 +549,10 @@ def measure(
     }
     result["proxy_cpu_us_per_request"] = (
         result["cpu_us_per_request"][target.proxy.name] if target.proxy is not None else None
+    )
+    # the event loop's thread alone: the rest is background threads (writers, exporters)
+    result["proxy_main_thread_cpu_us_per_request"] = (
+        round((main_after - main_before) * 1e6 / n, 1) if target.proxy is not None and n else None
     )
     # CPU cores each process kept busy during the measured phase (the servers' CPU also holds
     # the phase's trailing work, done during the settle pause)

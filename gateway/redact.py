@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from hashlib import sha256
-from itertools import compress
 
 from gateway.settings import Settings
 
@@ -49,7 +48,8 @@ _GUARD = r"(?:(?<![A-Za-z0-9])|(?<=\\[nrtbf])|(?<=\\u[0-9A-Fa-f]{4}))"
 # Every shape starts with one of these letters: keep in step with SHAPES.
 _FIRST = "ABbgsx"
 # ...and contains one of these: a text with none of them (and none of the held secrets)
-# skips the shapes' regex, which costs about 30 µs per KB. Keep in step with SHAPES.
+# skips the shapes' regex, which costs about 30 µs per KB. Keep in step with SHAPES. None
+# holds whitespace or a character that ends a token, so each lies inside one token.
 _ANCHORS = (
     "sk-",
     "gw-",
@@ -65,13 +65,22 @@ _ANCHORS = (
     "xox",
     "earer",
 )
-# Tokens of at most _PLAIN_CHARS found to hold no client key are remembered, at most
-# _PLAIN_TOKENS of them: most long words of a prompt or a header recur request after request.
+# Tokens of at most _PLAIN_CHARS found to hold no client key and no anchor are remembered, at
+# most _PLAIN_TOKENS of them: most words of a prompt or a header recur request after request,
+# and a text made only of remembered tokens is not searched at all.
 _PLAIN_CHARS = 64
-_PLAIN_TOKENS = 4096
-_LONG_ENOUGH = (MIN_TOKEN - 1).__lt__
+_PLAIN_TOKENS = 16384
+# So are the pieces between double quotes (a JSON document's strings and what lies between
+# them) found to hold no token of concern, up to _PIECE_CHARS each and _PIECES of them: a
+# conversation sends its earlier messages, its instructions and its tools again every turn.
+_PIECE_CHARS = 2048
+_PIECES = 2048
 # the characters that end a token (as `_TOKEN` reads them), as str.split sees whitespace
-_CUT_TOKENS = str.maketrans(dict.fromkeys("\"'`<>()[]{},;|\\", " "))
+_CUT = "\"'`<>()[]{},;|\\"
+_CUT_TOKENS = str.maketrans(dict.fromkeys(_CUT, " "))
+# `many` joins texts with this: no token, key shape or held secret crosses it (a text or a
+# secret holding a NUL is redacted on its own instead)
+_JOIN = "\n\x00\n"
 
 # A token ends at whitespace, quotes, brackets, commas and backslashes: keys do not contain
 # them, and JSON or prose puts them around a key.
@@ -91,7 +100,16 @@ _ESCAPE = re.compile(r"u[0-9A-Fa-f]{4}|[nrtbf/]")
 class Redactor:
     """Replaces every key it can recognise in a text with `[REDACTED]`."""
 
-    __slots__ = ("_anchors", "_digests", "_extra", "_known", "_plain")
+    __slots__ = (
+        "_anchors",
+        "_digests",
+        "_extra",
+        "_joinable",
+        "_known",
+        "_pieces",
+        "_plain",
+        "_wide",
+    )
 
     def __init__(
         self,
@@ -104,10 +122,15 @@ class Redactor:
         literals = sorted({v for v in values if v}, reverse=True)
         shapes = f"(?=[{_FIRST}]){_GUARD}(?:{'|'.join(SHAPES)})"
         self._known = re.compile("|".join([*(re.escape(v) for v in literals), shapes]))
-        self._anchors = (*literals, *_ANCHORS)
-        # tokens seen to hold no client key: words, ids and header values that recur in
-        # every request ("application/json", a model's name); forgotten when it is full
+        # a held secret with whitespace or a token's end in it may span tokens: looked for
+        # in the whole text; every other anchor lies inside one token
+        self._wide = tuple(v for v in literals if len(v.split()) != 1 or set(v) & set(_CUT))
+        self._anchors = (*(v for v in literals if v not in self._wide), *_ANCHORS)
+        self._joinable = not any("\x00" in v or "\n" in v for v in literals)
+        # tokens seen to hold no client key and no anchor: words, ids and header values that
+        # recur in every request ("application/json", a model's name); forgotten when full
         self._plain: dict[str, None] = {}
+        self._pieces: dict[str, None] = {}  # the same for whole pieces between quotes
         self._digests = frozenset(digests)
         # compiled apart from the rest: their group numbers and flags must not clash
         self._extra = tuple(re.compile(p) for p in extra)
@@ -124,32 +147,70 @@ class Redactor:
         )
 
     def __call__(self, text: str) -> str:
-        if self._digests and self._may_hold_client_key(text):
+        client, known = self._screen(text)
+        if client:
             text = self._client_keys(text)
-        if any(map(text.__contains__, self._anchors)):
+        if known:
             text = self._known.sub(MARK, text)
         for pattern in self._extra:
             text = pattern.sub(MARK, text)
         return text
 
-    def _may_hold_client_key(self, text: str) -> bool:
-        """A quick pass that finds every client key `_client_keys` would (and may find more):
-        the same tokens, cut by C code instead of a regex; one that could follow a backslash
-        (`\\nKEY`) is tried as if it did, which only adds candidates. Most texts hold none:
-        then no regex runs."""
-        tokens = text.translate(_CUT_TOKENS).split()
+    def many(self, texts: Sequence[str]) -> list[str]:
+        """`[self(t) for t in texts]`, in one pass over the texts joined: one screen for all
+        of them, instead of one per text. The operator's patterns still see each text alone."""
+        joined = _JOIN.join(texts)
+        if not self._joinable or joined.count("\x00") != len(texts) - 1:
+            return [self(t) for t in texts]
+        client, known = self._screen(joined)
+        if client:
+            joined = self._client_keys(joined)
+        if known:
+            joined = self._known.sub(MARK, joined)
+        if not self._extra and not client and not known:
+            return list(texts)
+        out = joined.split(_JOIN)
+        if len(out) != len(texts):  # cannot happen: nothing replaced crosses `_JOIN`
+            return [self(t) for t in texts]
+        for pattern in self._extra:
+            out = [pattern.sub(MARK, t) for t in out]
+        return out
+
+    def _screen(self, text: str) -> tuple[bool, bool]:
+        """A quick pass: whether the text may hold a client key (`_client_keys` finds every
+        one it would, and may find more), and whether it holds an anchor of `_known` (held
+        secrets, key shapes). Tokens are cut by C code, as `_client_keys` cuts them; one that
+        could follow a backslash (`\\nKEY`) is tried as if it did, which only adds
+        candidates. Only tokens not seen before are looked at: most texts hold none, and then
+        no regex runs."""
+        known = any(map(text.__contains__, self._wide))
+        # a double quote ends a token: the text's tokens are its pieces' tokens
+        pieces = set(text.split('"')).difference(self._pieces)
+        if not pieces:
+            return False, known
         plain = self._plain
-        # the long tokens, picked without a Python-level loop over every word
-        for token in compress(tokens, map(_LONG_ENOUGH, map(len, tokens))):
-            if token in plain:
-                continue
-            if self._spans(token, _ESCAPE.match(token) is not None):
-                return True
-            if len(token) <= _PLAIN_CHARS:
+        tokens = set(" ".join(pieces).translate(_CUT_TOKENS).split()).difference(plain)
+        if not tokens:
+            _remember(self._pieces, pieces, _PIECE_CHARS, _PIECES)
+            return False, known
+        # an anchor lies inside one token: look for them in the new tokens only
+        new = " ".join(tokens)
+        anchors = [a for a in self._anchors if a in new]
+        client, digests = False, bool(self._digests)
+        for token in tokens:
+            if (
+                digests
+                and len(token) >= MIN_TOKEN
+                and self._spans(token, _ESCAPE.match(token) is not None)
+            ):
+                client = True
+            elif len(token) <= _PLAIN_CHARS and not (anchors and _has_any(token, anchors)):
                 if len(plain) >= _PLAIN_TOKENS:
                     plain.clear()  # atomic under the GIL: a caller on another thread is safe
                 plain[token] = None
-        return False
+        if not client and not anchors:
+            _remember(self._pieces, pieces, _PIECE_CHARS, _PIECES)
+        return client, known or bool(anchors)
 
     def _client_keys(self, text: str) -> str:
         found = [
@@ -167,9 +228,11 @@ class Redactor:
     def _spans(self, token: str, escaped: bool) -> list[tuple[int, int]]:
         """The parts of a token that hash to a client key's digest, in order, not overlapping."""
         digests = self._digests
-        raw = _utf8(token)
+        raw = token.encode() if token.isascii() else _utf8(token)
         if sha256(raw).digest() in digests:
             return [(0, len(token))]
+        if not escaped and _SOFT.search(token) is None:  # one piece: most ids and words
+            return []
         seps = [s.span() for s in _SOFT.finditer(token)]
         if (not seps and not escaped) or len(seps) > _MAX_PIECES:
             return []
@@ -194,6 +257,18 @@ class Redactor:
                     done = b
                     break
         return found
+
+
+def _remember(seen: dict[str, None], texts: Iterable[str], longest: int, most: int) -> None:
+    for text in texts:
+        if len(text) <= longest:
+            if len(seen) >= most:
+                seen.clear()  # atomic under the GIL: a caller on another thread is safe
+            seen[text] = None
+
+
+def _has_any(token: str, anchors: list[str]) -> bool:
+    return any(map(token.__contains__, anchors))
 
 
 def _utf8(text: str) -> bytes:

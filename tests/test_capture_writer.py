@@ -3,6 +3,7 @@ captures are deleted, and drafts are rendered off the request path."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -191,3 +192,30 @@ async def test_a_draft_that_cannot_render_costs_itself_not_its_batch(tmp_path: P
         assert metrics.captures_dropped._value.get() == 1
     finally:
         await writer.close()
+
+
+def test_each_stored_text_is_redacted_as_if_alone() -> None:
+    # render redacts all of a capture's texts in one call: no key shape may reach from one
+    # text into the next ("Bearer" ending one header, a token starting the next)
+    key = "sk-" + "k" * 40
+    r = Redactor(extra=(r"PIN \d{4}",))
+    tap = CaptureTap(
+        True,
+        1000,
+        "POST",
+        f"/v1/responses?k={key}",
+        {"x-a": "Bearer", "x-b": "abcdefgh12345", "x-c": f"PIN 1234 {key}"},
+    )
+    tap.head(200, {"x-d": "Bearer", "x-e": "token-after-bearer"})
+    tap.chunk(orjson.dumps({"output": f"your key: {key}"}))
+    d = dataclasses.replace(draft(tap, r), body=b'{"x": "\\u0073k-' + b"k" * 40 + b'"}')
+    doc = orjson.loads(render(d)[4])
+    assert doc["request"]["path"] == f"/v1/responses?k={MARK}"
+    assert doc["request"]["headers"] == [
+        ["x-a", "Bearer"],
+        ["x-b", "abcdefgh12345"],
+        ["x-c", f"{MARK} {MARK}"],
+    ]
+    assert doc["answer"]["headers"] == [["x-d", "Bearer"], ["x-e", "token-after-bearer"]]
+    assert doc["answer"]["body"] == orjson.dumps({"output": f"your key: {MARK}"}).decode()
+    assert doc["request"]["body"] == orjson.dumps({"x": MARK}).decode()  # the escape is undone

@@ -330,8 +330,94 @@ def test_the_quick_pass_never_misses_a_client_key_the_full_pass_finds() -> None:
             noise = "".join(rng.choice("ab1.=/ ") for _ in range(rng.randint(0, 12)))
             text = f"{noise}{left}{key}{right}{noise}"
             if r._client_keys(text) != text:
-                assert r._may_hold_client_key(text), text
+                assert r._screen(text)[0], text
             # the quick passes change nothing: the result is the full passes' own
             assert r(text) == r._known.sub(MARK, r._client_keys(text)), text
     plain = "a prompt of ordinary words, with no key in it at all: harbor, dawn, 127.0.0.1:8080"
-    assert not r._may_hold_client_key(plain)
+    assert not r._screen(plain)[0]
+
+
+# --- the quick passes and `many` redact exactly what the full passes do ----------------------
+
+PIECES = st.one_of(
+    st.text(max_size=12),
+    st.sampled_from(
+        [CLIENT, HELD, *SHAPED, "Bearer", "bearer ", "abcdefgh12", "sk-", "earer", "\\n", "\\u00a0"]
+    ),
+    st.sampled_from([*SEPARATORS, "\n", "\x00", "\n\x00\n", "\\", " "]),
+)
+texts = st.lists(PIECES, max_size=12).map("".join)
+
+
+def full_passes(r: Redactor, text: str) -> str:
+    """What the redactor finds with no quick pass at all: every regex over the whole text."""
+    text = r._known.sub(MARK, r._client_keys(text))
+    for pattern in r._extra:
+        text = pattern.sub(MARK, text)
+    return text
+
+
+def a_redactor() -> Redactor:
+    return Redactor(
+        [HELD, "held with, a space"], digests(CLIENT), extra=(r"PIN \d{4}", r"(?s)<<.*?>>")
+    )
+
+
+@given(seen=st.lists(texts, max_size=4), text=texts)
+def test_the_quick_passes_never_change_what_is_redacted(seen: list[str], text: str) -> None:
+    # the tokens remembered from earlier texts make no difference to a later one
+    r = a_redactor()
+    for earlier in seen:
+        assert r(earlier) == full_passes(r, earlier)
+    assert r(text) == full_passes(r, text)
+    assert r(orjson.dumps(text).decode()) == full_passes(r, orjson.dumps(text).decode())
+
+
+@given(batch=st.lists(texts, max_size=8))
+def test_many_redacts_each_text_as_one_call_would(batch: list[str]) -> None:
+    assert a_redactor().many(batch) == [full_passes(a_redactor(), t) for t in batch]
+    assert Redactor().many(batch) == [Redactor()(t) for t in batch]
+
+
+def test_many_never_lets_a_key_shape_reach_across_texts() -> None:
+    r = Redactor()
+    batch = ["auth: Bearer", "abcdefgh12345", "AKIAIOSFODNN7EXAMPLE", "x", "\\n", "ghp_" + "a" * 36]
+    assert (
+        r.many(batch)
+        == [r(t) for t in batch]
+        == [
+            "auth: Bearer",
+            "abcdefgh12345",
+            MARK,
+            "x",
+            "\\n",
+            MARK,
+        ]
+    )
+
+
+def test_a_held_secret_with_a_newline_or_a_nul_is_found_text_by_text() -> None:
+    for secret in ("line one\nline two", "nul\x00inside"):
+        r = Redactor([secret])
+        assert r.many([f"a {secret} b", "c", secret]) == [f"a {MARK} b", "c", MARK]
+        assert r.many([secret[:5], secret[5:]]) == [secret[:5], secret[5:]]
+
+
+def test_what_was_seen_clean_never_hides_a_key_later() -> None:
+    r = a_redactor()
+    conversation = orjson.dumps({"input": [{"role": "user", "content": "the harbor at dawn"}]})
+    assert r(conversation.decode()) == conversation.decode()
+    turn = orjson.dumps(
+        {"input": [{"role": "user", "content": "the harbor at dawn"}, {"content": CLIENT}]}
+    ).decode()
+    for _ in range(2):  # a piece that held a key is not remembered as clean
+        assert r(turn) == turn.replace(CLIENT, MARK)
+    assert r(f"Bearer {CLIENT[:12]}") == MARK
+
+
+def test_a_token_seen_clean_without_a_backslash_is_still_tried_after_one() -> None:
+    # "nKEY" is no key, but after a backslash it reads as `\n` and KEY: the screen may only
+    # remember a token as clean once it has been tried as if it followed one
+    r = Redactor(digests=digests(CLIENT))
+    assert r(f"x n{CLIENT} y") == f"x n{CLIENT} y"
+    assert r(orjson.dumps(f"x\n{CLIENT} y").decode()) == orjson.dumps(f"x\n{MARK} y").decode()

@@ -58,28 +58,44 @@ class Draft:
 
 
 def render(d: Draft) -> Row:
-    """The stored row: every text redacted, every body cut at the tap's cap and marked."""
-    tap, redact, cap = d.tap, d.redactor, d.tap.cap
-    request_body, request_cut = _body(d.body, d.body_size > cap, cap, redact)
+    """The stored row: every text redacted, every body cut at the tap's cap and marked. The
+    texts go through the redactor together, in one call."""
+    tap, cap = d.tap, d.tap.cap
+    asked = _kept(tap.request_headers.items())
+    got = _kept(tap.headers.items())
     answer_raw = b"".join(tap.parts)
+    texts = [_text(tap.target), *(v for _, v in asked), *(v for _, v in got)]
+    texts.append(_body_text(d.body, d.body_size > cap))
+    if d.streamed:
+        assembled = _output_text(answer_raw)
+        texts += [_body_text(answer_raw, tap.cut, canonical=False), assembled]
+    else:
+        texts.append(_body_text(answer_raw, tap.cut))
+    redacted = d.redactor.many(texts)
+    path, n = redacted[0], 1 + len(asked)
+    asked_values, got_values = redacted[1:n], redacted[n : n + len(got)]
     answer: dict[str, Any] = {
         "status": d.status,
         "upstream_status": tap.status,
-        "headers": _headers(tap.headers.items(), redact),
+        "headers": _pairs(got, got_values),
         "complete": tap.complete,
         "error": d.error,
     }
     if d.streamed:
-        assembled = _output_text(answer_raw)
-        text = redact(assembled)
-        sse, cut = _body(answer_raw, tap.cut, cap, redact, canonical=False)
+        sse, cut = _cut(redacted[-2], tap.cut, cap)
+        text = redacted[-1]
         if text != assembled:
             # a key spread over several delta events is whole only in the joined text, and
             # no redaction of the events could find it: the events are not stored
             sse, answer["sse_withheld"] = None, "the output text held a key"
         answer.update(sse=sse, body_cut=cut, output_text=text[:cap])
+        request_text = redacted[-3]
     else:
-        answer["body"], answer["body_cut"] = _body(answer_raw, tap.cut, cap, redact)
+        answer["body"], answer["body_cut"] = _cut(redacted[-1], tap.cut, cap)
+        request_text = redacted[-2]
+    request_body, request_cut = _cut(
+        request_text if d.body is not None else None, d.body_size > cap, cap
+    )
     doc = {
         "request_id": d.request_id,
         "ts": d.ts,
@@ -88,8 +104,8 @@ def render(d: Draft) -> Row:
         "reason": d.reason,
         "request": {
             "method": tap.method,
-            "path": redact(_text(tap.target)),
-            "headers": _headers(tap.request_headers.items(), redact),
+            "path": path,
+            "headers": _pairs(asked, asked_values),
             "body": request_body,
             "body_cut": request_cut,
             "body_bytes": d.body_size,
@@ -100,20 +116,24 @@ def render(d: Draft) -> Row:
     return d.request_id, d.ts, d.team, d.reason, orjson.dumps(doc).decode()
 
 
-def _headers(items: Iterable[tuple[str, str]], redact: Redactor) -> list[list[str]]:
-    """Headers without credentials, their values redacted in one pass (one line each: a
-    header value holds no line break). Should an operator's pattern span lines, each value
-    is redacted on its own instead."""
-    kept = [(_text(k), _text(v)) for k, v in items if k.lower() not in CREDENTIAL_HEADERS]
-    values = redact("\n".join(v for _, v in kept)).split("\n")
-    if len(values) != len(kept):
-        values = [redact(v) for _, v in kept]
+def _kept(items: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Headers without credentials, as UTF-8 can hold them."""
+    return [
+        (k, v) if k.isascii() and v.isascii() else (_text(k), _text(v))
+        for k, v in items
+        if k.lower() not in CREDENTIAL_HEADERS
+    ]
+
+
+def _pairs(kept: list[tuple[str, str]], values: Sequence[str]) -> list[list[str]]:
     return [[k, v] for (k, _), v in zip(kept, values, strict=True)]
 
 
 def _text(value: str) -> str:
     """A header's text as UTF-8 can hold it: aiohttp hands non-UTF-8 header bytes over as lone
     surrogates (surrogateescape), which no JSON document may carry."""
+    if value.isascii():  # O(1): most paths and header values
+        return value
     try:
         value.encode()
     except UnicodeEncodeError:
@@ -121,19 +141,24 @@ def _text(value: str) -> str:
     return value
 
 
-def _body(
-    raw: bytes | None, cut: bool, cap: int, redact: Redactor, canonical: bool = True
-) -> tuple[str | None, bool]:
-    """A body as stored text: redacted first (a key across the cut is still whole in the
-    slack), then cut at `cap` bytes. A whole JSON body is re-encoded first, so no `\\u`
-    escape hides a key from the redactor."""
+def _body_text(raw: bytes | None, cut: bool, canonical: bool = True) -> str:
+    """A body as text to redact. A whole JSON body is re-encoded first, so no `\\u` escape
+    hides a key from the redactor."""
     if raw is None:
-        return None, False
-    text = raw.decode("utf-8", "replace")
+        return ""
     if canonical and not cut:
         with contextlib.suppress(orjson.JSONDecodeError, orjson.JSONEncodeError):
-            text = orjson.dumps(orjson.loads(raw)).decode()
-    text = redact(text)
+            return orjson.dumps(orjson.loads(raw)).decode()
+    return raw.decode("utf-8", "replace")
+
+
+def _cut(text: str | None, cut: bool, cap: int) -> tuple[str | None, bool]:
+    """A redacted body cut at `cap` bytes: redacted before the cut, so a key across the cut is
+    still whole in the slack the tap kept past it."""
+    if text is None:
+        return None, False
+    if text.isascii():  # then a character is a byte
+        return (text[:cap], True) if len(text) > cap else (text, cut)
     data = text.encode()
     if len(data) > cap:
         text, cut = data[:cap].decode("utf-8", "ignore"), True
