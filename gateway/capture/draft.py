@@ -12,7 +12,7 @@ matches become `[REDACTED]`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +20,8 @@ import orjson
 
 from gateway.capture.tap import CaptureTap
 from gateway.context import Attempt
+from gateway.output_text import from_sse
 from gateway.redact import Redactor
-from gateway.sse import SSEDecoder
 
 # never stored, whatever their value: they carry credentials
 CREDENTIAL_HEADERS = frozenset(
@@ -67,7 +67,7 @@ def render(d: Draft) -> Row:
     texts = [_text(tap.target), *(v for _, v in asked), *(v for _, v in got)]
     texts.append(_body_text(d.body, d.body_size > cap))
     if d.streamed:
-        assembled = _output_text(answer_raw)
+        assembled = from_sse(answer_raw)
         texts += [_body_text(answer_raw, tap.cut, canonical=False), assembled]
     else:
         texts.append(_body_text(answer_raw, tap.cut))
@@ -163,28 +163,6 @@ def _cut(text: str | None, cut: bool, cap: int) -> tuple[str | None, bool]:
     if len(data) > cap:
         text, cut = data[:cap].decode("utf-8", "ignore"), True
     return text, cut
-
-
-def _output_text(raw: bytes) -> str:
-    """The text a client assembles from a stream's deltas (Responses and Chat)."""
-    parts: list[str] = []
-    for ev in SSEDecoder().feed(raw):
-        if b"delta" not in ev.data:
-            continue
-        try:
-            obj = orjson.loads(ev.data)
-        except orjson.JSONDecodeError:
-            continue
-        if not isinstance(obj, dict):
-            continue
-        if obj.get("type") == "response.output_text.delta" and isinstance(obj.get("delta"), str):
-            parts.append(obj["delta"])
-            continue
-        for choice in obj.get("choices") or ():
-            delta = choice.get("delta") if isinstance(choice, Mapping) else None
-            if isinstance(delta, Mapping) and isinstance(delta.get("content"), str):
-                parts.append(delta["content"])
-    return "".join(parts)
 
 
 def _attempt(a: Attempt, started: float, ended: float) -> dict[str, Any]:
