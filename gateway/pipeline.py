@@ -14,16 +14,20 @@ import aiohttp
 from aiohttp import web
 
 from gateway import errors, parse, plan
+from gateway.auth import Principal
 from gateway.budget.admission import budget_headers, reserve
 from gateway.budget.store import Reservation
 from gateway.cache.lookup import Lookup, lookup
 from gateway.context import Candidate, Envelope, Outcome, RequestContext
 from gateway.envelope import ENVELOPE, TARGET
 from gateway.models_route import list_models
+from gateway.policy import Policy
 from gateway.relay import answer
 from gateway.relay.sink import ClientSink
+from gateway.routes import Route
 from gateway.runtime import GATEWAY, Gateway
 from gateway.upstream import attempts
+from gateway.upstream.client import UpstreamClient
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -49,22 +53,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     candidates = await plan.plan(
         policy, route, principal, model, gw.owners, gw.reports, path, parsed.previous
     )
-    metered = route.metered and request.method == "POST" and bool(model)
-    ctx = RequestContext(
-        method=request.method,
-        route=route,
-        target=target,
-        principal=principal,
-        policy=policy,
-        model=model,
-        body=parsed.body,
-        send=parse.upstream_body(route, parsed),
-        parsed=parsed.json,
-        stream=parsed.stream,
-        hide_usage=parse.adds_usage(route, parsed),
-        output_estimate=parse.output_estimate(parsed, limits) if metered else 0,
-        plan=candidates,
-    )
+    ctx = admitted(request.method, route, target, principal, policy, model, parsed, candidates)
     env.ctx = ctx
     found = Lookup("")
     if ctx.cacheable:
@@ -142,6 +131,36 @@ async def _call(
         return sink.resp or web.Response()
     finally:
         up.release()
+
+
+def admitted(
+    method: str,
+    route: Route,
+    target: str,
+    principal: Principal,
+    policy: Policy,
+    model: str,
+    parsed: parse.Parsed,
+    candidates: tuple[UpstreamClient, ...],
+) -> RequestContext:
+    """The request's context, frozen at admission (HTTP, a WebSocket create, a replay)."""
+    metered = route.metered and method == "POST" and bool(model)
+    limits = policy.settings.limits
+    return RequestContext(
+        method=method,
+        route=route,
+        target=target,
+        principal=principal,
+        policy=policy,
+        model=model,
+        body=parsed.body,
+        send=parse.upstream_body(route, parsed),
+        parsed=parsed.json,
+        stream=parsed.stream,
+        hide_usage=parse.adds_usage(route, parsed),
+        output_estimate=parse.output_estimate(parsed, limits) if metered else 0,
+        plan=candidates,
+    )
 
 
 def call(

@@ -20,12 +20,12 @@ from multidict import CIMultiDict
 
 from gateway import errors, finish, parse, plan
 from gateway.auth import Principal
-from gateway.context import Envelope, Outcome, RequestContext, request_id
+from gateway.context import Envelope, Outcome, request_id
 from gateway.errors import GatewayError
 from gateway.ledger.records import LedgerRecord
 from gateway.output_text import from_json, from_sse
 from gateway.paths import canonical_path
-from gateway.pipeline import call, hold
+from gateway.pipeline import admitted, call, hold
 from gateway.redact import Redactor
 from gateway.relay import answer
 from gateway.routes import for_method, route_of
@@ -211,20 +211,8 @@ async def _send(
     candidates = await plan.plan(
         policy, route, principal, model, gw.owners, gw.reports, original.path, parsed.previous
     )
-    ctx = env.ctx = RequestContext(
-        method=original.method,
-        route=route,
-        target=target,
-        principal=principal,
-        policy=policy,
-        model=model,
-        body=parsed.body,
-        send=parse.upstream_body(route, parsed),
-        parsed=parsed.json,
-        stream=parsed.stream,
-        hide_usage=parse.adds_usage(route, parsed),
-        output_estimate=parse.output_estimate(parsed, limits),
-        plan=candidates,
+    ctx = env.ctx = admitted(
+        original.method, route, target, principal, policy, model, parsed, candidates
     )
     if ctx.metered and principal.team.budgets:
         env.outcome.reservation = await hold(gw, ctx)

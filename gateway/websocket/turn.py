@@ -13,7 +13,7 @@ from typing import Any
 
 from gateway import finish, parse, plan
 from gateway.context import Envelope, RequestContext, request_id
-from gateway.pipeline import hold
+from gateway.pipeline import admitted, hold
 from gateway.routes import ROUTES, Route
 from gateway.runtime import Gateway
 from gateway.telemetry.tracing import trace_id_hex
@@ -72,20 +72,8 @@ async def admit(
     candidates = await plan.plan(
         policy, RESPONSES, principal, model, gw.owners, gw.reports, TARGET, parsed.previous
     )
-    ctx = env.ctx = RequestContext(
-        method="POST",
-        route=RESPONSES,
-        target=TARGET,
-        principal=principal,
-        policy=policy,
-        model=model,
-        body=body,
-        send=body,
-        parsed=parsed.json,
-        stream=True,
-        hide_usage=False,
-        output_estimate=parse.output_estimate(parsed, limits),
-        plan=candidates,
+    ctx = env.ctx = admitted(
+        "POST", RESPONSES, TARGET, principal, policy, model, parsed, candidates
     )
     if ctx.metered and principal.team.budgets:
         env.outcome.reservation = await hold(gw, ctx)
