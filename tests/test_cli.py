@@ -326,3 +326,48 @@ def test_requests_lists_the_ledger_newest_first(tmp_path: Path) -> None:
     for bad in (["--tag", "env:prod"], ["--status", "600"], ["--limit", "501"]):
         done = run_requests(cfg, *bad)
         assert done.returncode == 2 and done.stderr.startswith("gateway requests: ")
+
+
+_GC_PROBE = """
+import asyncio, gc, sys
+from gateway import config
+from gateway.cli_run import run_gateway
+
+async def main() -> None:
+    stop = asyncio.Event()
+    print(gc.get_threshold()[0], flush=True)
+
+    def ready() -> None:
+        print(gc.get_threshold()[0], flush=True)
+        stop.set()
+
+    await run_gateway(config.load(sys.argv[1]), "127.0.0.1", int(sys.argv[2]), announce=False,
+                      ready=ready, stop=stop)
+
+asyncio.run(main())
+"""
+
+
+def test_a_server_process_raises_the_collectors_threshold(tmp_path: Path) -> None:
+    """Requests in flight hold a few hundred objects each: under the default threshold the
+    collector would scan them again every request or two."""
+    port = free_port()
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(
+        CONFIG.format(
+            port=port,
+            admin_port=free_port(),
+            upstream="http://127.0.0.1:9",
+            digest=hashlib.sha256(b"k").hexdigest(),
+            state=tmp_path / "state",
+        )
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", _GC_PROBE, str(cfg), str(port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.splitlines()
+    # CPython's default before, the server's once it serves
+    assert [line for line in out if line.isdigit()] == ["700", "10000"]
