@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 from aiohttp import web
 from opentelemetry.trace import Span
 
+from gateway import ids
 from gateway.attribution import NONE, Attribution
 from gateway.auth import Principal
 from gateway.budget.store import Reservation
@@ -141,8 +141,7 @@ def request_id(sent: str | None) -> str:
     """A sane client-sent id is kept; anything else gets one of ours."""
     if sent and len(sent) <= 128 and _SANE_ID_CHARS.issuperset(sent):
         return sent
-    # not a secret (every answer shows it), so not from the OS's random source: a syscall
-    return f"req_{random.getrandbits(96):024x}"
+    return ids.request_id()
 
 
 @dataclass(slots=True)

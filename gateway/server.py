@@ -49,7 +49,7 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo, _MsgType
 from aiohttp.web_server import Server
 
-from gateway import errors
+from gateway import errors, ids
 from gateway.errors import GatewayError, error_body
 
 __all__ = [
@@ -109,7 +109,7 @@ def fresh_ids() -> dict[str, str]:
     """Ids for an answer made before a request exists: one a client can quote, and a trace
     id no other answer has (nothing is traced for it)."""
     return {
-        "x-request-id": f"req_{random.getrandbits(96):024x}",
+        "x-request-id": ids.request_id(),
         "x-gateway-trace-id": f"{random.getrandbits(128):032x}",
     }
 
