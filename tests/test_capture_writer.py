@@ -219,3 +219,12 @@ def test_each_stored_text_is_redacted_as_if_alone() -> None:
     assert doc["answer"]["headers"] == [["x-d", "Bearer"], ["x-e", "token-after-bearer"]]
     assert doc["answer"]["body"] == orjson.dumps({"output": f"your key: {MARK}"}).decode()
     assert doc["request"]["body"] == orjson.dumps({"x": MARK}).decode()  # the escape is undone
+
+
+def test_a_body_without_an_escape_is_stored_as_sent_and_still_redacted() -> None:
+    key = "sk-" + "k" * 40
+    sent = b'{ "input" : "my key is ' + key.encode() + b'",\n  "model": "m" }'
+    tap = a_tap()
+    d = dataclasses.replace(draft(tap, Redactor()), body=sent, body_size=len(sent))
+    stored = orjson.loads(render(d)[4])["request"]["body"]
+    assert stored == sent.decode().replace(key, MARK)  # its whitespace kept, the key not

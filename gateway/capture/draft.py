@@ -64,7 +64,10 @@ def render(d: Draft) -> Row:
     asked = _kept(tap.request_headers.items())
     got = _kept(tap.headers.items())
     answer_raw = b"".join(tap.parts)
-    texts = [_text(tap.target), *(v for _, v in asked), *(v for _, v in got)]
+    # the request and trace ids are stored as they are at the top of the document: their
+    # copies in the headers need no search
+    ids = (d.request_id, d.trace_id)
+    texts = [_text(tap.target), *(_unless(v, ids) for _, v in asked + got)]
     texts.append(_body_text(d.body, d.body_size > cap))
     if d.streamed:
         assembled = from_sse(answer_raw)
@@ -73,7 +76,8 @@ def render(d: Draft) -> Row:
         texts.append(_body_text(answer_raw, tap.cut))
     redacted = d.redactor.many(texts)
     path, n = redacted[0], 1 + len(asked)
-    asked_values, got_values = redacted[1:n], redacted[n : n + len(got)]
+    asked_values = [v or a for (_, a), v in zip(asked, redacted[1:n], strict=True)]
+    got_values = [v or a for (_, a), v in zip(got, redacted[n : n + len(got)], strict=True)]
     answer: dict[str, Any] = {
         "status": d.status,
         "upstream_status": tap.status,
@@ -125,6 +129,11 @@ def _kept(items: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     ]
 
 
+def _unless(value: str, ids: tuple[str, ...]) -> str:
+    """A header's value to redact, or "" for one of the ids (then the value is kept)."""
+    return "" if value in ids else value
+
+
 def _pairs(kept: list[tuple[str, str]], values: Sequence[str]) -> list[list[str]]:
     return [[k, v] for (k, _), v in zip(kept, values, strict=True)]
 
@@ -142,11 +151,12 @@ def _text(value: str) -> str:
 
 
 def _body_text(raw: bytes | None, cut: bool, canonical: bool = True) -> str:
-    """A body as text to redact. A whole JSON body is re-encoded first, so no `\\u` escape
-    hides a key from the redactor."""
+    """A body as text to redact. A whole JSON body with an escape in it is re-encoded first,
+    so no `\\u` escape hides a key from the redactor; one without a backslash has none and is
+    kept as it was sent (the re-encoding would only have dropped its whitespace)."""
     if raw is None:
         return ""
-    if canonical and not cut:
+    if canonical and not cut and b"\\" in raw:
         with contextlib.suppress(orjson.JSONDecodeError, orjson.JSONEncodeError):
             return orjson.dumps(orjson.loads(raw)).decode()
     return raw.decode("utf-8", "replace")
