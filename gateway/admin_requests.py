@@ -14,7 +14,7 @@ from gateway.context import request_id as sane_request_id
 from gateway.ledger.records import LedgerRecord
 from gateway.ledger.report import parse_when
 from gateway.ledger.search import Cursor, Found, make_filter, parse_limit, record_dict
-from gateway.runtime import GATEWAY
+from gateway.runtime import GATEWAY, Gateway
 
 PARAMS = frozenset({"team", "status", "model", "user", "tag", "since", "until", "limit", "cursor"})
 
@@ -74,11 +74,17 @@ async def _found(request: web.Request) -> Found:
     return found
 
 
+async def _capture(gw: Gateway, record: LedgerRecord) -> dict[str, Any] | None:
+    """The record's own capture (not another request's of the same id), or None."""
+    doc = await gw.captures.capture(record.request_id)
+    return doc if replay.of_record(record, doc) is not None else None
+
+
 async def one_request(request: web.Request) -> web.Response:
     """One request's record and its capture (null when its bodies were not kept)."""
     found = await _found(request)
     gw = request.app[GATEWAY]
-    capture = await gw.captures.capture(found.record.request_id)
+    capture = await _capture(gw, found.record)
     trace_url = _trace_url(gw.policy.settings.telemetry.trace_url, found.record, capture)
     return web.json_response(
         {**record_dict(found.record), "capture": capture, "trace_url": trace_url}
@@ -89,5 +95,5 @@ async def replay_request(request: web.Request) -> web.Response:
     """Send a captured request again as its team; the new answer beside the captured one."""
     found = await _found(request)
     gw = request.app[GATEWAY]
-    original = replay.captured(found.record, await gw.captures.capture(found.record.request_id))
+    original = replay.captured(found.record, await _capture(gw, found.record))
     return web.json_response(await replay.replay(gw, original))

@@ -128,14 +128,21 @@ async def run_gateway(
     if ready is not None:
         ready()
     await stop.wait()
+    await shut_down(gw, runner, admin_runner)
+
+
+async def shut_down(gw: Gateway, runner: web.AppRunner, admin_runner: web.AppRunner) -> None:
+    """A graceful stop: drain, then close both listeners and the Gateway."""
     # both listeners stay open while requests in flight finish: /readyz answers 503 and new
     # requests 503 shutting_down, so a load balancer sees the drain and clients go elsewhere
     gw.draining = True
     drain = gw.settings.limits.drain_timeout  # as the last reload left it
     gw.log.info("draining", inflight=gw.inflight, timeout=drain)
     await gw.drain(drain)
-    await runner.cleanup()  # closes the listener and what is left, then the Gateway
+    # the admin listener first: a replay still running there is cancelled and ends (its
+    # ledger record written) while the Gateway it uses is still open
     await admin_runner.cleanup()
+    await runner.cleanup()  # closes the listener and what is left, then the Gateway
 
 
 async def _reload(gw: Gateway, path: str) -> None:

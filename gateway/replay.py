@@ -57,12 +57,26 @@ class Captured:
     status: int
 
 
+def of_record(record: LedgerRecord, doc: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """The capture if it is the record's own, else None. A client-sent request id can be
+    another request's too (another team's, even): the newest capture of the id is this
+    record's only when it has the record's team and time."""
+    if doc is None or doc.get("team") != record.team:
+        return None
+    ts = doc.get("ts")
+    if not isinstance(ts, int | float) or abs(ts - record.ts) > 1e-6:
+        return None
+    return doc
+
+
 def captured(record: LedgerRecord, doc: Mapping[str, Any] | None) -> Captured:
-    """The request of a capture, or the 409 that says why it cannot be sent again."""
+    """The request of the record's capture, or the 409 that says why it cannot be sent again."""
+    doc = of_record(record, doc)
     if doc is None:
         raise _refused(
             "not_captured",
-            "This request's bodies were not captured: turn capture on to replay requests.",
+            "No capture of this request is stored: it was not sampled, capture was off, or"
+            " its capture was deleted.",
         )
     req, ans = doc.get("request") or {}, doc.get("answer") or {}
     if req.get("body_cut"):
@@ -72,6 +86,11 @@ def captured(record: LedgerRecord, doc: Mapping[str, Any] | None) -> Captured:
     route = for_method(route_of(target[0]), method) if target is not None else None
     if target is None or route is None or method != "POST" or not route.model:
         raise _refused("not_replayable", "Only generations (a POST naming a model) are sent again.")
+    if req.get("body") is None:
+        raise _refused(
+            "body_not_captured",
+            "The request was refused before its body was read: there is no body to send.",
+        )
     headers: CIMultiDict[str] = CIMultiDict()
     for pair in req.get("headers") or ():
         if isinstance(pair, list) and len(pair) == 2:
@@ -147,6 +166,11 @@ async def replay(gw: Gateway, original: Captured) -> dict[str, Any]:
     team = policy.teams.get(original.record.team)
     if team is None:
         raise _refused("team_unknown", "The request's team is no longer configured.")
+    if original.record.key_id not in {d.hex()[:12] for d in team.key_digests}:
+        raise _refused(
+            "key_revoked",
+            "The key that made this request is no longer one of its team's: it is not used again.",
+        )
     route = for_method(route_of(original.path), original.method)
     target = f"{original.path}?{original.query}" if original.query else original.path
     span = gw.tracing.server_span(f"{original.method} {route.name}", {})
@@ -197,6 +221,8 @@ async def _send(
         principal.team.name, original.method, target, headers
     )
     limits = policy.settings.limits
+    if len(original.body) > limits.max_body_bytes:  # as `parse.read` refuses a client's
+        raise errors.request_too_large(limits.max_body_bytes)
     route = env.route
     parsed = parse.parse(
         original.body,

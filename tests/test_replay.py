@@ -4,29 +4,40 @@ whole pipeline but never the cache, charged and marked as a replay in the ledger
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
+import sqlite3
 import sys
+import time
+import types
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from conftest import (
     ADMIN_KEY,
     ALPHA_KEY,
+    BETA_KEY,
     Running,
     Upstream,
     auth,
     free_port,
     ledger_rows,
     make_settings,
+    start_app,
     start_gateway,
 )
 
-from gateway.cli_replay import output_diff
+from gateway.backends import LEDGER_FILE
+from gateway.capture import writer as capture_writer
+from gateway.cli_replay import DIFF_LINES, _message, output_diff, side_by_side
+from gateway.cli_run import shut_down
 from gateway.output_text import from_sse
 from gateway.settings import Capture
+from gateway.telemetry.metrics import Metrics
 
 BODY = {"model": "nusantara-base", "input": "Tell me about the harbor.", "max_output_tokens": 24}
 RESPONSES = "POST /v1/responses"
@@ -329,3 +340,188 @@ async def test_first_byte_is_recorded_for_streams_and_refusals(running: Running)
     # a stream's head goes out before its last byte, and before its first token
     row = await row_of(running, streamed)
     assert row["first_byte_ms"] <= row["ttft_ms"]
+
+
+async def test_a_shared_request_id_never_replays_one_teams_capture_as_another(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """A client-sent x-request-id can be another team's too: the newest record of the id
+    (beta's, not captured) is not paired with alpha's capture, neither to replay nor to show."""
+    gateway = await gateway_with(upstream, tmp_path, {"teams": ["alpha"]})
+    try:
+        mini = {**BODY, "model": "garda-beta-mini"}  # a model both teams may use
+        secret = {**mini, "input": "ALPHA-CONFIDENTIAL plan"}
+        assert (await send(gateway, secret, ALPHA_KEY, **{"x-request-id": "job-42"}))[0] == "job-42"
+        await send(gateway, {**mini, "input": "beta hello"}, BETA_KEY, **{"x-request-id": "job-42"})
+        calls = upstream.state.calls[RESPONSES]
+        status, got = await replay(gateway, "job-42")
+        assert status == 409 and got["error"]["code"] == "not_captured"
+        assert upstream.state.calls[RESPONSES] == calls
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(f"{gateway.admin_url}/admin/requests/job-42", headers=auth(ADMIN_KEY)) as r,
+        ):
+            shown = await r.json()
+        assert shown["team"] == "beta" and shown["capture"] is None
+    finally:
+        await gateway.stop()
+
+
+async def test_a_request_refused_before_its_body_was_read_is_not_sent_empty(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    gateway = await gateway_with(upstream, tmp_path, {"sample_ratio": 0.0, "errors": True})
+    try:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(f"{gateway.url}/v1/responses", json=BODY, headers=auth(BETA_KEY)) as r,
+        ):
+            assert r.status == 403  # beta may not use this model
+            original = r.headers["x-request-id"]
+        status, got = await replay(gateway, original)
+        assert status == 409 and got["error"]["code"] == "body_not_captured"
+        assert upstream.state.calls[RESPONSES] == 0
+    finally:
+        await gateway.stop()
+
+
+async def test_a_request_of_a_revoked_key_is_not_sent_again(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    gateway = await gateway_with(upstream, tmp_path, {})
+    try:
+        original, _, _ = await send(gateway, BODY)
+        settings = gateway.gw.policy.settings
+        rotated = (hashlib.sha256(b"key-alpha-rotated-0123").digest(),)
+        teams = tuple(
+            t.model_copy(update={"key_digests": rotated}) if t.name == "alpha" else t
+            for t in settings.teams
+        )
+        await gateway.gw.reload(settings.model_copy(update={"teams": teams}))
+        status, got = await replay(gateway, original)
+        assert status == 409 and got["error"]["code"] == "key_revoked"
+        assert upstream.state.calls[RESPONSES] == 1
+    finally:
+        await gateway.stop()
+
+
+async def test_a_replay_is_held_to_the_current_body_limit(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    gateway = await gateway_with(upstream, tmp_path, {})
+    try:
+        original, _, _ = await send(gateway, {**BODY, "input": "x" * 4000})
+        settings = gateway.gw.policy.settings
+        limits = settings.limits.model_copy(update={"max_body_bytes": 1000})
+        await gateway.gw.reload(settings.model_copy(update={"limits": limits}))
+        status, got = await replay(gateway, original)
+        assert status == 200 and got["status"] == 413 and got["error"] == "request_too_large"
+        assert upstream.state.calls[RESPONSES] == 1
+    finally:
+        await gateway.stop()
+
+
+async def test_a_graceful_stop_keeps_the_record_of_a_replay_under_way(tmp_path: Path) -> None:
+    """The admin listener closes before the Gateway: a replay still waiting on its upstream
+    ends, and its ledger record is written, while the ledger is open."""
+    calls = 0
+
+    async def slow_after_first(request: web.Request) -> web.StreamResponse:
+        nonlocal calls
+        calls += 1
+        await request.read()
+        if calls > 1:  # the replay: past the drain and the client listener's stop grace
+            await asyncio.sleep(5)
+        body = orjson.dumps(
+            {
+                "id": f"resp_{calls}",
+                "object": "response",
+                "status": "completed",
+                "model": "nusantara-base",
+                "output": [],
+                "usage": {"input_tokens": 3, "output_tokens": 2, "total_tokens": 5},
+            }
+        )
+        return web.Response(body=body, content_type="application/json")
+
+    url, up_runner = await start_app(slow_after_first)
+    gateway = await gateway_with(
+        Upstream(url, None, up_runner),  # type: ignore[arg-type]
+        tmp_path,
+        {},
+        drain=0.5,
+        first_byte=20,
+        idle=20,
+    )
+    try:
+        original, _, _ = await send(gateway, BODY)
+        replaying = asyncio.ensure_future(replay(gateway, original))
+        await asyncio.sleep(0.5)  # the replay waits on the upstream
+        await shut_down(gateway.gw, gateway.runner, gateway.admin_runner)
+        await asyncio.gather(replaying, return_exceptions=True)
+    finally:
+        await up_runner.cleanup()
+    with sqlite3.connect(tmp_path / "state" / LEDGER_FILE) as conn:
+        rows = conn.execute("SELECT replay_of FROM ledger").fetchall()
+    assert (original,) in rows
+
+
+async def test_a_read_while_a_batch_is_written_waits_for_it(monkeypatch: Any) -> None:
+    """Two readers: the second must not find the queue empty and read the store before the
+    batch the first one's flush is writing lands in it."""
+
+    class SlowStore:
+        def __init__(self) -> None:
+            self.rows: dict[str, str] = {}
+
+        async def start(self) -> None: ...
+
+        async def close(self) -> None: ...
+
+        async def write(self, rows: Any) -> None:
+            await asyncio.sleep(0.2)
+            self.rows.update((r[0], r[4]) for r in rows)
+
+        async def purge(self, before: float) -> int:
+            return 0
+
+        async def capture(self, request_id: str) -> Any:
+            doc = self.rows.get(request_id)
+            return orjson.loads(doc) if doc else None
+
+        async def captured(self, ids: Any) -> frozenset[str]:
+            return frozenset(i for i in ids if i in self.rows)
+
+    monkeypatch.setattr(
+        capture_writer,
+        "_render_all",
+        lambda batch: [(d.request_id, 0.0, "alpha", "sampled", "{}") for d in batch],
+    )
+    w = capture_writer.CaptureWriter(SlowStore(), Metrics(100), 3600, lambda: 0.0, interval=60)
+    w.submit(types.SimpleNamespace(request_id="req_1", reason="sampled"))  # type: ignore[arg-type]
+    first = asyncio.ensure_future(w.capture("req_1"))
+    await asyncio.sleep(0.05)  # the first reader's flush is writing the batch
+    assert await w.capture("req_1") is not None
+    assert await first is not None
+
+
+def test_the_cli_shows_control_characters_never_sends_them_to_the_terminal() -> None:
+    evil = "fine\x1b]52;c;ZWNobyBwd25lZA==\x07\x1b[2J\x1b[Houtput text: the same\u202e"
+    old = {"request_id": "req_old", "status": 200, "latency_ms": 1.0, "usage": None}
+    old |= {"cost_usd": 0.0, "streamed": False, "output": "fine"}
+    result = {**old, "request_id": "req_new", "error": None, "output": evil, "original": old}
+    printed = side_by_side(result)
+    assert not any(c in printed for c in "\x1b\x07\u202e")
+    assert "\\x1b]52;c;" in printed  # written out, so the operator sees what came
+    assert "\x1b" not in _message("<html>\x1b]0;owned\x07\x1b[31mBad gateway</html>")
+
+
+def test_the_diff_of_a_long_repeating_output_is_bounded() -> None:
+    n = 12000
+    old = "\n".join(f"row {i % 300}" for i in range(n))
+    new = "\n".join(f"row {(i * 7) % 300}" for i in range(n))
+    started = time.process_time()
+    shown = output_diff(old, new)
+    assert f"the first {DIFF_LINES} lines" in shown.splitlines()[0]
+    # a bound, not a timing target: without one this diff takes about 10 s of CPU
+    assert time.process_time() - started < 5

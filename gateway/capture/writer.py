@@ -51,6 +51,9 @@ class CaptureWriter:
         self._closed = False
         self._render = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capture-render")
         self._next_purge = 0.0
+        # one flush at a time: a reader's flush must wait for the batch another is writing,
+        # or it would find the queue empty and read the store before that batch is in it
+        self._flushing = asyncio.Lock()
 
     @property
     def queued(self) -> int:
@@ -77,9 +80,10 @@ class CaptureWriter:
     async def flush(self) -> None:
         """Write every queued capture now; stops at the first batch the store refuses (the
         rest waits for the next flush), so a store that is down costs one attempt."""
-        while self._queue:
-            if not await self._write_batch():
-                return
+        async with self._flushing:
+            while self._queue:
+                if not await self._write_batch():
+                    return
 
     async def purge(self) -> int:
         """Delete captures older than `retention`; how many went."""
