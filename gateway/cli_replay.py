@@ -7,10 +7,11 @@ import argparse
 import asyncio
 import difflib
 import os
+import re
 import sys
 import textwrap
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
 import orjson
@@ -18,6 +19,12 @@ import orjson
 DEFAULT_ADMIN = "http://127.0.0.1:9464"
 TIMEOUT = 600.0  # seconds: the call waits for the replayed request's whole answer
 WRAP = 76  # a one-line output is wrapped at this width to be diffed in pieces
+# the most lines of each side diffed: difflib's matching grows faster than the text, and an
+# output of a few hundred lines repeating (a table, a model in a loop) took a minute at 20,000
+DIFF_LINES = 2000
+# what a terminal would act on rather than show: C0 and C1 controls but tab and line feed,
+# and the marks that reorder text (so no printed line can pass for another)
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -56,10 +63,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    shown = _without_credentials(base)
     try:
         status, body = asyncio.run(_post(base, key, args.request_id))
-    except (aiohttp.ClientError, TimeoutError, OSError) as e:
-        print(f"gateway replay: cannot reach {base}: {type(e).__name__}: {e}", file=sys.stderr)
+    except TimeoutError:
+        print(
+            f"gateway replay: {shown} did not answer within {TIMEOUT:.0f} s; the replay may"
+            " still be running (see `gateway requests`)",
+            file=sys.stderr,
+        )
+        return 1
+    except (aiohttp.ClientError, OSError, ValueError) as e:
+        print(f"gateway replay: cannot reach {shown}: {type(e).__name__}", file=sys.stderr)
         return 1
     if status != 200 or not isinstance(body, dict) or "original" not in body:
         print(f"gateway replay: {status}: {_message(body)}", file=sys.stderr)
@@ -90,11 +105,30 @@ def _quote(request_id: str) -> str:
     return quote(request_id, safe="")
 
 
+def _without_credentials(url: str) -> str:
+    """The URL as it may be printed: without a user and password in it."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def shown(text: str) -> str:
+    """Text from the gateway (model output, an error page) as it may go to a terminal: every
+    control character and reordering mark written out (`\\x1b`), never acted on."""
+    return _CONTROLS.sub(
+        lambda m: (
+            f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}"
+        ),
+        text,
+    )
+
+
 def _message(body: Any) -> str:
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         error = body["error"]
-        return f"{error.get('code')}: {error.get('message')}"
-    return str(body)
+        return shown(f"{error.get('code')}: {error.get('message')}")
+    return shown(str(body))
 
 
 def side_by_side(result: dict[str, Any]) -> str:
@@ -116,15 +150,22 @@ def side_by_side(result: dict[str, Any]) -> str:
         lines.append("note: the captured body held [REDACTED] text; it was sent as stored")
     lines.append("")
     lines.append(output_diff(old["output"], new["output"]))
-    return "\n".join(lines)
+    return shown("\n".join(lines))
 
 
 def output_diff(old: str, new: str) -> str:
     if old == new:
         return f"output text: the same ({len(new)} characters)"
     a, b = _lines(old), _lines(new)
+    head = "output text differs:"
+    if max(len(a), len(b)) > DIFF_LINES:
+        head = (
+            f"output text differs ({len(old)} and {len(new)} characters); the diff of the"
+            f" first {DIFF_LINES} lines:"
+        )
+        a, b = a[:DIFF_LINES], b[:DIFF_LINES]
     diff = difflib.unified_diff(a, b, "captured", "replayed", lineterm="", n=2)
-    return "output text differs:\n" + "\n".join(diff)
+    return head + "\n" + "\n".join(diff)
 
 
 def _lines(text: str) -> list[str]:

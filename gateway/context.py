@@ -139,7 +139,8 @@ _SANE_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz
 
 def request_id(sent: str | None) -> str:
     """A sane client-sent id is kept; anything else gets one of ours."""
-    if sent and len(sent) <= 128 and _SANE_ID_CHARS.issuperset(sent):
+    # not one made of dots only: `.` and `..` are no path segment an admin URL can carry
+    if sent and len(sent) <= 128 and _SANE_ID_CHARS.issuperset(sent) and sent.strip("."):
         return sent
     return ids.request_id()
 

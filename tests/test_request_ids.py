@@ -36,3 +36,9 @@ def test_every_answer_gets_one_unless_the_client_sent_a_sane_one() -> None:
     assert SHAPE.match(request_id(None)) and SHAPE.match(request_id("bad id with spaces"))
     assert request_id("client-42") == "client-42"
     assert SHAPE.match(fresh_ids()["x-request-id"])
+
+
+def test_a_client_id_of_dots_only_is_replaced_as_no_admin_url_could_name_it() -> None:
+    for dots in (".", "..", "..."):
+        assert SHAPE.match(request_id(dots))
+    assert request_id("a.b") == "a.b"
