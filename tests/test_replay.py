@@ -300,6 +300,10 @@ async def test_gateway_replay_says_what_went_wrong(running: Running) -> None:
     closed = f"http://127.0.0.1:{free_port()}"
     code, _, err = await gateway_cli("replay", "req_nope", "--admin", closed)
     assert code == 1 and "cannot reach" in err and ADMIN_KEY not in err
+    # credentials in the URL: one line, and the password is not printed
+    with_password = running.admin_url.replace("http://", "http://ops:hunter2@")
+    code, _, err = await gateway_cli("replay", "req_nope", "--admin", with_password)
+    assert code == 1 and err.count("\n") == 1 and "hunter2" not in err and "Traceback" not in err
 
 
 def test_the_diff_shows_what_changed() -> None:
