@@ -16,8 +16,10 @@ class Forwarder:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[None]] = set()
+        self._stopping = False
 
     async def start(self) -> None:
+        self._stopping = False
         self._server = await asyncio.start_server(
             self._handle, "127.0.0.1", self.port, reuse_address=True
         )
@@ -34,6 +36,7 @@ class Forwarder:
     async def stop(self) -> None:
         if self._server is None:
             return
+        self._stopping = True
         self._server.close()
         for writer in list(self._writers):
             writer.transport.abort()
@@ -47,6 +50,9 @@ class Forwarder:
         self._server = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._stopping:  # accepted just before the stop, its handler started after it
+            writer.transport.abort()
+            return
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)

@@ -235,6 +235,18 @@ async def test_budget_holds_across_replicas_under_concurrency(tmp_path: Path) ->
         assert seen[0] == seen[1] and seen[0]["used"] == charged and seen[0]["reserved"] == 0
 
 
+async def stored(session: aiohttp.ClientSession, replica: Replica, entries: int) -> None:
+    """Once the shared cache holds `entries` answers: a leader stores its answer just after
+    its client got the last byte, and until then an identical request joins its flight."""
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    async with asyncio.timeout(10):
+        while True:
+            async with session.get(f"{replica.admin}/admin/cache", headers=headers) as resp:
+                if (await resp.json())["entries"] >= entries:
+                    return
+            await asyncio.sleep(0.02)
+
+
 def orjson_loads(body: bytes) -> Any:
     import orjson
 
@@ -246,11 +258,13 @@ async def test_cache_and_single_flight_are_shared(tmp_path: Path) -> None:
         a, b = found.replicas
         body = {**BODY, "input": "cache me"}
         first = await post(session, a.url, body)
+        await stored(session, a, 1)
         again = await post(session, b.url, body)
         assert first[1]["x-gateway-cache"] == "miss" and again[1]["x-gateway-cache"] == "hit"
         assert first[2] == again[2]
         stream = {**body, "stream": True}
         s1 = await post(session, a.url, stream)
+        await stored(session, a, 2)
         s2 = await post(session, b.url, stream)
         assert s2[1]["x-gateway-cache"] == "hit" and s1[2] == s2[2]  # byte-identical
         # identical requests arriving at both at once: one upstream call, a stream included
