@@ -19,6 +19,16 @@ class Principal:
     key_id: str  # first 12 hex of the key's SHA-256: safe to log, useless to an attacker
 
 
+def key_id(digest: bytes) -> str:
+    """How a client key is named in the ledger, logs and spans: 12 hex of its digest."""
+    return digest.hex()[:12]
+
+
+def key_ids(team: Team) -> frozenset[str]:
+    """The ids of the team's keys as configured now."""
+    return frozenset(key_id(d) for d in team.key_digests)
+
+
 class Authenticator:
     """Maps presented keys to teams. Holds only digests, never a key."""
 
@@ -26,7 +36,7 @@ class Authenticator:
 
     def __init__(self, teams: tuple[Team, ...]) -> None:
         self._by_digest: dict[bytes, tuple[bytes, Principal]] = {
-            d: (d, Principal(team, d.hex()[:12])) for team in teams for d in team.key_digests
+            d: (d, Principal(team, key_id(d))) for team in teams for d in team.key_digests
         }
 
     def authenticate(self, headers: Mapping[str, str]) -> Principal:

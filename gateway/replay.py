@@ -19,7 +19,7 @@ from typing import Any
 from multidict import CIMultiDict
 
 from gateway import errors, finish, parse, plan
-from gateway.auth import Principal
+from gateway.auth import Principal, key_ids
 from gateway.context import Envelope, Outcome, request_id
 from gateway.errors import GatewayError
 from gateway.ledger.records import LedgerRecord
@@ -166,7 +166,7 @@ async def replay(gw: Gateway, original: Captured) -> dict[str, Any]:
     team = policy.teams.get(original.record.team)
     if team is None:
         raise _refused("team_unknown", "The request's team is no longer configured.")
-    if original.record.key_id not in {d.hex()[:12] for d in team.key_digests}:
+    if original.record.key_id not in key_ids(team):
         raise _refused(
             "key_revoked",
             "The key that made this request is no longer one of its team's: it is not used again.",
