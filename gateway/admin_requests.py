@@ -95,5 +95,6 @@ async def replay_request(request: web.Request) -> web.Response:
     """Send a captured request again as its team; the new answer beside the captured one."""
     found = await _found(request)
     gw = request.app[GATEWAY]
-    original = replay.captured(found.record, await _capture(gw, found.record))
+    # `captured` refuses a capture that is not the record's own
+    original = replay.captured(found.record, await gw.captures.capture(found.record.request_id))
     return web.json_response(await replay.replay(gw, original))

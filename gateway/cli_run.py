@@ -23,8 +23,9 @@ STOP_GRACE = 2.0  # seconds a request still running after the drain gets before 
 # The cyclic garbage collector runs once this many more container objects were made than
 # freed (CPython's default: 700). Requests in flight each hold a few hundred (parsed bodies,
 # headers, the context, futures), so under load the default threshold is crossed every request
-# or two and each collection scans them all again: about 30 µs of CPU per JSON request at
-# concurrency 32, 5 % of its cost (bench/README.md, "Garbage collection"). Nearly everything a
+# or two and each collection scans them all again: about 23 µs of CPU a request over a mixed
+# benchmark run, about 40 µs per JSON request at concurrency 32 (bench/README.md, "Garbage
+# collection"). Nearly everything a
 # request makes is freed by reference counting when it ends, so a higher threshold leaves
 # the collector nothing to do on that path; the few cycles (exceptions with their frames) wait
 # for it a little longer. The older generations keep CPython's ratios.

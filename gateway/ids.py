@@ -2,10 +2,12 @@
 
 The first 12 digits are the time in milliseconds, the last 12 random. Ids made later sort
 later, so the ledger's and the captures' indexes on the request id grow at their end, as a
-time index does, instead of taking each id at a random place: in SQLite that halves what a
-batch of records writes (every new id dirtied its own index page), and PostgreSQL's B-tree
-gains the same. Not a secret (every answer shows its id), so not from the OS's random source,
-a system call per request: 48 random bits tell apart the ids of one millisecond.
+time index does, instead of taking each id at a random place (where every new id dirtied
+an index page of its own): 3 KB capture rows in batches of 100 took 15 µs a row in SQLite
+instead of 25. PostgreSQL's B-tree index is spared the same scatter.
+
+Not a secret (every answer shows its id), so not from the OS's random source, a system call
+per request: 48 random bits tell apart the ids of one millisecond.
 """
 
 from __future__ import annotations
